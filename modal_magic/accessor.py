@@ -1,0 +1,176 @@
+"""The pandas accessors: ``df.modal.map``, ``df.modal.starmap``, ``series.modal.map``, ``out.modal.errors()``.
+
+They hold no state (pandas builds a new accessor object on every ``df.modal``): each method
+validates its options and makes one call into :func:`modal_magic.engine.map_frame`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+
+from .engine import map_frame
+from .errors import RowError
+from .options import MapOptions
+
+__all__ = ["ModalFrameAccessor", "ModalSeriesAccessor", "errors_frame"]
+
+ERROR_COLUMNS = ["column", "error", "type", "message", "traceback", "attempts", "exception"]
+
+
+def errors_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every failed row of ``frame``: one line per error, indexed by the row's label.
+
+    Columns: ``column`` (the result column the error belongs to), ``error`` (the short text),
+    ``type``, ``message``, ``traceback`` (from where the row ran), ``attempts`` and ``exception``
+    (the exception object, where it could be brought back).
+    """
+    pieces = []
+    for name in frame.columns:
+        if not (isinstance(name, str) and name.endswith("_error")) or frame[name].dtype != object:
+            continue
+        column = frame[name]
+        mask = column.map(lambda v: isinstance(v, RowError)).to_numpy(dtype=bool)
+        if not mask.any():
+            continue
+        failed = column[mask]
+        pieces.append(
+            pd.DataFrame(
+                {
+                    "column": name.removesuffix("_error"),
+                    "error": [str(e) for e in failed],
+                    "type": [e.type_name for e in failed],
+                    "message": [e.message for e in failed],
+                    "traceback": [e.traceback for e in failed],
+                    "attempts": pd.array([e.attempts for e in failed], dtype="int64"),
+                    "exception": pd.Series([e.exception for e in failed], dtype=object).to_numpy(),
+                },
+                index=failed.index,
+            )
+        )
+    if not pieces:
+        empty = pd.DataFrame({c: pd.Series(dtype="int64" if c == "attempts" else object) for c in ERROR_COLUMNS})
+        empty.index = frame.index[:0]
+        return empty
+    return pd.concat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+@pd.api.extensions.register_dataframe_accessor("modal")
+class ModalFrameAccessor:
+    """``df.modal``: run a function over a column (or several) in parallel, locally or on Modal."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self._frame = frame
+
+    def map(
+        self,
+        fn: Callable[[Any], Any],
+        column: Any = None,
+        *,
+        into: str | None = None,
+        **options: Any,
+    ) -> pd.DataFrame:
+        """Call ``fn(value)`` once for every value of ``column``, in parallel; return a new DataFrame.
+
+        The result is the original frame (same rows, order and index) plus ``<into>`` (the return
+        value, missing where the row failed) and ``<into>_error`` (missing where it succeeded, else
+        ``"ExceptionType: message"``). ``into`` defaults to the function's name.
+
+        Parameters
+        ----------
+        fn
+            A function of one value; ``async def`` functions run on an event loop.
+        column
+            The column whose values are passed to ``fn``.
+        into
+            The result column's name.
+        **options
+            See :class:`modal_magic.options.MapOptions`: ``backend``, ``max_containers``,
+            ``timeout``, ``retries``, ``batch_size``, ``on_error``, ``sample``, ``expand``,
+            ``overwrite``, ``progress``, and the Modal ones (``gpu``, ``image``, ``secrets``...).
+
+        Examples
+        --------
+        >>> import modal_magic, pandas as pd
+        >>> df = pd.DataFrame({"text": ["good", "bad", ""]})
+        >>> def shout(text):
+        ...     if not text:
+        ...         raise ValueError("empty")
+        ...     return text.upper() + "!"
+        >>> out = df.modal.map(shout, column="text", backend="threads", progress=False)
+        >>> out.columns.tolist()
+        ['text', 'shout', 'shout_error']
+        >>> out["shout"].tolist(), out["shout_error"].tolist()
+        (['GOOD!', 'BAD!', nan], [None, None, 'ValueError: empty'])
+        """
+        if column is None:
+            raise TypeError(
+                "map() needs column=: which column's values to pass to the function; "
+                f"the DataFrame has: {', '.join(map(repr, self._frame.columns.tolist()))}"
+            )
+        if isinstance(column, list):
+            raise TypeError("map() takes one column; use df.modal.starmap(fn, columns=[...]) to pass several")
+        opts = MapOptions.create(**options)
+        return map_frame(self._frame, fn, columns=[column], star=False, into=into, options=opts)
+
+    def starmap(
+        self,
+        fn: Callable[..., Any],
+        columns: Sequence[Any],
+        *,
+        into: str | None = None,
+        **options: Any,
+    ) -> pd.DataFrame:
+        """Call ``fn(*row_values)`` with one argument per column in ``columns``, for every row.
+
+        Examples
+        --------
+        >>> import modal_magic, pandas as pd
+        >>> df = pd.DataFrame({"a": [1, 2], "b": [10, 20]})
+        >>> df.modal.starmap(lambda a, b: a + b, columns=["a", "b"], into="total",
+        ...                  backend="threads", progress=False)["total"].tolist()
+        [11, 22]
+        """
+        if isinstance(columns, str) or not isinstance(columns, Sequence) or not columns:
+            raise TypeError("starmap() needs columns=[...]: a list of column names, one per argument")
+        opts = MapOptions.create(**options)
+        return map_frame(self._frame, fn, columns=list(columns), star=True, into=into, options=opts)
+
+    def errors(self) -> pd.DataFrame:
+        """The failed rows: error text, type, message, traceback, attempts and the exception itself.
+
+        Examples
+        --------
+        >>> import modal_magic, pandas as pd
+        >>> out = pd.DataFrame({"x": [1, 0]}).modal.map(lambda x: 1 // x, column="x", backend="threads",
+        ...                                             progress=False)
+        >>> out.modal.errors()[["column", "type", "attempts"]]
+          column               type  attempts
+        1 result  ZeroDivisionError         1
+        """
+        return errors_frame(self._frame)
+
+
+@pd.api.extensions.register_series_accessor("modal")
+class ModalSeriesAccessor:
+    """``series.modal``: run a function over the values of one Series."""
+
+    def __init__(self, series: pd.Series) -> None:
+        self._series = series
+
+    def map(self, fn: Callable[[Any], Any], *, into: str | None = None, **options: Any) -> pd.DataFrame:
+        """Call ``fn`` on every value; return a DataFrame of the values, ``<into>`` and ``<into>_error``.
+
+        The Series becomes a column named after it (``"value"`` when it has no name).
+
+        Examples
+        --------
+        >>> import modal_magic, pandas as pd
+        >>> s = pd.Series([1, 2], name="x")
+        >>> s.modal.map(lambda v: v * 10, into="y", backend="threads", progress=False)["y"].tolist()
+        [10, 20]
+        """
+        name = self._series.name if self._series.name is not None else "value"
+        opts = MapOptions.create(**options)
+        return map_frame(self._series.to_frame(name), fn, columns=[name], star=False, into=into, options=opts)

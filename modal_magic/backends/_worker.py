@@ -1,0 +1,231 @@
+"""Runs rows where the work happens: in a worker process, a thread, an event loop, or a Modal container.
+
+:func:`run_rows` (and :func:`run_rows_async`) call the user's function once per row, catch each
+row's exception so one bad row can't fail its batch, retry with exponential backoff, and enforce the
+per-row timeout where the platform allows it. They return plain tuples, never modal_magic objects,
+because this file also runs on its own: ``python _worker.py FD`` is the body of a local worker
+process, started by path so a worker doesn't import pandas or the user's ``__main__`` script.
+Only the standard library and cloudpickle may be imported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+# An error as it travels: (index in batch, type name, message, formatted traceback, attempts, exception or None)
+ErrorTuple = tuple[int, str, str, str, int, Any]
+
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 5.0
+
+
+def backoff_delay(attempt: int) -> float:
+    """Seconds to wait before retry number ``attempt`` (1-based): 0.1, 0.2, 0.4 ... capped at 5."""
+    return min(BACKOFF_FIRST_S * 2 ** (attempt - 1), BACKOFF_MAX_S)
+
+
+class _RowTimeout(BaseException):
+    """Raised by the alarm inside the user's code; a BaseException so a bare ``except Exception`` can't eat it."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise _RowTimeout()
+
+
+def _error_tuple(i: int, exc: BaseException, attempts: int) -> ErrorTuple:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return (i, type(exc).__name__, str(exc), tb, attempts, exc)
+
+
+def _timeout_error(timeout: float) -> TimeoutError:
+    return TimeoutError(f"the row ran longer than timeout={timeout:g}s")
+
+
+def run_rows(
+    fn: Callable[..., Any],
+    star: bool,
+    args_list: Sequence[Any],
+    retries: int = 0,
+    timeout: float | None = None,
+) -> tuple[list[Any], list[ErrorTuple]]:
+    """Call ``fn`` on each row's arguments; return ``(values, errors)`` with ``None`` where a row failed.
+
+    The timeout is enforced with ``SIGALRM`` when called on a process's main thread (workers and the
+    sequential backend); elsewhere the caller enforces it.
+    """
+    use_alarm = timeout is not None and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGALRM, _on_alarm) if use_alarm else None
+    values: list[Any] = [None] * len(args_list)
+    errors: list[ErrorTuple] = []
+    try:
+        for i, args in enumerate(args_list):
+            attempt = 1
+            while True:
+                try:
+                    if use_alarm:
+                        signal.setitimer(signal.ITIMER_REAL, timeout)
+                    try:
+                        values[i] = fn(*args) if star else fn(args)
+                    finally:
+                        if use_alarm:
+                            signal.setitimer(signal.ITIMER_REAL, 0)
+                    break
+                except _RowTimeout:
+                    exc: BaseException = _timeout_error(timeout)  # type: ignore[arg-type]
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as e:  # a row's SystemExit is that row's error, not the worker's end
+                    exc = e
+                if attempt > retries:
+                    errors.append(_error_tuple(i, exc, attempt))
+                    break
+                time.sleep(backoff_delay(attempt))
+                attempt += 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGALRM, previous)
+    return values, errors
+
+
+async def run_rows_async(
+    fn: Callable[..., Any],
+    star: bool,
+    args_list: Sequence[Any],
+    retries: int = 0,
+    timeout: float | None = None,
+) -> tuple[list[Any], list[ErrorTuple]]:
+    """The same as :func:`run_rows` for an ``async def`` function, awaited on the running loop."""
+    values: list[Any] = [None] * len(args_list)
+    errors: list[ErrorTuple] = []
+    for i, args in enumerate(args_list):
+        attempt = 1
+        while True:
+            try:
+                call = fn(*args) if star else fn(args)
+                values[i] = await (asyncio.wait_for(call, timeout) if timeout is not None else call)
+                break
+            except asyncio.CancelledError:
+                raise
+            except asyncio.TimeoutError:
+                exc: BaseException = _timeout_error(timeout)  # type: ignore[arg-type]
+            except Exception as e:
+                exc = e
+            if attempt > retries:
+                errors.append(_error_tuple(i, exc, attempt))
+                break
+            await asyncio.sleep(backoff_delay(attempt))
+            attempt += 1
+    return values, errors
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle fast with the standard pickler; fall back to cloudpickle for notebook-defined objects."""
+    try:
+        return pickle.dumps(obj, protocol=5)
+    except Exception:
+        import cloudpickle
+
+        return cloudpickle.dumps(obj, protocol=5)
+
+
+def pack_results(values: list[Any], errors: list[ErrorTuple], elapsed: float) -> bytes:
+    """Serialise a batch's results; a value or exception that can't travel becomes that row's error only."""
+    try:
+        return dumps((values, errors, elapsed))
+    except Exception:
+        pass  # find the offending rows one by one below
+    safe_errors: list[ErrorTuple] = []
+    for err in errors:
+        try:
+            dumps(err[5])
+            safe_errors.append(err)
+        except Exception:
+            safe_errors.append(err[:5] + (None,))
+    failed = {e[0] for e in safe_errors}
+    for i, value in enumerate(values):
+        if i in failed:
+            continue
+        try:
+            dumps(value)
+        except Exception as e:
+            values[i] = None
+            message = f"the function returned a {type(value).__name__} that can't be pickled: {e}"
+            safe_errors.append((i, "UnpicklableResult", message, "", 1, None))
+    return dumps((values, safe_errors, elapsed))
+
+
+# --- the local worker process ---------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker when the process that started it dies (no orphans after kill -9)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        return  # no libc by that name: the EOF on the pipe still ends an idle worker
+
+
+def main(fd: int) -> None:
+    """Serve batches over the socket ``fd`` until told to exit or the parent goes away."""
+    from multiprocessing.connection import Connection
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us itself
+    _die_with_parent()
+    conn = Connection(fd)
+    import cloudpickle
+
+    fn: Any = None
+    load_error: BaseException | None = None
+    star, retries, timeout = False, 0, None
+    while True:
+        try:
+            message = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        kind = message[0]
+        if kind == "batch":
+            _, batch_id, n, payload = message
+            started = time.perf_counter()
+            failure = load_error
+            if failure is None:
+                try:
+                    args_list = pickle.loads(payload)
+                except Exception as e:  # e.g. a value's class isn't importable in the worker
+                    failure = e
+            if failure is not None:  # every row of the batch fails the same way, and says why
+                values, errors = [None] * n, [_error_tuple(i, failure, 1) for i in range(n)]
+            else:
+                values, errors = run_rows(fn, star, args_list, retries, timeout)
+            elapsed = time.perf_counter() - started
+            conn.send_bytes(b"R" + batch_id.to_bytes(8, "little") + pack_results(values, errors, elapsed))
+        elif kind == "fn":
+            _, fn_bytes, star, retries, timeout = message
+            try:
+                fn, load_error = cloudpickle.loads(fn_bytes), None
+            except Exception as e:  # e.g. a module the function needs isn't installed in the worker
+                fn, load_error = None, e
+        elif kind == "init":
+            _, path, cwd = message
+            sys.path[:] = path
+            if cwd and os.path.isdir(cwd):
+                os.chdir(cwd)
+            conn.send_bytes(b"I")
+        elif kind == "exit":
+            return
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

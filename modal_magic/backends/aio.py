@@ -1,0 +1,81 @@
+"""``async def`` functions: one event loop in a background thread, ``max_containers`` rows in flight.
+
+I/O-bound coroutines gain nothing from processes, so an async function runs here whichever local
+backend was asked for. The loop lives in its own thread because a Jupyter kernel's main thread
+already runs a loop (where ``asyncio.run`` refuses to start). Per-row timeouts use
+``asyncio.wait_for``, so a slow row is cancelled cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+from ._worker import run_rows_async
+from .base import Backend, Batch, BatchResult, Task
+
+
+class AsyncBackend(Backend):
+    """Awaits each batch as its own task on a private event loop."""
+
+    name = "asyncio"
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="modal_magic-asyncio", daemon=True)
+        self._outbox: queue.SimpleQueue[BatchResult] = queue.SimpleQueue()
+        self._futures: set[Future[None]] = set()
+        self._task: Task | None = None
+
+    def start(self, task: Task) -> None:
+        self._task = task
+        self._size = task.options.workers()
+        self._thread.start()
+
+    @property
+    def capacity(self) -> int:
+        return self._size
+
+    async def _run(self, batch: Batch) -> None:
+        task = self._task
+        assert task is not None
+        started = time.perf_counter()
+        opts = task.options
+        try:
+            values, errors = await run_rows_async(task.fn, task.star, batch.args, opts.retries, opts.timeout)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # the row loop itself broke: the batch is lost, not silently dropped
+            self._outbox.put(BatchResult(batch, lost=e))
+            return
+        self._outbox.put(BatchResult(batch, values, errors, time.perf_counter() - started))
+
+    def submit(self, batch: Batch) -> None:
+        future = asyncio.run_coroutine_threadsafe(self._run(batch), self._loop)
+        self._futures.add(future)
+        future.add_done_callback(self._futures.discard)
+
+    def results(self, timeout: float | None) -> list[BatchResult]:
+        out: list[BatchResult] = []
+        try:
+            out.append(self._outbox.get(timeout=timeout))
+            while True:
+                out.append(self._outbox.get_nowait())
+        except queue.Empty:
+            pass
+        return out
+
+    def cancel(self) -> None:
+        for future in list(self._futures):
+            future.cancel()
+
+    def finish(self) -> None:
+        self.cancel()
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        if not self._loop.is_running():
+            self._loop.close()

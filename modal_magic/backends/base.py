@@ -1,0 +1,99 @@
+"""The small interface every backend implements, and the values that cross it.
+
+A backend runs the user's function on batches of rows and hands back one :class:`BatchResult` per
+batch, in completion order. It never raises for a row: a row's exception is part of its batch's
+result, and a batch that was lost as a whole (its worker or container died, it blew its time
+budget) comes back with ``lost`` set so the engine can retry its rows in isolation. The model is
+``concurrent.futures.Executor`` with joblib's backend registry: ``submit`` while ``capacity``
+allows, then ``results`` to collect whatever has finished.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from ..options import MapOptions
+
+
+@dataclass(frozen=True)
+class Task:
+    """What to run: the user's function, how to call it, and the options of the run."""
+
+    fn: Callable[..., Any]
+    star: bool  # call fn(*args) (starmap) rather than fn(value)
+    is_async: bool
+    options: MapOptions
+
+
+@dataclass
+class Batch:
+    """Rows to run together: their positions in the frame and their arguments, in the same order."""
+
+    id: int
+    positions: Sequence[int]
+    args: list[Any]
+    attempt: int = 1  # how many times these rows have been sent (lost batches come back with more)
+    max_attempts: int | None = None  # for a lost row: how many sends it gets in all (None: 1 + retries)
+
+
+@dataclass
+class BatchResult:
+    """What came back for a batch.
+
+    ``values[i]`` is row ``batch.positions[i]``'s result (``None`` where it failed); ``errors`` lists
+    the failed rows as ``(index in batch, type, message, traceback, attempts, exception)``.
+    ``lost`` is set, with ``values`` empty, when the batch as a whole never came back.
+    """
+
+    batch: Batch
+    values: list[Any] = field(default_factory=list)
+    errors: list[tuple[int, str, str, str, int, Any]] = field(default_factory=list)
+    elapsed_s: float = 0.0  # compute time where the rows ran, for sizing the next batches
+    lost: BaseException | None = None
+
+
+class Backend(ABC):
+    """Runs batches of rows somewhere and reports what finished.
+
+    Capability flags tell the engine what it may ask for. ``capacity`` is how many batches may be in
+    flight at once; the engine submits up to that many and then waits in :meth:`results`.
+    """
+
+    name: str = ""
+    #: per-row timeouts need single-row batches (the backend can only time a whole call)
+    timeout_needs_single_rows: bool = False
+
+    @abstractmethod
+    def start(self, task: Task) -> None:
+        """Prepare to run ``task`` (start workers, ship the function)."""
+
+    @property
+    @abstractmethod
+    def capacity(self) -> int:
+        """How many batches may be in flight at once."""
+
+    @abstractmethod
+    def submit(self, batch: Batch) -> None:
+        """Start running ``batch``; return without waiting for it."""
+
+    @abstractmethod
+    def results(self, timeout: float | None) -> list[BatchResult]:
+        """Wait up to ``timeout`` seconds for at least one batch to finish; return all finished ones."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Stop everything in flight now (Stop pressed, or ``on_error="raise"``); results are dropped."""
+
+    def finish(self) -> None:
+        """Release what this run held; the backend may keep warm resources for the next run."""
+
+    def containers(self) -> int | None:
+        """How many containers/workers are running now, where that's worth showing; else ``None``."""
+        return None
+
+
+def error_tuples_for(batch: Batch, exc: BaseException, attempts: int) -> list[tuple[int, str, str, str, int, Any]]:
+    """Every row of ``batch`` failing the same way (a setup error that affects the whole batch)."""
+    return [(i, type(exc).__name__, str(exc), "", attempts, exc) for i in range(len(batch.args))]

@@ -1,0 +1,236 @@
+"""Local worker processes: the default backend, for CPU-bound Python functions.
+
+A pool of worker processes is started on first use and kept for the next run (starting Python
+costs more than most batches). The function travels with cloudpickle, so lambdas, closures and
+functions defined in a notebook work. Each worker has its own socket, so the pool always knows which
+batch a worker held: when a worker dies (``os._exit``, a segfault, the OOM killer) only that batch is
+lost, the worker is replaced, and the engine retries the rows in isolation. Workers ignore Ctrl-C:
+the kernel handles it and kills the busy workers itself, so an interrupt stops everything at once
+and the idle workers stay warm.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+import cloudpickle
+
+from ..errors import WorkerCrashed
+from ._worker import dumps
+from .base import Backend, Batch, BatchResult, Task
+
+_WORKER_SCRIPT = str(Path(__file__).with_name("_worker.py"))
+#: extra seconds a worker gets past its rows' timeouts before it's killed as stuck
+_STUCK_GRACE_S = 2.0
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "stopped responding"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class _Worker:
+    """One worker process and the socket to it."""
+
+    def __init__(self) -> None:
+        parent_sock, child_sock = socket.socketpair()
+        fd = child_sock.fileno()
+        self.proc = subprocess.Popen(
+            [sys.executable, _WORKER_SCRIPT, str(fd)],
+            pass_fds=(fd,),
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+        )
+        child_sock.close()
+        self.conn = Connection(parent_sock.detach())
+        self.conn.send_bytes(pickle.dumps(("init", list(sys.path), os.getcwd())))
+        self.ready = False  # set once the worker acknowledges init
+        self.fn_token: int | None = None
+        self.batch: Batch | None = None
+        self.deadline = float("inf")
+
+    def send(self, message: tuple) -> None:
+        self.conn.send_bytes(pickle.dumps(message, protocol=5))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL not delivered; nothing else to try
+            pass
+        self.conn.close()
+
+    def stop(self) -> None:
+        try:
+            self.send(("exit",))
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self.conn.close()
+
+
+class _Pool:
+    """The warm workers kept between runs; one run at a time owns them."""
+
+    def __init__(self) -> None:
+        self.workers: list[_Worker] = []
+        self.lock = threading.Lock()
+
+    def ensure(self, n: int) -> list[_Worker]:
+        for dead in [w for w in self.workers if w.proc.poll() is not None]:
+            dead.kill()
+            self.workers.remove(dead)
+        while len(self.workers) < n:
+            self.workers.append(_Worker())
+        return self.workers[:n]
+
+    def replace(self, worker: _Worker) -> _Worker:
+        worker.kill()
+        fresh = _Worker()
+        self.workers[self.workers.index(worker)] = fresh
+        return fresh
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.workers = []
+
+
+_POOL = _Pool()
+
+
+def shutdown_pool() -> None:
+    """Stop the warm worker processes (they start again on the next run)."""
+    with _POOL.lock:
+        _POOL.shutdown()
+
+
+atexit.register(shutdown_pool)
+
+
+class ProcessBackend(Backend):
+    """Batches go to worker processes, one batch per worker at a time."""
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self._pool: _Pool | None = None
+        self._own_pool = False
+        self._workers: list[_Worker] = []
+        self._fn_bytes = b""
+        self._token = 0
+        self._task: Task | None = None
+
+    def start(self, task: Task) -> None:
+        self._task = task
+        if _POOL.lock.acquire(blocking=False):
+            self._pool = _POOL
+        else:  # another run (another thread) has the warm pool: this one gets workers of its own
+            self._pool, self._own_pool = _Pool(), True
+        self._fn_bytes = cloudpickle.dumps(task.fn, protocol=5)
+        self._token = hash(self._fn_bytes)
+        self._workers = self._pool.ensure(task.options.workers())
+
+    @property
+    def capacity(self) -> int:
+        return len(self._workers)
+
+    def _budget(self, batch: Batch) -> float:
+        opts = self._task.options  # type: ignore[union-attr]
+        if opts.timeout is None:
+            return float("inf")
+        per_row = (opts.timeout + 0.5) * (opts.retries + 1) + 5.0 * opts.retries
+        return len(batch.args) * per_row + _STUCK_GRACE_S
+
+    def submit(self, batch: Batch) -> None:
+        worker = next(w for w in self._workers if w.batch is None)
+        opts = self._task.options  # type: ignore[union-attr]
+        if worker.fn_token != self._token:
+            worker.send(("fn", self._fn_bytes, self._task.star, opts.retries, opts.timeout))  # type: ignore[union-attr]
+            worker.fn_token = self._token
+        worker.batch = batch
+        worker.deadline = time.monotonic() + self._budget(batch)
+        worker.send(("batch", batch.id, len(batch.args), dumps(batch.args)))
+
+    def results(self, timeout: float | None) -> list[BatchResult]:
+        busy = [w for w in self._workers if w.batch is not None]
+        if not busy:
+            return []
+        now = time.monotonic()
+        first_deadline = min(w.deadline for w in busy)
+        wait_s = max(0.0, first_deadline - now) if first_deadline != float("inf") else None
+        if timeout is not None:
+            wait_s = timeout if wait_s is None else min(wait_s, timeout)
+        by_conn = {w.conn: w for w in busy}
+        ready = wait(list(by_conn), wait_s)
+        out: list[BatchResult] = []
+        for conn in ready:
+            out.append(self._receive(by_conn[conn]))
+        now = time.monotonic()
+        for worker in busy:
+            if worker.batch is not None and worker.deadline < now:
+                batch = worker.batch
+                self._swap(worker)
+                out.append(BatchResult(batch, lost=TimeoutError(
+                    f"the worker was stuck past timeout={self._task.options.timeout:g}s "  # type: ignore[union-attr]
+                    "and was replaced")))
+        return out
+
+    def _receive(self, worker: _Worker) -> BatchResult:
+        batch = worker.batch
+        assert batch is not None
+        while True:
+            try:
+                data = worker.conn.recv_bytes()
+            except (EOFError, OSError):
+                worker.proc.wait(timeout=5)
+                code = worker.proc.returncode
+                self._swap(worker)
+                return BatchResult(batch, lost=WorkerCrashed(f"the worker process running this row {_describe_exit(code)}"))
+            if data == b"I":  # the init acknowledgement, read here to keep start-up off the critical path
+                worker.ready = True
+                continue
+            break
+        worker.batch = None
+        values, errors, elapsed = pickle.loads(memoryview(data)[9:])
+        return BatchResult(batch, values, errors, elapsed)
+
+    def _swap(self, worker: _Worker) -> None:
+        assert self._pool is not None
+        fresh = self._pool.replace(worker)
+        self._workers[self._workers.index(worker)] = fresh
+
+    def cancel(self) -> None:
+        for worker in list(self._workers):
+            if worker.batch is not None:
+                self._swap(worker)
+
+    def finish(self) -> None:
+        if self._pool is None:
+            return
+        if self._own_pool:
+            self._pool.shutdown()
+        else:
+            self._pool.lock.release()
+        self._pool = None

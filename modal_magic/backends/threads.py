@@ -1,0 +1,119 @@
+"""Threads for I/O-bound functions (HTTP calls, file reads): ``max_containers`` threads in this process.
+
+Threads share the kernel's memory, so nothing is pickled and notebook objects just work. A thread
+can't be killed, so a row over ``timeout`` is reported as a ``TimeoutError`` at once and its thread
+is abandoned (its late result is dropped) while a fresh thread takes its place.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from ._worker import run_rows
+from .base import Backend, Batch, BatchResult, Task
+
+
+class _Worker:
+    def __init__(self, backend: ThreadBackend) -> None:
+        self.backend = backend
+        self.batch: Batch | None = None
+        self.started = 0.0
+        self.abandoned = False
+        self.thread = threading.Thread(target=self._loop, name="modal_magic-thread", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        backend = self.backend
+        while True:
+            batch = backend._inbox.get()
+            if batch is None:
+                return
+            task = backend._task
+            assert task is not None
+            self.batch, self.started = batch, time.monotonic()
+            # With a timeout each batch is one row, timed by the monitor in results(); retries of a
+            # row that timed out are the engine's, so the in-thread loop only retries exceptions.
+            opts = task.options
+            values, errors = run_rows(task.fn, task.star, batch.args, opts.retries)
+            elapsed = time.monotonic() - self.started
+            with backend._lock:
+                self.batch = None
+                if self.abandoned or backend._cancelled:
+                    return
+                backend._outbox.put(BatchResult(batch, values, errors, elapsed))
+
+
+class ThreadBackend(Backend):
+    """``max_containers`` threads pulling batches from a queue."""
+
+    name = "threads"
+    timeout_needs_single_rows = True
+
+    def __init__(self) -> None:
+        self._inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[BatchResult] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._task: Task | None = None
+        self._cancelled = False
+
+    def start(self, task: Task) -> None:
+        self._task = task
+        self._size = task.options.workers()
+
+    @property
+    def capacity(self) -> int:
+        return self._size
+
+    def submit(self, batch: Batch) -> None:
+        with self._lock:
+            live = sum(not w.abandoned for w in self._workers)
+            if live < self._size:
+                self._workers.append(_Worker(self))
+        self._inbox.put(batch)
+
+    def results(self, timeout: float | None) -> list[BatchResult]:
+        limit = self._task.options.timeout if self._task else None
+        wait = timeout if limit is None else min(timeout if timeout is not None else limit, 0.05)
+        out: list[BatchResult] = []
+        try:
+            out.append(self._outbox.get(timeout=wait))
+            while True:
+                out.append(self._outbox.get_nowait())
+        except queue.Empty:
+            pass
+        if limit is not None:
+            out.extend(self._expire(limit))
+        return out
+
+    def _expire(self, limit: float) -> list[BatchResult]:
+        now = time.monotonic()
+        expired: list[BatchResult] = []
+        with self._lock:
+            for worker in self._workers:
+                batch = worker.batch
+                if batch is not None and not worker.abandoned and now - worker.started > limit:
+                    worker.abandoned = True
+                    expired.append(BatchResult(batch, lost=TimeoutError(f"the row ran longer than timeout={limit:g}s")))
+            self._workers = [w for w in self._workers if not w.abandoned]
+        return expired
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True  # results of batches already running are dropped when they finish
+            for worker in self._workers:
+                if worker.batch is not None:
+                    worker.abandoned = True
+            self._workers = [w for w in self._workers if not w.abandoned]
+        try:
+            while True:
+                self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def finish(self) -> None:
+        for _ in self._workers:
+            self._inbox.put(None)
+        self._workers = []

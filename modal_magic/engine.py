@@ -1,0 +1,350 @@
+"""The engine: rows -> batches -> backend -> per-row outcomes -> joined DataFrame.
+
+:func:`map_frame` is the one function every entry point calls. It checks the function and the
+columns before any work, turns the selected column(s) into position-keyed arguments, sizes batches
+from what it measures as it goes, keeps the backend's slots full, files each outcome under its
+row's position as it arrives (completion order never matters), retries lost batches in isolation,
+and hands the filled-in results to :mod:`modal_magic.join`. It knows nothing of IPython or display:
+progress is fed through :mod:`modal_magic.progress`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+
+from . import join
+from .backends import Backend, Batch, BatchResult, Task, create_backend
+from .backends._worker import backoff_delay
+from .checks import check_function, check_picklable, default_into
+from .errors import Cancelled, MapInterrupted, RowError, RowFailed
+from .options import MapOptions, OptionsError
+from .progress import Progress, RunSummary, make_progress
+
+__all__ = ["map_frame", "last_result", "last_run"]
+
+#: how long a batch should compute for: long enough to amortise a round trip, short enough to balance
+TARGET_BATCH_S = 0.05
+#: how fast an automatic batch may grow between measurements
+GROWTH = 8
+#: how often the engine wakes to refresh progress and notice Ctrl-C, at most
+_TICK_S = 0.2
+
+_last: dict[str, Any] = {"result": None, "summary": None}
+
+
+def last_result() -> pd.DataFrame | None:
+    """The DataFrame of the most recent run, including one that was stopped or raised.
+
+    Examples
+    --------
+    >>> import modal_magic, pandas as pd
+    >>> _ = pd.DataFrame({"x": [1, 2]}).modal.map(lambda x: x + 1, column="x", backend="sequential",
+    ...                                           progress=False)
+    >>> modal_magic.last_result()["result"].tolist()
+    [2, 3]
+    """
+    return _last["result"]
+
+
+def last_run() -> RunSummary | None:
+    """The summary (rows, failures by type, time) of the most recent run."""
+    return _last["summary"]
+
+
+class BatchSizer:
+    """Picks each batch's size from the per-row time measured so far (joblib's auto batching, in short).
+
+    Until a measurement comes back, batches hold one row; each measurement lets the size grow by
+    at most ``GROWTH`` toward ``TARGET_BATCH_S`` of work, and near the end batches shrink so the
+    last ones finish together instead of one worker holding the tail.
+    """
+
+    def __init__(self, n: int, workers: int, fixed: int | None) -> None:
+        self.n = n
+        self.workers = max(1, workers)
+        self.fixed = fixed
+        self.per_row_s: float | None = None
+        self.largest_measured = 1
+
+    def observe(self, rows: int, elapsed_s: float) -> None:
+        if rows <= 0:
+            return
+        per_row = max(elapsed_s / rows, 1e-9)
+        self.per_row_s = per_row if self.per_row_s is None else 0.7 * self.per_row_s + 0.3 * per_row
+        self.largest_measured = max(self.largest_measured, rows)
+
+    def next_size(self, remaining: int) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self.per_row_s is None:
+            return 1
+        wanted = TARGET_BATCH_S / self.per_row_s
+        balanced = math.ceil(remaining / (2 * self.workers))
+        return max(1, int(min(wanted, self.largest_measured * GROWTH, balanced)))
+
+
+@dataclass
+class _Outcomes:
+    """Results and errors filed by position as they arrive."""
+
+    n: int
+    values: list[Any] = field(init=False)
+    errors: dict[int, RowError] = field(default_factory=dict)
+    finished: int = 0
+
+    def __post_init__(self) -> None:
+        self.values = [None] * self.n
+        self._done = bytearray(self.n)
+
+    def file(self, positions: Sequence[int], values: list[Any], errors: list[tuple]) -> list[int]:
+        """Record a batch's outcomes; return the positions that failed."""
+        if isinstance(positions, range) and positions.step == 1:
+            self.values[positions.start : positions.stop] = values
+            self._done[positions.start : positions.stop] = b"\x01" * len(positions)
+        else:
+            for position, value in zip(positions, values):
+                self.values[position] = value
+                self._done[position] = 1
+        failed = []
+        for i, type_name, message, tb, attempts, exc in errors:
+            position = positions[i]
+            self.values[position] = None
+            self.errors[position] = RowError.create(type_name, message, traceback=tb, attempts=attempts, exception=exc)
+            failed.append(position)
+        self.finished += len(positions)
+        return failed
+
+    def fail(self, position: int, error: RowError) -> None:
+        self.values[position] = None
+        self.errors[position] = error
+        self._done[position] = 1
+        self.finished += 1
+
+    def unfinished(self) -> list[int]:
+        return [i for i in range(self.n) if not self._done[i]]
+
+
+def _arguments(frame: pd.DataFrame, columns: list[str], star: bool) -> list[Any]:
+    if not star:
+        return frame[columns[0]].tolist()
+    return list(zip(*(frame[c].tolist() for c in columns)))
+
+
+def check_columns(frame: pd.DataFrame, columns: Sequence[Any]) -> None:
+    """Raise a ``KeyError`` that lists the available columns when one is missing."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        available = ", ".join(map(repr, frame.columns.tolist()))
+        raise KeyError(f"column {missing[0]!r} not found; the DataFrame has: {available}")
+
+
+def map_frame(
+    frame: pd.DataFrame,
+    fn: Callable[..., Any],
+    *,
+    columns: list[Any],
+    star: bool,
+    into: str | None,
+    options: MapOptions,
+    errors_call: str = "out.modal.errors()",
+) -> pd.DataFrame:
+    """Run ``fn`` once per row of ``frame[columns]`` and return a new frame with result and error columns.
+
+    This is what ``df.modal.map``, ``df.modal.starmap``, ``series.modal.map`` and ``%%modal_map``
+    call after parsing their arguments into ``options``.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from modal_magic.options import MapOptions
+    >>> df = pd.DataFrame({"x": [1, 2, 3]})
+    >>> out = map_frame(df, lambda x: 10 // (x - 2), columns=["x"], star=False, into="y",
+    ...                 options=MapOptions.create(backend="sequential", progress=False))
+    >>> out["y"].tolist(), out["y_error"].tolist()
+    ([-10, <NA>, 10], [None, 'ZeroDivisionError: integer division or modulo by zero', None])
+    """
+    check_columns(frame, columns)
+    what = f"columns={list(columns)!r}" if star else f"column={columns[0]!r}"
+    is_async = check_function(fn, len(columns) if star else 1, what=what)
+    into = into if into is not None else default_into(fn)
+    if not isinstance(into, str) or not into:
+        raise OptionsError(f"into={into!r} is not valid: expected a column name (a non-empty string)")
+    if options.sample is not None:
+        frame = frame.iloc[: options.sample]
+    error_column = f"{into}_error"
+    planned = [error_column] if options.expand else [into, error_column]
+    clashes = join.clashing_columns(frame, planned)
+    if clashes and not options.overwrite:
+        raise OptionsError(
+            f"the DataFrame already has a column {clashes[0]!r}; pass overwrite=True to replace it, "
+            "or into='another_name'"
+        )
+    task = Task(fn=fn, star=star, is_async=is_async, options=options)
+    if options.backend == "local" and not is_async:
+        check_picklable(fn, where="worker processes")
+
+    args = _arguments(frame, columns, star)
+    try:
+        outcomes = _execute(task, args, frame.index, into, errors_call)
+    except _Stopped as stopped:
+        done = stopped.outcomes.n - sum(e.type_name == "Cancelled" for e in stopped.outcomes.errors.values())
+        out = _join(frame, stopped.outcomes, into, error_column, options)
+        raise MapInterrupted(
+            f"stopped after {done} of {stopped.outcomes.n} rows; the finished rows are kept in "
+            "modal_magic.last_result() (the rest have a Cancelled error)",
+            out,
+        ) from None
+    return _join(frame, outcomes, into, error_column, options)
+
+
+def _join(frame: pd.DataFrame, outcomes: _Outcomes, into: str, error_column: str, options: MapOptions) -> pd.DataFrame:
+    columns: dict[str, pd.Series] = {}
+    if options.expand:
+        expanded = join.expand_dicts(outcomes.values, outcomes.errors)
+        failed = set(outcomes.errors)
+        clashes = join.clashing_columns(frame, list(expanded))
+        if clashes and not options.overwrite:
+            _last["result"] = None
+            raise OptionsError(
+                f"expand=True made a column {clashes[0]!r} that the DataFrame already has; "
+                "pass overwrite=True to replace it, or rename the dict keys"
+            )
+        for key, values in expanded.items():
+            columns[key] = join.result_series(values, failed, frame.index)
+    else:
+        columns[into] = join.result_series(outcomes.values, set(outcomes.errors), frame.index)
+    columns[error_column] = join.error_series(outcomes.errors, outcomes.n, frame.index)
+    out = join.attach(frame, columns)
+    _last["result"] = out
+    return out
+
+
+class _Stopped(Exception):
+    """Internal: the user pressed Stop; carries what finished up to where the frame is built."""
+
+    def __init__(self, outcomes: _Outcomes) -> None:
+        self.outcomes = outcomes
+
+
+def _execute(task: Task, args: list[Any], index: pd.Index, into: str, errors_call: str) -> _Outcomes:
+    n = len(args)
+    outcomes = _Outcomes(n)
+    started = time.monotonic()
+    progress = make_progress(task.options.progress, n, title=into)
+    if n == 0:
+        _finish(progress, "success", outcomes, index, started, errors_call)
+        return outcomes
+    backend = create_backend(task)
+    try:
+        backend.start(task)
+        _drive(backend, task, args, outcomes, progress, index)
+    except KeyboardInterrupt:
+        backend.cancel()
+        for position in outcomes.unfinished():
+            outcomes.fail(position, RowError.from_exception(Cancelled("the run was stopped before this row finished")))
+        _finish(progress, "aborted", outcomes, index, started, errors_call)
+        raise _Stopped(outcomes) from None
+    except RowFailed:
+        backend.cancel()
+        _finish(progress, "aborted", outcomes, index, started, errors_call)
+        raise
+    finally:
+        backend.finish()
+    _finish(progress, "failed" if outcomes.errors else "success", outcomes, index, started, errors_call)
+    return outcomes
+
+
+def _finish(progress: Progress, state: str, outcomes: _Outcomes, index: pd.Index, started: float, errors_call: str) -> None:
+    first = sorted(outcomes.errors.items())[:5]
+    summary = RunSummary(
+        total=outcomes.n,
+        succeeded=outcomes.n - len(outcomes.errors),
+        failed=len(outcomes.errors),
+        cached=0,
+        elapsed_s=time.monotonic() - started,
+        errors_by_type=dict(Counter(e.type_name for e in outcomes.errors.values()).most_common()),
+        first_failures=[(str(index[p]), str(e)) for p, e in first],
+        errors_call=errors_call,
+    )
+    _last["summary"] = summary
+    progress.close(state, summary)  # type: ignore[arg-type]
+
+
+def _drive(backend: Backend, task: Task, args: list[Any], outcomes: _Outcomes, progress: Progress, index: pd.Index) -> None:
+    opts = task.options
+    n = len(args)
+    single = backend.timeout_needs_single_rows and opts.timeout is not None
+    sizer = BatchSizer(n, backend.capacity, 1 if single else opts.batch_size)
+    next_position = 0
+    next_id = 0
+    in_flight = 0
+    retry_at: list[tuple[float, int, Batch]] = []  # lost rows waiting out their backoff
+
+    while next_position < n or in_flight or retry_at:
+        while in_flight < backend.capacity:
+            if retry_at and retry_at[0][0] <= time.monotonic():
+                batch = heapq.heappop(retry_at)[2]
+            elif next_position < n:
+                size = min(sizer.next_size(n - next_position), n - next_position)
+                stop = next_position + size
+                batch = Batch(0, range(next_position, stop), args[next_position:stop])
+                next_position = stop
+            else:
+                break
+            batch.id = next_id
+            next_id += 1
+            backend.submit(batch)
+            in_flight += 1
+        wait = _TICK_S
+        if retry_at:
+            wait = max(0.0, min(wait, retry_at[0][0] - time.monotonic()))
+        if not in_flight:
+            time.sleep(wait)  # only lost rows waiting out their backoff are left
+            continue
+        for result in backend.results(wait):
+            in_flight -= 1
+            if result.lost is not None:
+                _requeue_lost(result, task, outcomes, retry_at, progress, index)
+                continue
+            sizer.observe(len(result.batch.positions), result.elapsed_s)
+            failed = outcomes.file(result.batch.positions, result.values, result.errors)
+            progress.update(done=len(result.batch.positions) - len(failed), failed=len(failed))
+            if failed:
+                _raise_if_asked(failed, task, outcomes, index)
+
+
+def _raise_if_asked(failed: list[int], task: Task, outcomes: _Outcomes, index: pd.Index) -> None:
+    if task.options.on_error == "raise":
+        position = min(failed)
+        error = outcomes.errors[position]
+        raise RowFailed(index[position], position, error) from error.exception
+
+
+def _requeue_lost(result: BatchResult, task: Task, outcomes: _Outcomes, retry_at: list, progress: Progress, index: pd.Index) -> None:
+    """A batch never came back: split it so each row gets an isolated try; give up on a row after its tries."""
+    batch, cause = result.batch, result.lost
+    assert cause is not None
+    allowed = batch.max_attempts or 1 + task.options.retries
+    now = time.monotonic()
+    if len(batch.positions) > 1:
+        # One row may have taken the whole batch down: every row gets a try of its own first.
+        for position, arg in zip(batch.positions, batch.args):
+            single = Batch(0, [position], [arg], attempt=batch.attempt + 1, max_attempts=max(allowed, batch.attempt + 1))
+            heapq.heappush(retry_at, (now, position, single))
+    elif batch.attempt < allowed:
+        again = Batch(0, batch.positions, batch.args, attempt=batch.attempt + 1, max_attempts=allowed)
+        heapq.heappush(retry_at, (now + backoff_delay(batch.attempt), batch.positions[0], again))
+    else:
+        position = batch.positions[0]
+        outcomes.fail(position, RowError.from_exception(cause, attempts=batch.attempt))
+        progress.update(failed=1, retrying=len(retry_at))
+        _raise_if_asked([position], task, outcomes, index)
+        return
+    progress.update(retrying=len(retry_at))

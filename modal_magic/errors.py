@@ -1,0 +1,136 @@
+"""The exceptions and error records a user meets: per-row errors, crashed workers, stopped runs.
+
+A failed row never raises out of a map by default; it becomes a :class:`RowError` in the
+``<into>_error`` column. A ``RowError`` *is* the short ``"ExceptionType: message"`` text a user sees
+in the DataFrame, and carries the rest (remote traceback, attempts, the exception object itself)
+so ``out.modal.errors()`` can show everything without a side table that a copy or a filter would lose.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+__all__ = ["RowError", "WorkerCrashed", "RowFailed", "MapInterrupted", "Cancelled", "UnpicklableResult"]
+
+
+class WorkerCrashed(RuntimeError):
+    """The worker process (or container) running the row died before returning a result."""
+
+
+class Cancelled(RuntimeError):
+    """The row never ran: the run was stopped (Stop / Ctrl-C, or ``on_error="raise"``) first."""
+
+
+class UnpicklableResult(TypeError):
+    """The function returned a value that can't be sent back from the worker."""
+
+
+class RowError(str):
+    """One row's failure: the ``"Type: message"`` text shown in the DataFrame, plus the details.
+
+    Attributes
+    ----------
+    type_name : str
+        The exception's class name, e.g. ``"ValueError"``.
+    message : str
+        ``str(exception)``.
+    traceback : str
+        The formatted traceback, from the worker or container that ran the row.
+    attempts : int
+        How many times the row was tried.
+    exception : BaseException | None
+        The exception object, when it could be sent back from where it was raised.
+
+    Examples
+    --------
+    >>> err = RowError.create("ValueError", "bad input", traceback="...", attempts=2)
+    >>> err
+    'ValueError: bad input'
+    >>> err.attempts
+    2
+    """
+
+    type_name: str
+    message: str
+    traceback: str
+    attempts: int
+    exception: BaseException | None
+
+    @classmethod
+    def create(
+        cls,
+        type_name: str,
+        message: str,
+        *,
+        traceback: str = "",
+        attempts: int = 1,
+        exception: BaseException | None = None,
+    ) -> RowError:
+        first_line = message.strip().splitlines()[0] if message.strip() else ""
+        text = f"{type_name}: {first_line}" if first_line else type_name
+        if len(text) > 300:
+            text = text[:297] + "..."
+        self = super().__new__(cls, text)
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+        self.attempts = attempts
+        self.exception = exception
+        return self
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, *, traceback: str = "", attempts: int = 1) -> RowError:
+        """Build the record for an exception raised in this process."""
+        return cls.create(type(exc).__name__, str(exc), traceback=traceback, attempts=attempts, exception=exc)
+
+    def with_attempts(self, attempts: int) -> RowError:
+        """The same error, recorded as having taken ``attempts`` tries."""
+        return RowError.create(
+            self.type_name, self.message, traceback=self.traceback, attempts=attempts, exception=self.exception
+        )
+
+    def to_exception(self) -> BaseException:
+        """The original exception if it came back, else a ``RuntimeError`` carrying the same text."""
+        return self.exception if self.exception is not None else RuntimeError(str(self))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        exception = self.exception
+        if exception is not None:
+            try:
+                pickle.dumps(exception)
+            except Exception:  # an exception that can't travel still leaves its text and traceback
+                exception = None
+        return (_rebuild_row_error, (self.type_name, self.message, self.traceback, self.attempts, exception))
+
+
+def _rebuild_row_error(
+    type_name: str, message: str, traceback: str, attempts: int, exception: BaseException | None
+) -> RowError:
+    return RowError.create(type_name, message, traceback=traceback, attempts=attempts, exception=exception)
+
+
+class RowFailed(RuntimeError):
+    """Raised by ``on_error="raise"``: a row failed, so the run was stopped.
+
+    ``label`` is the row's index label, ``position`` its position, ``error`` the :class:`RowError`;
+    the original exception (when it came back) is chained as ``__cause__``.
+    """
+
+    def __init__(self, label: Any, position: int, error: RowError) -> None:
+        super().__init__(f"row {label!r} (position {position}) failed: {error}\n{error.traceback}".rstrip())
+        self.label = label
+        self.position = position
+        self.error = error
+
+
+class MapInterrupted(KeyboardInterrupt):
+    """The user pressed Stop (or Ctrl-C): the run stopped and kept what it had finished.
+
+    ``result`` holds the full DataFrame: finished rows with their results, the rest with a
+    ``Cancelled`` error; :func:`modal_magic.last_result` returns it too.
+    """
+
+    def __init__(self, message: str, result: Any) -> None:
+        super().__init__(message)
+        self.result = result

@@ -1,0 +1,85 @@
+"""Outcomes to columns: each row's result and error, aligned to the original rows by position.
+
+Outcomes arrive in completion order; the engine files each one under its row's position, and this
+module turns the filled-in lists into columns on a copy of the frame. The result column gets the
+dtype pandas would infer for the values, with nullable dtypes (``Int64``, ``boolean``) where failed
+rows leave holes, so a column of ints with one failure doesn't silently become floats.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+from pandas.api import types as ptypes
+
+from .errors import RowError
+
+__all__ = ["result_series", "error_series", "attach", "clashing_columns"]
+
+_COPY_ON_WRITE = int(pd.__version__.split(".")[0]) >= 3
+
+
+def result_series(values: list[Any], failed: set[int], index: pd.Index) -> pd.Series:
+    """The result column: pandas' inferred dtype, made nullable where failed rows leave holes.
+
+    Examples
+    --------
+    >>> result_series([1, None, 3], {1}, pd.RangeIndex(3)).dtype
+    Int64Dtype()
+    >>> result_series([1, 2, 3], set(), pd.RangeIndex(3)).dtype
+    dtype('int64')
+    """
+    if not failed:
+        return pd.Series(values, index=index)
+    ok = pd.Series([v for i, v in enumerate(values) if i not in failed])
+    if ptypes.is_bool_dtype(ok.dtype):
+        return pd.Series(pd.array(values, dtype="boolean"), index=index)
+    if ptypes.is_integer_dtype(ok.dtype):
+        return pd.Series(pd.array(values, dtype="Int64"), index=index)
+    if ptypes.is_float_dtype(ok.dtype):
+        return pd.Series(values, index=index, dtype="float64")
+    return pd.Series(values, index=index)
+
+
+def error_series(errors: dict[int, RowError], n: int, index: pd.Index) -> pd.Series:
+    """The ``<into>_error`` column: ``None`` where the row succeeded, else its :class:`RowError`."""
+    column: list[RowError | None] = [None] * n
+    for position, error in errors.items():
+        column[position] = error
+    return pd.Series(column, index=index, dtype=object)
+
+
+def expand_dicts(values: list[Any], errors: dict[int, RowError]) -> dict[str, list[Any]]:
+    """Split dict results into one list per key (first-seen key order); a non-dict becomes that row's error."""
+    keys: dict[str, None] = {}
+    for position, value in enumerate(values):
+        if position in errors:
+            continue
+        if isinstance(value, dict):
+            keys.update(dict.fromkeys(map(str, value)))
+        elif value is not None:
+            errors[position] = RowError.create(
+                "TypeError", f"expand=True needs each row to return a dict, got {type(value).__name__}"
+            )
+    columns: dict[str, list[Any]] = {key: [None] * len(values) for key in keys}
+    for position, value in enumerate(values):
+        if position not in errors and isinstance(value, dict):
+            for key, item in value.items():
+                columns[str(key)][position] = item
+    return columns
+
+
+def clashing_columns(frame: pd.DataFrame, names: list[str]) -> list[str]:
+    """The names among ``names`` that ``frame`` already has."""
+    return [name for name in names if name in frame.columns]
+
+
+def attach(frame: pd.DataFrame, columns: dict[str, pd.Series]) -> pd.DataFrame:
+    """A new frame: ``frame``'s rows and columns, with ``columns`` added (or replaced) at the end."""
+    out = frame.copy(deep=not _COPY_ON_WRITE)
+    for name, series in columns.items():
+        # Same index object, so no alignment (duplicate labels and MultiIndex are safe), and a
+        # Series keeps its dtype where a bare object array would be re-inferred as strings.
+        out[name] = series if series.index is out.index else series.set_axis(out.index)
+    return out

@@ -1,0 +1,37 @@
+"""Shared fixtures: every backend by name, and a guard that fails the suite on leaked workers."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import psutil
+import pytest
+
+import modal_magic
+
+LOCAL_BACKENDS = ["sequential", "local", "threads"]
+
+
+@pytest.fixture(params=LOCAL_BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each local backend in turn; tests using it must give the same frame on all of them."""
+    return request.param
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_leaked_workers():
+    """After the whole suite: no worker process and no modal_magic thread is left running."""
+    yield
+    modal_magic.shutdown()
+    children = [p for p in psutil.Process(os.getpid()).children(recursive=True) if p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]
+    workers = [p for p in children if "_worker.py" in " ".join(p.cmdline())]
+    assert not workers, f"worker processes left running: {workers}"
+    stuck = [t.name for t in threading.enumerate() if t.name.startswith("modal_magic") and t.is_alive()]
+    # threads abandoned by a timeout test finish their sleep and exit; give them a moment
+    for t in threading.enumerate():
+        if t.name.startswith("modal_magic"):
+            t.join(timeout=10)
+    stuck = [t.name for t in threading.enumerate() if t.name.startswith("modal_magic") and t.is_alive()]
+    assert not stuck, f"threads left running: {stuck}"
