@@ -336,7 +336,7 @@ def _requeue_lost(result: BatchResult, task: Task, outcomes: _Outcomes, retry_at
     if len(batch.positions) > 1:
         # One row may have taken the whole batch down: every row gets a try of its own first.
         for position, arg in zip(batch.positions, batch.args):
-            single = Batch(0, [position], [arg], attempt=batch.attempt + 1, max_attempts=max(allowed, batch.attempt + 1))
+            single = Batch(0, [position], [arg], attempt=batch.attempt + 1, max_attempts=max(allowed, batch.attempt) + 1)
             heapq.heappush(retry_at, (now, position, single))
     elif batch.attempt < allowed:
         again = Batch(0, batch.positions, batch.args, attempt=batch.attempt + 1, max_attempts=allowed)

@@ -303,7 +303,8 @@ def _check_combination(values: dict[str, Any]) -> None:
     modal_only += [n for n in ("pip", "apt", "secrets", "volumes") if values[n]]
     if modal_only and backend in LOCAL_BACKENDS:
         raise OptionsError(
-            f"{', '.join(modal_only)} only apply on Modal, but backend={backend!r} runs on this machine; "
+            f"{', '.join(modal_only)} only appl{'y' if len(modal_only) > 1 else 'ies'} on Modal, "
+            f"but backend={backend!r} runs on this machine; "
             "add backend='modal' to run there"
         )
     if values["image"] is not None and (values["pip"] or values["apt"] or values["python_version"]):

@@ -109,6 +109,8 @@ class _LiveProgress(Progress):
 
     #: Seconds between redraws, at most.
     mininterval = 0.1
+    #: Rows counted between two readings of the clock, at most.
+    maxminiters = 100
 
     def __init__(self, total: int, *, title: str = "",
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -170,14 +172,14 @@ class _LiveProgress(Progress):
 
     def _adapt_miniters(self, now: float) -> None:
         # Read the clock about ten times per redraw interval at the rate since the last redraw,
-        # growing at most twofold per reading so that a burst of rows (or a clock too coarse
-        # to have moved) can't put off the next redraw for long.
+        # growing at most twofold per reading (a burst of rows, or a clock too coarse to have
+        # moved, is no rate) and never past `maxminiters`: when rows slow down, the bar can sit
+        # on stale numbers for at most that many rows. 100 already makes the clock's share of
+        # an update a few nanoseconds.
         dt = now - self._last_draw_t
-        if dt > 0:
-            target = int((self.n - self._last_draw_n) * self.mininterval / (10 * dt))
-            self._miniters = max(1, min(2 * self._miniters, target))
-        else:
-            self._miniters *= 2
+        target = (int((self.n - self._last_draw_n) * self.mininterval / (10 * dt)) if dt > 0
+                  else self.maxminiters)
+        self._miniters = max(1, min(2 * self._miniters, target, self.maxminiters))
 
     def close(self, state: State, summary: RunSummary) -> None:
         if self._closed:

@@ -149,7 +149,8 @@ class ProcessBackend(Backend):
         else:  # another run (another thread) has the warm pool: this one gets workers of its own
             self._pool, self._own_pool = _Pool(), True
         self._fn_bytes = cloudpickle.dumps(task.fn, protocol=5)
-        self._token = hash(self._fn_bytes)
+        # a worker keeps the last function it was sent; anything that changes how it runs rows is part of the token
+        self._token = hash((self._fn_bytes, task.star, task.options.retries, task.options.timeout))
         self._workers = self._pool.ensure(task.options.workers())
 
     @property
