@@ -146,8 +146,8 @@ class ModalFrameAccessor:
         >>> out = pd.DataFrame({"x": [1, 0]}).modal.map(lambda x: 1 // x, column="x", backend="threads",
         ...                                             progress=False)
         >>> out.modal.errors()[["column", "type", "attempts"]]
-          column               type  attempts
-        1 result  ZeroDivisionError         1
+           column               type  attempts
+        1  result  ZeroDivisionError         1
         """
         return errors_frame(self._frame)
 
