@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 
 from . import join
-from .backends import Backend, Batch, BatchResult, Task, create_backend
+from .backends import Backend, BackendFailed, Batch, BatchResult, Task, create_backend
 from .backends._worker import backoff_delay
 from .checks import check_function, check_picklable, default_into
 from .errors import Cancelled, MapInterrupted, RowError, RowFailed
@@ -61,15 +61,19 @@ def last_run() -> RunSummary | None:
 class BatchSizer:
     """Picks each batch's size from the per-row time measured so far (joblib's auto batching, in short).
 
-    Until a measurement comes back, batches hold one row; each measurement lets the size grow by
-    at most ``GROWTH`` toward ``TARGET_BATCH_S`` of work, and near the end batches shrink so the
-    last ones finish together instead of one worker holding the tail.
+    Until a measurement comes back, batches hold ``initial`` rows; each measurement lets the size grow
+    by at most ``GROWTH`` toward ``target_s`` of work per batch, never past ``max_size``, and near the
+    end batches shrink so the last ones finish together instead of one worker holding the tail.
     """
 
-    def __init__(self, n: int, workers: int, fixed: int | None) -> None:
+    def __init__(self, n: int, workers: int, fixed: int | None, *, target_s: float = TARGET_BATCH_S,
+                 initial: int = 1, max_size: int | None = None) -> None:
         self.n = n
         self.workers = max(1, workers)
         self.fixed = fixed
+        self.target_s = target_s
+        self.initial = max(1, initial if max_size is None else min(initial, max_size))
+        self.max_size = max_size
         self.per_row_s: float | None = None
         self.largest_measured = 1
 
@@ -84,10 +88,13 @@ class BatchSizer:
         if self.fixed is not None:
             return self.fixed
         if self.per_row_s is None:
-            return 1
-        wanted = TARGET_BATCH_S / self.per_row_s
+            return self.initial
+        wanted = self.target_s / self.per_row_s
         balanced = math.ceil(remaining / (2 * self.workers))
-        return max(1, int(min(wanted, self.largest_measured * GROWTH, balanced)))
+        size = min(wanted, self.largest_measured * GROWTH, balanced)
+        if self.max_size is not None:
+            size = min(size, self.max_size)
+        return max(1, int(size))
 
 
 @dataclass
@@ -187,7 +194,9 @@ def map_frame(
             "or into='another_name'"
         )
     task = Task(fn=fn, star=star, is_async=is_async, options=options)
-    if options.backend == "local" and not is_async:
+    if options.backend == "modal":
+        check_picklable(fn, where="Modal")
+    elif options.backend == "local" and not is_async:
         check_picklable(fn, where="worker processes")
 
     args = _arguments(frame, columns, star)
@@ -255,6 +264,12 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, errors_cal
         backend.cancel()
         _finish(progress, "aborted", outcomes, index, started, errors_call)
         raise
+    except BackendFailed as failure:  # the rows still out fail with it; none is dropped
+        backend.cancel()
+        for position in outcomes.unfinished():
+            outcomes.fail(position, RowError.from_exception(failure))
+        _finish(progress, "aborted", outcomes, index, started, errors_call)
+        return outcomes
     finally:
         backend.finish()
     _finish(progress, "failed" if outcomes.errors else "success", outcomes, index, started, errors_call)
@@ -281,7 +296,14 @@ def _drive(backend: Backend, task: Task, args: list[Any], outcomes: _Outcomes, p
     opts = task.options
     n = len(args)
     single = backend.timeout_needs_single_rows and opts.timeout is not None
-    sizer = BatchSizer(n, backend.capacity, 1 if single else opts.batch_size)
+    sizer = BatchSizer(
+        n,
+        backend.capacity,
+        opts.batch_size or (1 if single else None),
+        target_s=backend.target_batch_s,
+        initial=backend.initial_batch_rows(n),
+        max_size=backend.max_batch_rows(args),
+    )
     next_position = 0
     next_id = 0
     in_flight = 0

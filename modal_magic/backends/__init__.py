@@ -10,15 +10,17 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from .base import Backend, Batch, BatchResult, Task
+from .base import Backend, BackendFailed, Batch, BatchResult, Task
 
-__all__ = ["Backend", "Batch", "BatchResult", "Task", "backend_names", "create_backend", "register_backend"]
+__all__ = ["Backend", "BackendFailed", "Batch", "BatchResult", "Task", "backend_names", "create_backend", "register_backend"]
 
 _FACTORIES: dict[str, str | Callable[[], Backend]] = {
     "local": "modal_magic.backends.processes:ProcessBackend",
     "threads": "modal_magic.backends.threads:ThreadBackend",
     "sequential": "modal_magic.backends.sequential:SequentialBackend",
+    "modal": "modal_magic.backends.modal:ModalBackend",
 }
+_DEPLOYED = "modal_magic.backends.modal:DeployedBackend"
 _ASYNC = "modal_magic.backends.aio:AsyncBackend"
 
 
@@ -53,5 +55,5 @@ def create_backend(task: Task) -> Backend:
     if task.is_async and not task.options.is_modal:
         return _load(_ASYNC)
     if name.startswith("modal:"):
-        name = "modal"
+        return _load(_DEPLOYED)
     return _load(_FACTORIES[name])

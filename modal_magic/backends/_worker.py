@@ -162,6 +162,34 @@ def pack_results(values: list[Any], errors: list[ErrorTuple], elapsed: float) ->
     return dumps((values, safe_errors, elapsed))
 
 
+def batch_runner(
+    fn: Callable[..., Any], star: bool, retries: int, timeout: float | None, is_async: bool
+) -> Callable[[Any], Any]:
+    """The function a Modal container runs: one input is ``(batch_id, [row args...])``.
+
+    It returns ``(batch_id, packed results)`` and never raises for a row, so one bad row can't fail
+    its batch; Modal's own retries then apply only to inputs lost with their container. This module
+    is shipped to the container by value, so the container needs nothing of modal_magic.
+    """
+
+    def run_batch(item: tuple[int, list[Any]]) -> tuple[int, bytes]:
+        batch_id, args_list = item
+        started = time.perf_counter()
+        values, errors = run_rows(fn, star, args_list, retries, timeout)
+        return batch_id, pack_results(values, errors, time.perf_counter() - started)
+
+    async def run_batch_async(item: tuple[int, list[Any]]) -> tuple[int, bytes]:
+        batch_id, args_list = item
+        started = time.perf_counter()
+        values, errors = await run_rows_async(fn, star, args_list, retries, timeout)
+        return batch_id, pack_results(values, errors, time.perf_counter() - started)
+
+    runner = run_batch_async if is_async else run_batch
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in getattr(fn, "__name__", "fn"))
+    runner.__name__ = runner.__qualname__ = f"modal_magic_{name}"
+    return runner
+
+
 # --- the local worker process ---------------------------------------------------------------------
 
 

@@ -54,6 +54,10 @@ class BatchResult:
     lost: BaseException | None = None
 
 
+class BackendFailed(RuntimeError):
+    """The backend itself broke mid-run (e.g. the Modal app stopped): the rows not yet back fail with it."""
+
+
 class Backend(ABC):
     """Runs batches of rows somewhere and reports what finished.
 
@@ -64,6 +68,16 @@ class Backend(ABC):
     name: str = ""
     #: per-row timeouts need single-row batches (the backend can only time a whole call)
     timeout_needs_single_rows: bool = False
+    #: how long one batch should compute: long enough to amortise the backend's per-batch overhead
+    target_batch_s: float = 0.05
+
+    def initial_batch_rows(self, n: int) -> int:
+        """Rows in the first batches, before any time per row has been measured."""
+        return 1
+
+    def max_batch_rows(self, args: list[Any]) -> int | None:
+        """The most rows one batch may hold (e.g. to bound its payload), or ``None`` for no limit."""
+        return None
 
     @abstractmethod
     def start(self, task: Task) -> None:

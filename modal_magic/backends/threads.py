@@ -94,7 +94,7 @@ class ThreadBackend(Backend):
         with self._lock:
             for worker in self._workers:
                 batch = worker.batch
-                if batch is not None and not worker.abandoned and now - worker.started > limit:
+                if batch is not None and not worker.abandoned and now - worker.started > limit * len(batch.args):
                     worker.abandoned = True
                     expired.append(BatchResult(batch, lost=TimeoutError(f"the row ran longer than timeout={limit:g}s")))
             self._workers = [w for w in self._workers if not w.abandoned]
