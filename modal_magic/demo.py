@@ -18,12 +18,13 @@ from modal_magic.datasets.sentiment import classify_sentiment
 
 def main() -> int:
     """Run the demo; returns the process exit code."""
+    sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the bar's (on stderr)
     reviews = load_reviews()
     print(f"Classifying {len(reviews):,} product reviews on local processes...", flush=True)
     started = time.perf_counter()
     out = reviews.modal.map(classify_sentiment, column="text", into="sentiment")
     elapsed = time.perf_counter() - started
-    with pd.option_context("display.width", 120, "display.max_colwidth", 50):
+    with pd.option_context("display.width", 140, "display.max_colwidth", 60):
         print("\nThe joined DataFrame (first rows):")
         print(out[["product", "stars", "text", "sentiment", "sentiment_error"]].head(8).to_string())
         print("\nLabels:")

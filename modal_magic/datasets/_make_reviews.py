@@ -46,7 +46,7 @@ CATEGORIES: tuple[Category, ...] = (
     Category(
         (("blender", False), ("personal blender", False), ("immersion blender", False)),
         ("motor", "jar", "lid", "blades", "noise level", "speed settings"),
-        ("for smoothies", "for soups", "to crush ice", "every morning"),
+        ("for smoothies", "for soups", "for crushing ice", "every morning"),
     ),
     Category(
         (("running shoes", True), ("trail runners", True), ("walking shoes", True)),
@@ -118,7 +118,7 @@ CATEGORIES: tuple[Category, ...] = (
     Category(
         (("smartwatch", False), ("fitness tracker", False)),
         ("battery life", "heart rate sensor", "screen", "strap", "app", "step counter"),
-        ("for running", "to track sleep", "every day"),
+        ("for running", "for sleep tracking", "every day"),
     ),
     Category(
         (("board game", False), ("card game", False), ("jigsaw puzzle", False)),
@@ -167,8 +167,10 @@ CATEGORIES: tuple[Category, ...] = (
     ),
 )
 
-WHO = ("my wife", "my husband", "my son", "my daughter", "my dad", "my mom", "my roommate",
-       "my sister", "my brother", "a coworker", "my partner", "my grandma")
+WHO = (("my wife", "she"), ("my husband", "he"), ("my son", "he"), ("my daughter", "she"),
+       ("my dad", "he"), ("my mom", "she"), ("my roommate", "they"), ("my sister", "she"),
+       ("my brother", "he"), ("a coworker", "they"), ("my partner", "they"),
+       ("my grandma", "she"))
 DURATIONS = ("a day", "two days", "three days", "a week", "two weeks", "three weeks",
              "a month", "six weeks", "two months", "three months", "a few uses")
 LONG_DURATIONS = ("a month", "two months", "three months", "six months", "almost a year",
@@ -176,7 +178,7 @@ LONG_DURATIONS = ("a month", "two months", "three months", "six months", "almost
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 COLORS = ("black", "white", "navy", "gray", "red", "green", "blue", "beige", "pink", "olive")
 POS_ADJ = ("great", "excellent", "amazing", "fantastic", "solid", "perfect", "awesome",
-           "impressive", "really good", "superb", "wonderful", "good", "nice", "outstanding")
+           "impressive", "top notch", "superb", "wonderful", "good", "nice", "outstanding")
 NEG_ADJ = ("terrible", "awful", "flimsy", "cheap", "poor", "disappointing", "horrible",
            "useless", "bad", "weak", "mediocre", "garbage", "frustrating", "pathetic")
 INTENS = ("really", "very", "super", "extremely", "so", "incredibly", "pretty")
@@ -200,7 +202,7 @@ POSITIVE = (
     "Highly recommend.",
     "Would buy again.",
     "Five stars, no complaints.",
-    "Bought {obj} for {who} and they love {obj}.",
+    "Bought {obj} for {who} and {who_pron} {who_loves} {obj}.",
     "Been using {obj} {use} for {ldur} and {it} still work{s} like new.",
     "Honestly {int} {pa}.",
     "Not bad at all, the {f} {fis} {pa}.",
@@ -287,7 +289,7 @@ NEUTRAL = (
     "Ordered the {color} one.",
     "Arrived on {day}.",
     "Arrived on {day} in a plain box.",
-    "Bought {obj} {use}.",
+    "Bought {obj} to use {use}.",
     "Used {obj} {n} times so far.",
     "Haven't used {obj} much yet.",
     "Second one I have bought.",
@@ -326,43 +328,69 @@ BLANK_TEXTS = ("", " ", "   ", "\t", "  ", "N/A", "n/a", "N/A", "-", "   ")
 
 OPENERS = (
     "", "", "", "", "", "", "Update: ", "Honestly, ", "Okay so ", "First impressions: ",
-    "After {ldur}: ", "Bought this {use}. ", "Ordered the {color} one. ",
+    "After {ldur}: ", "Bought this to use {use}. ", "Ordered the {color} one. ",
 )
 POS_CLOSERS = ("", "", "", "", "Highly recommend!", "Would buy again.", "Thanks!",
                "5/5.", "Very happy.")
 NEG_CLOSERS = ("", "", "", "", "Avoid.", "Returning it.", "One star.", "Very disappointed.",
                "Never again.")
 
+LONG_INTROS = (
+    "I have been using {this} {use} for {ldur}, so here is a longer review.",
+    "It arrived on {day} in a plain box and I have used {obj} {use} ever since.",
+    "I did a lot of research before buying {this}, so I want to share some details.",
+    "Long review, because the short ones did not answer my questions.",
+)
 LONG_POS = (
-    "I did a lot of research before buying {this} and I am glad I went with {obj}.",
     "The {f} {fis} {pa}, and the {f2} {f2is} even better than the reviews said.",
-    "I use {obj} {use} and {it} {has} held up perfectly for {ldur}.",
+    "I use {obj} {use} and {it} {has} held up perfectly.",
     "Setup took about ten minutes and the instructions were clear.",
     "{who} tried {obj} last weekend and immediately ordered one too.",
     "For the price, I honestly do not think you can do better.",
     "Customer support answered my one question within an hour, which was a nice surprise.",
     "The packaging was minimal and everything arrived in perfect shape.",
+    "After {ldur} of daily use there is not a single scratch on {obj}, which I love.",
+    "My old {p} lasted barely a year, so this feels like a real upgrade.",
+    "The {f} in particular {fis} {int} {pa} and makes a noticeable difference {use}.",
+    "I even bought a second one as a gift for {who}, who was thrilled.",
 )
 LONG_NEG = (
-    "I really wanted to love {this}, because the {f} looked {pa} in the photos.",
+    "The photos made the {f} look {pa}, but in person {it} feel{s} cheap.",
     "Unfortunately the {f2} started acting up after {dur} and it only got worse from there.",
     "I contacted support twice and got the same copy-pasted answer both times.",
     "By the end of the month the {f} {fwas} basically useless {use}.",
     "I ended up going back to my old {p}, which is five years old and still works better.",
     "The refund process was slow and I had to pay for return shipping myself.",
     "For what it costs, this should not feel this cheap.",
-    "I am giving it two stars only because the {f} {fwas} decent for the first week.",
+    "The {f2} makes an awful rattling noise that gets worse every day.",
+    "I tried every fix suggested online and nothing helped at all.",
+    "{who} warned me about this brand and I should have listened.",
+    "Honestly I feel ripped off and disappointed by the whole experience.",
 )
 LONG_NEUTRAL = (
-    "I have been using {this} {use} for {ldur}, so here is a longer review.",
-    "It arrived on {day} in a plain box with a short manual.",
-    "The {f} work{fs} the way the listing describes, and the {f2} {f2is} about what you would expect.",
+    "The {f} work{fs} the way the listing describes, and the {f2} {f2is} about what you would"
+    " expect.",
     "I ordered the {color} version, which is slightly darker than in the pictures.",
     "There is nothing special about the design, it looks like most others in this price range.",
-    "Compared to my previous one, the {f} {fis} a bit different and took a few days to get used to.",
-    "I will update this review if anything changes.",
-    "The {f2} {f2is} fine but not amazing, and the price seems fair.",
+    "Compared to my previous one, the {f} {fis} a bit different and took a few days to get used"
+    " to.",
+    "It took about {n} days to arrive, which matched the estimate on the listing.",
+    "The box included the {p}, a short manual and a small bag of spare parts.",
+    "I mostly use {obj} {use}, so I cannot say much about other situations.",
+    "The size and weight are about what the product page says.",
+    "{who} has the previous model, and the two are very similar in daily use.",
+    "The price was in the middle of the range when I bought {obj}.",
 )
+LONG_OUTROS = {
+    "positive": ("Overall a wonderful purchase and easily five stars from me.",
+                 "If you are on the fence, just get {obj}, you will not regret it."),
+    "negative": ("I am giving it two stars only because the {f} {fwas} decent for the first week.",
+                 "Save yourself the headache and buy a better {p} from a different brand."),
+    "mixed": ("So three stars: good in some ways, frustrating in others.",
+              "I would buy {obj} again, but only on sale and with lower expectations."),
+    "neutral": ("I will update this review if anything changes.",
+                "That is everything I can say so far."),
+}
 
 # Stars given the intended sentiment: weights for 1..5 stars.
 STAR_WEIGHTS = {
@@ -387,7 +415,9 @@ def _is_plural(feature: str) -> bool:
 def _slots(rng: random.Random, cat: Category, product: str, plural: bool) -> dict[str, str]:
     f, f2 = rng.sample(cat.features, 2)
     pa, pa2 = rng.sample(POS_ADJ, 2)
+    who, pron = rng.choice(WHO)
     return {
+        "_features": "|".join(cat.features),
         "this": ("these " if plural else "this ") + product,
         "It": "They" if plural else "It",
         "it": "they" if plural else "it",
@@ -404,7 +434,9 @@ def _slots(rng: random.Random, cat: Category, product: str, plural: bool) -> dic
         "fwas": "were" if _is_plural(f) else "was",
         "fs": "" if _is_plural(f) else "s",
         "use": rng.choice(cat.uses),
-        "who": rng.choice(WHO),
+        "who": who,
+        "who_pron": pron,
+        "who_loves": "love" if pron == "they" else "loves",
         "dur": rng.choice(DURATIONS),
         "ldur": rng.choice(LONG_DURATIONS),
         "pa": pa,
@@ -416,6 +448,22 @@ def _slots(rng: random.Random, cat: Category, product: str, plural: bool) -> dic
         "day": rng.choice(DAYS),
         "color": rng.choice(COLORS),
     }
+
+
+def _vary(rng: random.Random, slots: dict[str, str]) -> dict[str, str]:
+    """Fresh adjectives, and sometimes a different main feature, for the next sentence."""
+    out = dict(slots)
+    out["pa"] = rng.choice(POS_ADJ)
+    out["Pa"] = out["pa"][0].upper() + out["pa"][1:]
+    out["na"] = rng.choice(NEG_ADJ)
+    out["int"] = rng.choice(INTENS)
+    if rng.random() < 0.6:
+        f = rng.choice([x for x in slots["_features"].split("|") if x != slots["f2"]])
+        out["f"] = f
+        out["fis"] = "are" if _is_plural(f) else "is"
+        out["fwas"] = "were" if _is_plural(f) else "was"
+        out["fs"] = "" if _is_plural(f) else "s"
+    return out
 
 
 def _fill(template: str, slots: dict[str, str]) -> str:
@@ -469,10 +517,12 @@ def _short_review(rng: random.Random, intent: str, slots: dict[str, str]) -> str
         k = rng.choices((1, 2, 3), weights=(50, 40, 10))[0]
     else:
         k = rng.choices((1, 2, 3), weights=(30, 45, 25))[0]
-    sentences = [_fill(t, slots) for t in rng.sample(pool, k)]
+    templates = rng.sample(pool, k)
+    sentences = [_fill(templates[0], slots)]
+    sentences += [_fill(t, _vary(rng, slots)) for t in templates[1:]]
     if intent == "mixed" and rng.random() < 0.4:
         extra = POSITIVE if rng.random() < 0.5 else NEGATIVE
-        sentences.append(_fill(rng.choice(extra), slots))
+        sentences.append(_fill(rng.choice(extra), _vary(rng, slots)))
     opener = _fill(rng.choice(OPENERS), slots) if rng.random() < 0.5 else ""
     closer = ""
     if intent == "positive":
@@ -487,19 +537,17 @@ def _short_review(rng: random.Random, intent: str, slots: dict[str, str]) -> str
 
 
 def _long_review(rng: random.Random, intent: str, slots: dict[str, str]) -> str:
-    pools = {"positive": (LONG_POS, LONG_POS, LONG_NEUTRAL),
-             "negative": (LONG_NEG, LONG_NEG, LONG_NEUTRAL),
-             "mixed": (LONG_POS, LONG_NEG, LONG_NEUTRAL),
-             "neutral": (LONG_NEUTRAL, LONG_NEUTRAL, LONG_NEUTRAL)}[intent]
-    sentences: list[str] = []
-    used: set[str] = set()
-    while sum(len(s.split()) for s in sentences) < 140:
-        template = rng.choice(rng.choice(pools))
-        if template in used:
-            continue
-        used.add(template)
-        sentences.append(_fill(template, slots))
-    return " ".join(sentences)
+    """About 150 words: an intro, a body in the intended tone, and a closing sentence."""
+    if intent == "neutral":
+        body = rng.sample(LONG_NEUTRAL, 8)
+    elif intent == "mixed":
+        body = rng.sample(LONG_NEUTRAL, 2) + rng.sample(LONG_POS, 4) + rng.sample(LONG_NEG, 4)
+    else:
+        own = LONG_POS if intent == "positive" else LONG_NEG
+        body = rng.sample(LONG_NEUTRAL, 2) + rng.sample(own, 7)
+        rng.shuffle(body)
+    sentences = [rng.choice(LONG_INTROS)] + body + [rng.choice(LONG_OUTROS[intent])]
+    return " ".join(_fill(t, _vary(rng, slots) if i else slots) for i, t in enumerate(sentences))
 
 
 def _word_count(text: str) -> int:
