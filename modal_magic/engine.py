@@ -179,8 +179,18 @@ def map_frame(
     """
     check_columns(frame, columns)
     what = f"columns={list(columns)!r}" if star else f"column={columns[0]!r}"
-    is_async = check_function(fn, len(columns) if star else 1, what=what)
-    into = into if into is not None else default_into(fn)
+    deployed = options.backend.startswith("modal:")
+    if deployed:
+        if fn is not None:
+            raise OptionsError(
+                f"backend={options.backend!r} runs that deployed Modal function on each row; "
+                "pass None instead of a local function"
+            )
+        is_async = False
+        into = into if into is not None else options.backend.rpartition("/")[2].replace("-", "_")
+    else:
+        is_async = check_function(fn, len(columns) if star else 1, what=what)
+        into = into if into is not None else default_into(fn)
     if not isinstance(into, str) or not into:
         raise OptionsError(f"into={into!r} is not valid: expected a column name (a non-empty string)")
     if options.sample is not None:

@@ -10,12 +10,16 @@ import pytest
 
 import modal_magic
 
+pytest_plugins = ["tests.modal_server.fixture"]
+
 LOCAL_BACKENDS = ["sequential", "local", "threads"]
 
 
-@pytest.fixture(params=LOCAL_BACKENDS)
+@pytest.fixture(params=[*LOCAL_BACKENDS, "modal"])
 def backend(request: pytest.FixtureRequest) -> str:
-    """Each local backend in turn; tests using it must give the same frame on all of them."""
+    """Each backend in turn (Modal against the local test server); all must give the same frame."""
+    if request.param == "modal":
+        request.getfixturevalue("modal_server")
     return request.param
 
 

@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 import cloudpickle
 
+from ..errors import WorkerCrashed
 from ..options import MapOptions
 from . import _worker
 from .base import Backend, BackendFailed, Batch, BatchResult, Task
@@ -144,6 +145,12 @@ def _error_tuples(i: int, exc: BaseException) -> tuple[int, str, str, str, int, 
     return (i, type(exc).__name__, str(exc), tb, 1, exc)
 
 
+def _log_teardown(error: BaseException) -> None:
+    import logging
+
+    logging.getLogger("modal_magic").debug("Modal teardown: %s: %s", type(error).__name__, error)
+
+
 class _LoopThread:
     """A private event loop in a daemon thread, where every Modal call of a run happens."""
 
@@ -157,6 +164,10 @@ class _LoopThread:
 
     def stop(self) -> None:
         if self.thread.is_alive():
+            try:  # let Modal's async generators close on their own loop before it goes
+                self.call(self.loop.shutdown_asyncgens()).result(timeout=10)
+            except Exception as e:  # teardown only: the run's outcome is already known
+                _log_teardown(e)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)
         if not self.loop.is_running():
@@ -176,6 +187,7 @@ class ModalBackend(Backend):
         self._lost: list[BaseException] = []
         self._session: Any = None
         self._loop: _LoopThread | None = None
+        self._closed = threading.Event()  # set when the session has left app.run() (the app is stopped)
         self.inputs_sent = 0
 
     # capacity: enough inputs queued that no container waits for its next one
@@ -206,6 +218,7 @@ class ModalBackend(Backend):
             asyncio.run_coroutine_threadsafe(self._wait(ready), self._loop.loop).result()
         except BaseException:
             self._session.cancel()
+            self._closed.wait(timeout=30)
             self._loop.stop()
             raise
 
@@ -247,6 +260,7 @@ class ModalBackend(Backend):
                 self._outbox.put(BackendFailed(f"the Modal run failed: {type(e).__name__}: {e}"))
         finally:
             cloudpickle.unregister_pickle_by_value(_worker)
+            self._closed.set()
 
     def submit(self, batch: Batch) -> None:
         assert self._loop is not None and self._inputs is not None
@@ -265,7 +279,7 @@ class ModalBackend(Backend):
             pass
         if self._lost and len(self._lost) >= len(self._in_flight):
             # Every input still out is one of the lost ones: now we know which they were.
-            cause = self._lost[0]
+            cause = _lost_cause(self._lost[0])
             out.extend(BatchResult(batch, lost=cause) for batch in self._in_flight.values())
             self._in_flight.clear()
             self._lost.clear()
@@ -293,12 +307,19 @@ class ModalBackend(Backend):
             return
         if self._inputs is not None and self._session is not None and not self._session.done():
             self._loop.loop.call_soon_threadsafe(self._inputs.put_nowait, _DONE)
-            try:
-                self._session.result(timeout=30)
-            except BaseException:  # the run's outcome was already reported; this is only teardown
-                self._session.cancel()
+        if not self._closed.wait(timeout=30):  # the app didn't stop by itself: cancel it
+            self.cancel()
+            self._closed.wait(timeout=10)
         self._loop.stop()
         self._loop = None
+
+
+def _lost_cause(error: BaseException) -> BaseException:
+    """Name an input lost with its container the way the local backends do: crashed or timed out."""
+    text = f"{type(error).__name__}: {error}"
+    if "Timeout" in type(error).__name__:
+        return TimeoutError(f"the Modal container ran past its timeout ({text})")
+    return WorkerCrashed(f"the Modal container running this row was lost ({text})")
 
 
 def _setup_error(error: BaseException) -> BaseException:
