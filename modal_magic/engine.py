@@ -35,6 +35,8 @@ TARGET_BATCH_S = 0.05
 GROWTH = 8
 #: how often the engine wakes to refresh progress and notice Ctrl-C, at most
 _TICK_S = 0.2
+#: remote output lines a run keeps for ``last_run().logs``
+MAX_LOG_LINES = 5000
 
 _last: dict[str, Any] = {"result": None, "summary": None}
 
@@ -257,36 +259,38 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, errors_cal
     outcomes = _Outcomes(n)
     started = time.monotonic()
     progress = make_progress(task.options.progress, n, title=into)
+    logs: list[str] = []
     if n == 0:
-        _finish(progress, "success", outcomes, index, started, errors_call)
+        _finish(progress, "success", outcomes, index, started, errors_call, logs)
         return outcomes
     backend = create_backend(task)
     try:
         backend.start(task)
-        _drive(backend, task, args, outcomes, progress, index)
+        _drive(backend, task, args, outcomes, progress, index, logs)
     except KeyboardInterrupt:
         backend.cancel()
         for position in outcomes.unfinished():
             outcomes.fail(position, RowError.from_exception(Cancelled("the run was stopped before this row finished")))
-        _finish(progress, "aborted", outcomes, index, started, errors_call)
+        _finish(progress, "aborted", outcomes, index, started, errors_call, logs)
         raise _Stopped(outcomes) from None
     except RowFailed:
         backend.cancel()
-        _finish(progress, "aborted", outcomes, index, started, errors_call)
+        _finish(progress, "aborted", outcomes, index, started, errors_call, logs)
         raise
     except BackendFailed as failure:  # the rows still out fail with it; none is dropped
         backend.cancel()
         for position in outcomes.unfinished():
             outcomes.fail(position, RowError.from_exception(failure))
-        _finish(progress, "aborted", outcomes, index, started, errors_call)
+        _finish(progress, "aborted", outcomes, index, started, errors_call, logs)
         return outcomes
     finally:
         backend.finish()
-    _finish(progress, "failed" if outcomes.errors else "success", outcomes, index, started, errors_call)
+    _finish(progress, "failed" if outcomes.errors else "success", outcomes, index, started, errors_call, logs)
     return outcomes
 
 
-def _finish(progress: Progress, state: str, outcomes: _Outcomes, index: pd.Index, started: float, errors_call: str) -> None:
+def _finish(progress: Progress, state: str, outcomes: _Outcomes, index: pd.Index, started: float,
+            errors_call: str, logs: list[str]) -> None:
     first = sorted(outcomes.errors.items())[:5]
     summary = RunSummary(
         total=outcomes.n,
@@ -297,12 +301,14 @@ def _finish(progress: Progress, state: str, outcomes: _Outcomes, index: pd.Index
         errors_by_type=dict(Counter(e.type_name for e in outcomes.errors.values()).most_common()),
         first_failures=[(str(index[p]), str(e)) for p, e in first],
         errors_call=errors_call,
+        logs=tuple(logs),
     )
     _last["summary"] = summary
     progress.close(state, summary)  # type: ignore[arg-type]
 
 
-def _drive(backend: Backend, task: Task, args: list[Any], outcomes: _Outcomes, progress: Progress, index: pd.Index) -> None:
+def _drive(backend: Backend, task: Task, args: list[Any], outcomes: _Outcomes, progress: Progress,
+           index: pd.Index, logs: list[str]) -> None:
     opts = task.options
     n = len(args)
     single = backend.timeout_needs_single_rows and opts.timeout is not None
@@ -340,7 +346,9 @@ def _drive(backend: Backend, task: Task, args: list[Any], outcomes: _Outcomes, p
         if not in_flight:
             time.sleep(wait)  # only lost rows waiting out their backoff are left
             continue
-        for result in backend.results(wait):
+        results = backend.results(wait)
+        _relay_backend_news(backend, progress, logs)
+        for result in results:
             in_flight -= 1
             if result.lost is not None:
                 _requeue_lost(result, task, outcomes, retry_at, progress, index)
@@ -350,6 +358,17 @@ def _drive(backend: Backend, task: Task, args: list[Any], outcomes: _Outcomes, p
             progress.update(done=len(result.batch.positions) - len(failed), failed=len(failed))
             if failed:
                 _raise_if_asked(failed, task, outcomes, index)
+
+
+def _relay_backend_news(backend: Backend, progress: Progress, logs: list[str]) -> None:
+    lines = backend.drain_logs()
+    if lines:
+        logs.extend(lines)
+        del logs[:-MAX_LOG_LINES]
+        progress.log(lines)
+    containers = backend.containers()
+    if containers is not None:
+        progress.update(containers=containers)
 
 
 def _raise_if_asked(failed: list[int], task: Task, outcomes: _Outcomes, index: pd.Index) -> None:

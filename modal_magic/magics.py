@@ -443,7 +443,8 @@ _OPTION_IN_MESSAGE = re.compile(
 
 
 def load(ipython: Any) -> None:
-    """Register ``%%modal_map`` (``%load_ext modal_magic`` calls this)."""
+    """Register ``%%modal_map`` (``%load_ext modal_magic`` calls this); loading twice keeps one copy."""
+    unload(ipython)
     ipython.register_magics(ModalMagic)
 
 

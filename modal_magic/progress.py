@@ -49,6 +49,7 @@ class RunSummary:
     errors_call: str = "out.modal.errors()"
     tokens: int | None = None
     cost_usd: float | None = None
+    logs: tuple[str, ...] = ()  # output from where the rows ran (Modal's build and container logs)
 
     @property
     def rows_per_s(self) -> float:
@@ -82,6 +83,17 @@ class Progress:
         Examples
         --------
         >>> Progress().update(done=3, failed=1, containers=4)
+        """
+
+    def log(self, lines: list[str]) -> None:
+        """Output from where the rows run (Modal's image builds and container logs).
+
+        The widget keeps it collapsed under the bar; the text bar doesn't print it (a log would
+        drown in it), and ``modal_magic.last_run().logs`` keeps it either way.
+
+        Examples
+        --------
+        >>> Progress().log(["Building image im-123"])
         """
 
     def close(self, state: State, summary: RunSummary) -> None:
@@ -264,6 +276,7 @@ class WidgetProgress(_LiveProgress):
                                        layout=widgets.Layout(flex="1 1 auto", width="auto"))
         self.counts = widgets.HTML()
         self.summary = widgets.HTML(layout=widgets.Layout(display="none"))
+        self.logs: Any = None  # a collapsed panel of remote output, added when the first line comes
         self.widget = widgets.VBox([
             widgets.HBox([self.title_html, self.bar], layout=widgets.Layout(width="100%")),
             self.counts,
@@ -281,6 +294,27 @@ class WidgetProgress(_LiveProgress):
     def _draw(self, now: float, *, final: bool) -> None:
         self.bar.value = min(self.n, self.bar.max)
         self.counts.value = html.escape(self._counts_text(now, final=final))
+
+    #: lines of remote output kept in the collapsed panel
+    LOG_LINES = 500
+
+    def log(self, lines: list[str]) -> None:
+        import ipywidgets as widgets
+
+        if not lines:
+            return
+        if self.logs is None:
+            self._log_lines: list[str] = []
+            self._log_html = widgets.HTML()
+            self.logs = widgets.Accordion(children=[self._log_html], selected_index=None)
+            self.logs.add_class("modal-magic-logs")
+            self.widget.children = (*self.widget.children, self.logs)
+        self._log_lines = (self._log_lines + lines)[-self.LOG_LINES:]
+        self._log_html.value = (
+            '<pre style="max-height: 20em; overflow: auto; font-size: 0.85em; margin: 0">'
+            + html.escape("\n".join(self._log_lines)) + "</pre>"
+        )
+        self.logs.set_title(0, f"Modal output ({len(self._log_lines)} lines)")
 
     def _show_summary(self, state: State, summary: RunSummary) -> None:
         outcome = _outcome(state, summary)

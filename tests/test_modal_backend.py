@@ -156,3 +156,59 @@ def test_python_version_mismatch_is_caught_before_anything_starts(modal_server):
 def test_gpu_typo_is_caught_locally():
     with pytest.raises(OptionsError, match=r"unknown GPU type 'A10OG'"):
         pd.DataFrame({"x": [1]}).modal.map(inverse, column="x", backend="modal", gpu="A10OG")
+
+
+def slow(x):
+    time.sleep(0.3)
+    return x
+
+
+def test_interrupt_stops_the_app_and_keeps_finished_rows(modal_server):
+    import signal
+    import threading
+
+    from modal_magic import MapInterrupted
+
+    df = pd.DataFrame({"x": range(40)})
+    timer = threading.Timer(2.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(MapInterrupted) as info:
+        df.modal.map(slow, column="x", backend="modal", batch_size=1, max_containers=2, progress=False)
+    assert time.monotonic() - started - 2.5 < 2.0, "stopped within two seconds"
+    out = info.value.result
+    done = out["slow"].notna()
+    assert 1 <= done.sum() < 40
+    assert (done ^ out["slow_error"].notna()).all()
+    assert modal_server.apps_disconnected, "leaving app.run() told Modal to stop the app"
+    deadline = time.monotonic() + 5
+    while modal_server.live_worker_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert modal_server.live_worker_pids() == [], "the app's containers were stopped"
+
+
+def noisy(x):
+    print("processing row", x)
+    return x
+
+
+def test_modal_output_is_kept_out_of_the_notebook(modal_server, capfd):
+    pd.DataFrame({"x": range(5)}).modal.map(noisy, column="x", backend="modal", progress=False)
+    logs = modal_magic.last_run().logs
+    assert "processing row 3" in logs, "container output comes back with the run"
+    assert any("Created Function modal_magic_noisy" in line for line in logs), "so does Modal's own status"
+    printed = capfd.readouterr()
+    assert "Created objects" not in printed.out + printed.err
+    assert "processing row" not in printed.out
+
+
+def test_widget_shows_modal_output_collapsed():
+    from modal_magic.progress import RunSummary, WidgetProgress
+
+    bar = WidgetProgress(2, title="noisy", show=lambda widget: None)
+    bar.log(["Building image im-1", "processing <row> 1"])
+    assert bar.logs in bar.widget.children
+    assert bar.logs.selected_index is None, "collapsed until the user opens it"
+    assert bar.logs.get_title(0) == "Modal output (2 lines)"
+    assert "processing &lt;row&gt; 1" in bar.logs.children[0].value
+    bar.close("success", RunSummary(2, 2, 0, 0, 1.0))

@@ -107,6 +107,10 @@ class Backend(ABC):
         """How many containers/workers are running now, where that's worth showing; else ``None``."""
         return None
 
+    def drain_logs(self) -> list[str]:
+        """Output lines from where the rows run that arrived since the last call (Modal's logs)."""
+        return []
+
 
 def error_tuples_for(batch: Batch, exc: BaseException, attempts: int) -> list[tuple[int, str, str, str, int, Any]]:
     """Every row of ``batch`` failing the same way (a setup error that affects the whole batch)."""

@@ -151,6 +151,57 @@ def _log_teardown(error: BaseException) -> None:
     logging.getLogger("modal_magic").debug("Modal teardown: %s: %s", type(error).__name__, error)
 
 
+class _LineSink:
+    """A file for rich to write to: complete lines are kept for the progress display to fetch."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._partial = ""
+        self._lines: list[str] = []
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *done, self._partial = (self._partial + text.replace("\r\n", "\n").replace("\r", "\n")).split("\n")
+            self._lines.extend(line.rstrip() for line in done if line.strip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def drain(self) -> list[str]:
+        with self._lock:
+            lines, self._lines = self._lines, []
+        return lines
+
+
+def _capturing_output(sink: _LineSink, on_containers: Any) -> Any:
+    """Modal's own output manager, writing to ``sink`` instead of the notebook, and counting containers."""
+    from modal._output.rich import RichOutputManager
+    from modal_proto import api_pb2
+    from rich.console import Console
+
+    class CapturingOutputManager(RichOutputManager):
+        def __init__(self) -> None:
+            super().__init__()
+            self._console = Console(file=sink, width=120, force_terminal=False, force_jupyter=False,
+                                    highlight=False, color_system=None)
+            self._stderr_console = self._console
+            self._use_ansi_color = False
+
+        def function_progress_callback(self, tag: str, total: int | None) -> Any:
+            return lambda completed, total: None  # our bar shows progress; no second one in the logs
+
+        def update_task_state(self, task_id: str, state: int) -> None:
+            super().update_task_state(task_id, state)
+            running = (api_pb2.TASK_STATE_ACTIVE, api_pb2.TASK_STATE_IDLE)
+            on_containers(sum(s in running for s in self._task_states.values()))
+
+    return CapturingOutputManager()
+
+
 class _LoopThread:
     """A private event loop in a daemon thread, where every Modal call of a run happens."""
 
@@ -188,6 +239,8 @@ class ModalBackend(Backend):
         self._session: Any = None
         self._loop: _LoopThread | None = None
         self._closed = threading.Event()  # set when the session has left app.run() (the app is stopped)
+        self._sink = _LineSink()
+        self._containers: int | None = None
         self.inputs_sent = 0
 
     # capacity: enough inputs queued that no container waits for its next one
@@ -234,12 +287,24 @@ class ModalBackend(Backend):
                 return
             yield item
 
+    def containers(self) -> int | None:
+        return self._containers
+
+    def drain_logs(self) -> list[str]:
+        return self._sink.drain()
+
+    def _set_containers(self, n: int) -> None:
+        self._containers = n
+
     async def _run_session(self, task: Task, ready: asyncio.Future[None]) -> None:
         import modal
+        from modal._output.manager import OutputManager
 
         opts = task.options
         # Ship the row runner by value: the container needs no copy of modal_magic.
         cloudpickle.register_pickle_by_value(_worker)
+        previous_output = OutputManager.get()
+        OutputManager._set(_capturing_output(self._sink, self._set_containers))
         try:
             self._inputs = asyncio.Queue()
             runner = _worker.batch_runner(task.fn, task.star, opts.retries, opts.timeout, task.is_async)
@@ -259,6 +324,7 @@ class ModalBackend(Backend):
             else:
                 self._outbox.put(BackendFailed(f"the Modal run failed: {type(e).__name__}: {e}"))
         finally:
+            OutputManager._set(previous_output)
             cloudpickle.unregister_pickle_by_value(_worker)
             self._closed.set()
 
