@@ -96,21 +96,27 @@ def progress_runs(nb: Any) -> list[ProgressRun]:
         root = state.get(model_id, {}).get("state", {})
         if "modal-magic-progress" not in root.get("_dom_classes", ()):
             continue
-        header, counts, summary = (_child(state, ref) for ref in root["children"])
-        title, bar = (_child(state, ref) for ref in header["children"])
+        parts = _parts_by_class(state, root)
         runs.append(ProgressRun(
-            title=html.unescape(title["value"]),
-            value=bar["value"],
-            total=bar["max"],
-            bar_style=bar["bar_style"],
-            counts=html.unescape(counts["value"]),
-            summary=_summary_line(summary["value"]),
+            title=html.unescape(parts["modal-magic-title"]["value"]),
+            value=parts["modal-magic-bar"]["value"],
+            total=parts["modal-magic-bar"]["max"],
+            bar_style=parts["modal-magic-bar"]["bar_style"],
+            counts=html.unescape(parts["modal-magic-counts"]["value"]),
+            summary=_summary_line(parts["modal-magic-summary"]["value"]),
         ))
     return runs
 
 
-def _child(state: dict[str, Any], ref: str) -> dict[str, Any]:
-    return state[ref.removeprefix("IPY_MODEL_")]["state"]
+def _parts_by_class(state: dict[str, Any], root: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The widgets under ``root`` (any depth), by their ``modal-magic-*`` CSS class."""
+    parts: dict[str, dict[str, Any]] = {}
+    pending = list(root.get("children", ()))
+    while pending:
+        model = state.get(pending.pop().removeprefix("IPY_MODEL_"), {}).get("state", {})
+        parts.update((css, model) for css in model.get("_dom_classes", ()) if css.startswith("modal-magic-"))
+        pending += model.get("children", ())
+    return parts
 
 
 def _summary_line(value: str) -> str:

@@ -314,7 +314,7 @@ def _drive(backend: Backend, task: Task, args: list[Any], outcomes: _Outcomes, p
     single = backend.timeout_needs_single_rows and opts.timeout is not None
     sizer = BatchSizer(
         n,
-        backend.capacity,
+        backend.parallelism,
         opts.batch_size or (1 if single else None),
         target_s=backend.target_batch_s,
         initial=backend.initial_batch_rows(n),

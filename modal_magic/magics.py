@@ -216,15 +216,16 @@ class ModalMagic(Magics):
         frame = _resolve_frame(user_ns, args)
         options = self._options(args)
         fn = self._define_function(cell, args.fn)
+        into = args.into if args.into is not None else default_into(fn)
         try:
-            out = map_frame(frame, fn, columns=list(args.columns), star=args.star, into=args.into,
+            out = map_frame(frame, fn, columns=list(args.columns), star=args.star, into=into,
                             options=options, errors_call=args.errors_call)
         except (OptionsError, FunctionError) as error:
             raise UsageError(_in_flag_words(str(error))) from None
         except MapInterrupted as stopped:  # Stop pressed: keep what finished, then say it stopped
-            _bind(user_ns, args, frame, stopped.result, into=args.into or default_into(fn), options=options)
+            _bind(user_ns, args, frame, stopped.result, into=into, options=options)
             raise
-        _bind(user_ns, args, frame, out, into=args.into or default_into(fn), options=options)
+        _bind(user_ns, args, frame, out, into=into, options=options)
 
     def _options(self, args: CellArgs) -> MapOptions:
         values = {**self.option_defaults(), **args.options}

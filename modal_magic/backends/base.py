@@ -71,6 +71,11 @@ class Backend(ABC):
     #: how long one batch should compute: long enough to amortise the backend's per-batch overhead
     target_batch_s: float = 0.05
 
+    @property
+    def parallelism(self) -> int:
+        """How many batches actually compute at once (``capacity`` may queue more to hide latency)."""
+        return self.capacity
+
     def initial_batch_rows(self, n: int) -> int:
         """Rows in the first batches, before any time per row has been measured."""
         return 1

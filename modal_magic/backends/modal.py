@@ -37,6 +37,8 @@ from .base import Backend, BackendFailed, Batch, BatchResult, Task
 PAYLOAD_TARGET_BYTES = 1 << 20
 #: remote inputs should compute long enough to hide Modal's per-input overhead
 TARGET_BATCH_S = 1.0
+#: containers to plan batches for when max_containers isn't set (Modal scales further on its own)
+DEFAULT_CONTAINERS = 32
 _DONE = object()
 
 
@@ -246,7 +248,11 @@ class ModalBackend(Backend):
     # capacity: enough inputs queued that no container waits for its next one
     @property
     def capacity(self) -> int:
-        return 2 * (self._options.max_containers or 32)
+        return 2 * self.parallelism
+
+    @property
+    def parallelism(self) -> int:
+        return self._options.max_containers or DEFAULT_CONTAINERS
 
     def max_batch_rows(self, args: list[Any]) -> int | None:
         sample = args[:: max(1, len(args) // 64)][:64]
@@ -256,7 +262,7 @@ class ModalBackend(Backend):
         return max(1, PAYLOAD_TARGET_BYTES // per_row)
 
     def initial_batch_rows(self, n: int) -> int:
-        return max(1, math.ceil(n / (self.capacity * 4)))
+        return max(1, math.ceil(n / (self.parallelism * 4)))
 
     def start(self, task: Task) -> None:
         self._options = opts = task.options
