@@ -311,6 +311,8 @@ def _drive(backend: Backend, task: Task, args: list[Any], outcomes: _Outcomes, p
            index: pd.Index, logs: list[str]) -> None:
     opts = task.options
     n = len(args)
+    # A function may carry a meter (``.tokens``, ``.cost_usd``) that the bar shows as it runs.
+    meter = getattr(task.fn, "modal_magic_meter", None)
     single = backend.timeout_needs_single_rows and opts.timeout is not None
     sizer = BatchSizer(
         n,
@@ -347,7 +349,7 @@ def _drive(backend: Backend, task: Task, args: list[Any], outcomes: _Outcomes, p
             time.sleep(wait)  # only lost rows waiting out their backoff are left
             continue
         results = backend.results(wait)
-        _relay_backend_news(backend, progress, logs)
+        _relay_backend_news(backend, progress, logs, meter)
         for result in results:
             in_flight -= 1
             if result.lost is not None:
@@ -360,7 +362,9 @@ def _drive(backend: Backend, task: Task, args: list[Any], outcomes: _Outcomes, p
                 _raise_if_asked(failed, task, outcomes, index)
 
 
-def _relay_backend_news(backend: Backend, progress: Progress, logs: list[str]) -> None:
+def _relay_backend_news(backend: Backend, progress: Progress, logs: list[str], meter: Any = None) -> None:
+    if meter is not None:  # e.g. an LLM run's running token and cost totals
+        progress.update(tokens=meter.tokens, cost_usd=meter.cost_usd)
     lines = backend.drain_logs()
     if lines:
         logs.extend(lines)
