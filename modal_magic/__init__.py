@@ -14,7 +14,7 @@ from typing import Any
 
 from . import accessor as _accessor  # noqa: F401  (registers df.modal and series.modal)
 from .engine import last_result, last_run
-from .errors import Cancelled, MapInterrupted, RowError, RowFailed, UnpicklableResult, WorkerCrashed
+from .errors import Cancelled, MapInterrupted, ModalSetupError, RowError, RowFailed, UnpicklableResult, WorkerCrashed
 from .options import MapOptions, OptionsError
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "Cancelled",
     "MapInterrupted",
     "MapOptions",
+    "ModalSetupError",
     "OptionsError",
     "RowError",
     "RowFailed",

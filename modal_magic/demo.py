@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 
@@ -38,6 +39,14 @@ def main() -> int:
         f"\nSummary: {summary.total:,} rows, {summary.succeeded:,} succeeded, {summary.failed:,} failed "
         f"in {elapsed:.2f}s ({summary.total / elapsed:,.0f} rows/s)"
     )
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+    if notebook.exists():  # a source checkout: the same job as a notebook, run headless by a real kernel
+        from modal_magic._notebook import execute_notebook
+
+        print("\nRunning notebooks/quickstart.ipynb headless with a real kernel...", flush=True)
+        executed, notebook_summary = execute_notebook(notebook)
+        print(notebook_summary)
+        print(f"Executed notebook: {executed}")
     return 0
 
 

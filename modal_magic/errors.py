@@ -11,7 +11,11 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
-__all__ = ["RowError", "WorkerCrashed", "RowFailed", "MapInterrupted", "Cancelled", "UnpicklableResult"]
+__all__ = ["ModalSetupError", "RowError", "WorkerCrashed", "RowFailed", "MapInterrupted", "Cancelled", "UnpicklableResult"]
+
+
+class ModalSetupError(RuntimeError):
+    """Modal can't be used as configured (no token, server unreachable, version mismatch, missing secret)."""
 
 
 class WorkerCrashed(RuntimeError):

@@ -28,6 +28,7 @@ from IPython.core.magic_arguments import argument, argument_group, kwds, magic_a
 from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, Union, validate
 
 from . import options as _options
+from .errors import ModalSetupError
 from .checks import FunctionError, default_into
 from .engine import map_frame
 from .errors import MapInterrupted
@@ -137,7 +138,7 @@ class ModalMagic(Magics):
             return value
         try:
             # Each option alone: combinations (gpu with a local backend...) are checked at run time.
-            _options._CHECKS[name](name, value)
+            _options.check_option(name, value)
         except OptionsError as error:
             raise TraitError(f"ModalMagic.{name}: {error}") from None
         return value
@@ -220,7 +221,7 @@ class ModalMagic(Magics):
         try:
             out = map_frame(frame, fn, columns=list(args.columns), star=args.star, into=into,
                             options=options, errors_call=args.errors_call)
-        except (OptionsError, FunctionError) as error:
+        except (OptionsError, FunctionError, ModalSetupError) as error:  # caught before any row ran
             raise UsageError(_in_flag_words(str(error))) from None
         except MapInterrupted as stopped:  # Stop pressed: keep what finished, then say it stopped
             _bind(user_ns, args, frame, stopped.result, into=into, options=options)

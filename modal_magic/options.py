@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-__all__ = ["MapOptions", "OptionsError", "OPTION_NAMES", "DEFAULT_BACKEND"]
+__all__ = ["MapOptions", "OptionsError", "OPTION_NAMES", "DEFAULT_BACKEND", "check_option"]
 
 DEFAULT_BACKEND = "local"
 LOCAL_BACKENDS = ("local", "threads", "sequential")
@@ -295,6 +295,25 @@ _CHECKS = {
 
 OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MapOptions))
 assert set(OPTION_NAMES) == set(_CHECKS), "every option needs a check"
+
+
+def check_option(name: str, value: Any) -> Any:
+    """Check one option on its own (e.g. a configured default) and return its normalised value.
+
+    Combinations (``gpu`` with a local backend...) are checked when the whole options object is built.
+
+    Examples
+    --------
+    >>> check_option("pip", "requests")
+    ('requests',)
+    >>> check_option("retries", -1)
+    Traceback (most recent call last):
+    ...
+    modal_magic.options.OptionsError: retries=-1 is not valid: expected a whole number of at least 0
+    """
+    if name not in _CHECKS:
+        raise OptionsError(f"unknown option {name!r}")
+    return _CHECKS[name](name, value)
 
 
 def _check_combination(values: dict[str, Any]) -> None:

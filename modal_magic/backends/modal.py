@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 import cloudpickle
 
-from ..errors import WorkerCrashed
+from ..errors import ModalSetupError, WorkerCrashed
 from ..options import MapOptions
 from . import _worker
 from .base import Backend, BackendFailed, Batch, BatchResult, Task
@@ -40,10 +40,6 @@ TARGET_BATCH_S = 1.0
 #: containers to plan batches for when max_containers isn't set (Modal scales further on its own)
 DEFAULT_CONTAINERS = 32
 _DONE = object()
-
-
-class ModalSetupError(RuntimeError):
-    """Modal can't be used as configured (no token, server unreachable, version mismatch, missing secret)."""
 
 
 # --- preflight: fast, clear failures before anything starts ---------------------------------------------

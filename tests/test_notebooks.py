@@ -1,0 +1,223 @@
+"""Every notebook in notebooks/, executed by a real kernel (nbclient), as ``make demo`` does.
+
+Assertions are on what a user sees: the cells' outputs and the progress widgets' stored state
+(``nb.metadata.widgets``), which is what a notebook viewer renders after the kernel is gone.
+Notebooks written for Modal's cloud run with their kernel pointed at the local Modal test server.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+
+from modal_magic._notebook import WIDGET_STATE_KEY, execute_notebook, progress_runs
+from modal_magic.datasets import load_reviews
+from modal_magic.datasets.sentiment import classify_sentiment
+from tests.modal_server.server import client_env
+
+pytestmark = pytest.mark.slow
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+ALL = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb") if not p.name.endswith(".executed.ipynb"))
+#: notebooks written for Modal's cloud: here their kernel talks to the local Modal test server
+ON_MODAL = {"modal_gpu.ipynb"}
+
+
+@dataclass
+class Executed:
+    nb: Any
+    summary: str
+    functions_created: list[dict[str, Any]] = field(default_factory=list)  # what reached the Modal server
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    """Execute a notebook once per module; later calls get the same executed copy."""
+    done: dict[str, Executed] = {}
+    folder = tmp_path_factory.mktemp("executed")
+
+    def execute(name: str) -> Executed:
+        if name in done:
+            return done[name]
+        if name not in ON_MODAL:
+            executed, summary = execute_notebook(NOTEBOOKS / name, output_path=folder / name, timeout=120)
+            done[name] = Executed(nbformat.read(executed, as_version=4), summary)
+            return done[name]
+        server = request.getfixturevalue("modal_server_session")
+        server.reset()
+        # The kernel inherits this environment: its modal client finds the local server and no real config.
+        with pytest.MonkeyPatch.context() as env, tempfile.TemporaryDirectory() as config_dir:
+            for key, value in client_env(server, config_dir).items():
+                env.setenv(key, value)
+            try:
+                executed, summary = execute_notebook(NOTEBOOKS / name, output_path=folder / name, timeout=120)
+                done[name] = Executed(nbformat.read(executed, as_version=4), summary, server.functions_created)
+            finally:
+                server.reset()
+        return done[name]
+
+    return execute
+
+
+def outputs_of(nb: Any, source_start: str) -> list[Any]:
+    """The outputs of the code cell whose source starts with ``source_start`` (the first such cell)."""
+    for cell in nb.cells:
+        if cell.cell_type == "code" and cell.source.startswith(source_start):
+            return cell.outputs
+    raise AssertionError(f"no cell starts with {source_start!r}")
+
+
+def text_of(outputs: list[Any]) -> str:
+    return "\n".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in outputs)
+
+
+def counts_in(text: str) -> dict[str, int]:
+    """``{"POSITIVE": 1643, ...}`` from a printed ``value_counts()``."""
+    return {label: int(n) for label, n in re.findall(r"^([A-Z]+)\s+(\d+)$", text, re.MULTILINE)}
+
+
+def widget_states(nb: Any) -> list[dict[str, Any]]:
+    return [model["state"] for model in nb.metadata.widgets[WIDGET_STATE_KEY]["state"].values()]
+
+
+@pytest.fixture(scope="module")
+def expected_counts() -> dict[str, int]:
+    labels = []
+    for text in load_reviews()["text"]:
+        try:
+            labels.append(classify_sentiment(text))
+        except ValueError:
+            labels.append("FAILED")
+    return {label: labels.count(label) for label in set(labels)}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_notebook_runs_and_every_progress_bar_finishes(run, name):
+    executed = run(name)
+    nb, summary = executed.nb, executed.summary
+
+    errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
+    assert not errors
+    runs = progress_runs(nb)
+    assert runs, "a notebook here shows at least one modal_magic run"
+    for bar in runs:
+        assert bar.value == bar.total and bar.bar_style in ("success", "warning"), bar
+        assert bar.summary.startswith("Done")
+    assert summary.startswith(f"Executed {NOTEBOOKS / name}: ")
+
+
+def test_the_notebooks_are_where_the_tests_look():
+    assert {"quickstart.ipynb", "modal_gpu.ipynb"} <= set(ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_notebooks_are_saved_without_outputs(name):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(nb)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
+    assert "widgets" not in nb.metadata
+
+
+def test_quickstart_labels_every_review_in_place(run, expected_counts):
+    nb = run("quickstart.ipynb").nb
+
+    shown = counts_in(text_of(outputs_of(nb, "reviews.sentiment.value_counts()")))
+    assert shown == {k: v for k, v in expected_counts.items() if k != "FAILED"}
+    head = text_of(outputs_of(nb, 'reviews[["text", "stars", "sentiment", "sentiment_error"]]'))
+    assert "sentiment_error" in head and re.search(r"POSITIVE|NEGATIVE|NEUTRAL", head)
+
+
+def test_quickstart_shows_the_failed_rows_then_reruns_only_those(run, expected_counts):
+    nb = run("quickstart.ipynb").nb
+    failed = expected_counts["FAILED"]
+
+    assert text_of(outputs_of(nb, "reviews.modal.errors().head()")).count("ValueError: empty review") == min(failed, 5)
+    assert text_of(outputs_of(nb, "failed = ")).strip() == str(failed)
+    after = counts_in(text_of(outputs_of(nb, "columns = ")))
+    assert after == {**{k: v for k, v in expected_counts.items() if k != "FAILED"}, "BLANK": failed}
+    assert text_of(outputs_of(nb, "len(reviews.modal.errors())")).strip() == "0"
+
+
+def test_quickstart_accessor_cell_scores_higher_for_more_stars(run):
+    nb = run("quickstart.ipynb").nb
+
+    text = text_of(outputs_of(nb, "def compound(text):"))
+    means = [float(m) for m in re.findall(r"^[1-5]\s+(-?\d\.\d+)$", text, re.MULTILINE)]
+    assert len(means) == 5 and means == sorted(means) and means[0] < 0 < means[-1]
+
+
+def test_quickstart_widget_state_holds_the_finished_bars(run, expected_counts):
+    executed = run("quickstart.ipynb")
+    nb, summary = executed.nb, executed.summary
+    total, failed = sum(expected_counts.values()), expected_counts["FAILED"]
+    states = widget_states(nb)
+
+    bars = sorted((s["value"], s["max"], s["bar_style"]) for s in states
+                  if s["_model_name"] == "IntProgressModel" and "modal-magic-bar" in s["_dom_classes"])
+    assert bars == sorted([
+        (total, total, "warning"),  # the magic over every review: a few are blank
+        (failed, failed, "success"),  # the re-run of the failed rows
+        (total, total, "warning"),  # the accessor cell
+    ])
+    counts = [s["value"] for s in states if "modal-magic-counts" in s.get("_dom_classes", ())]
+    assert sum(c.startswith(f"{total:,}/{total:,} rows | {total - failed:,} done, {failed} failed, 0 cached")
+               for c in counts) == 2
+    summaries = [s["value"] for s in states if "modal-magic-summary" in s.get("_dom_classes", ())]
+    assert any(f"{total - failed:,} succeeded, {failed} failed ({failed} ValueError)" in s
+               and "reviews.modal.errors()" in s for s in summaries)  # where the magic's user finds them
+
+
+def test_quickstart_runs_are_reported_in_the_order_the_cells_ran(run, expected_counts):
+    executed = run("quickstart.ipynb")
+    nb, summary = executed.nb, executed.summary
+    total, failed = sum(expected_counts.values()), expected_counts["FAILED"]
+
+    runs = progress_runs(nb)
+    assert [(r.title, r.value, r.total, r.bar_style) for r in runs] == [
+        ("sentiment", total, total, "warning"),
+        ("sentiment", failed, failed, "success"),
+        ("compound", total, total, "warning"),
+    ]
+    assert runs[0].summary.startswith(f"Done with failures: {total:,} rows in ")
+    assert summary.splitlines()[1].startswith(f"  sentiment: Done with failures: {total:,} rows in ")
+    assert summary.splitlines()[2].startswith(f"  sentiment: Done: {failed} rows in ")
+
+
+# --- modal_gpu.ipynb, its kernel pointed at the local Modal test server ---------------------------
+
+
+def test_modal_gpu_labels_every_review_on_modal(run, expected_counts):
+    nb = run("modal_gpu.ipynb").nb
+    labels = {k: v for k, v in expected_counts.items() if k != "FAILED"}
+
+    assert counts_in(text_of(outputs_of(nb, "reviews.sentiment.value_counts()"))) == labels
+    assert "ValueError: empty review" in text_of(outputs_of(nb, "reviews.modal.errors().head()"))
+    assert text_of(outputs_of(nb, "on_image.label.equals(on_image.sentiment)")).strip() == "True"
+    assert counts_in(text_of(outputs_of(nb, "retried.sentiment.value_counts()"))) == {
+        "BLANK": expected_counts["FAILED"]}
+    runs = progress_runs(nb)
+    assert [(r.title, r.value, r.bar_style) for r in runs] == [
+        ("sentiment", 3000, "warning"), ("label", 3000, "warning"), ("sentiment", expected_counts["FAILED"], "success")]
+
+
+def test_modal_gpu_flags_and_config_reach_modal(run):
+    first, with_image, by_config = run("modal_gpu.ipynb").functions_created
+
+    assert first["serialized"] and first["short_name"].endswith("classify")
+    assert [(g["type"], g["count"]) for g in first["gpus"]] == [("T4", 1)]
+    assert "vaderSentiment==3.3.2" in first["pip_packages"]
+    assert (first["max_containers"], first["retries"]) == (4, 2)
+    assert with_image["short_name"].endswith("classify_on_image")
+    assert [g["type"] for g in with_image["gpus"]] == ["T4", "L4"]  # fallbacks, in order
+    assert "vaderSentiment==3.3.2" in with_image["pip_packages"]
+    # %config ModalMagic.backend/pip/max_containers made the defaults of the last cell
+    assert by_config["short_name"].endswith("classify_or_blank")
+    assert (by_config["gpus"], by_config["max_containers"]) == ([], 8)
+    assert "vaderSentiment==3.3.2" in by_config["pip_packages"]
