@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(PY) -m modal_magic.demo
 
 test: $(STAMP)
+	bash tests/browser/setup.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -197,7 +197,9 @@ class _LiveProgress(Progress):
         if self._closed:
             return
         self._closed = True
-        self._draw(self._clock(), final=True)
+        now = self._clock()
+        self._start = now - summary.elapsed_s  # the final line and the summary tell the same time
+        self._draw(now, final=True)
         self._show_summary(state, summary)
 
     def _counts_text(self, now: float, *, final: bool = False) -> str:
@@ -549,7 +551,7 @@ def _summary_html(outcome: State, summary: RunSummary) -> str:
             cell = 'style="padding: 0 1em 0 0; text-align: left; vertical-align: top"'
             rows = "".join(f"<tr><td {cell}>{html.escape(label)}</td>"
                            f"<td {cell}>{html.escape(error)}</td></tr>" for label, error in shown)
-            parts.append(f'<table class="modal-magic-failures" style="font-size: smaller">'
+            parts.append(f'<table class="modal-magic-failures" style="font-size: smaller; line-height: 1.3">'
                          f"<thead><tr><th {cell}>index</th><th {cell}>error</th></tr></thead>"
                          f"<tbody>{rows}</tbody></table>")
         parts.append(f'<div class="modal-magic-errors-call">{html.escape(lead)}'
