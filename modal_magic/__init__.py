@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import accessor as _accessor  # noqa: F401  (registers df.modal and series.modal)
+from . import cache
 from .engine import last_result, last_run
 from .errors import Cancelled, MapInterrupted, ModalSetupError, RowError, RowFailed, UnpicklableResult, WorkerCrashed
 from .options import MapOptions, OptionsError
@@ -29,6 +30,7 @@ __all__ = [
     "RowFailed",
     "UnpicklableResult",
     "WorkerCrashed",
+    "cache",
     "last_result",
     "last_run",
     "load_ipython_extension",

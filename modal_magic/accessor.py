@@ -6,11 +6,11 @@ validates its options and makes one call into :func:`modal_magic.engine.map_fram
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
-from .engine import map_frame
+from .engine import map_frame, retry_failed
 from .errors import RowError
 from .options import MapOptions
 
@@ -136,6 +136,91 @@ class ModalFrameAccessor:
             raise TypeError("starmap() needs columns=[...]: a list of column names, one per argument")
         opts = MapOptions.create(**options)
         return map_frame(self._frame, fn, columns=list(columns), star=True, into=into, options=opts)
+
+    def llm(
+        self,
+        template: str,
+        *,
+        into: str = "answer",
+        model: str = "gpt-4o-mini",
+        system: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        schema: Any = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        budget_usd: float | None = None,
+        prices: Mapping[str, Any] | None = None,
+        max_retries: int = 5,
+        **options: Any,
+    ) -> pd.DataFrame:
+        """Fill ``template``'s ``{column}`` fields from each row, ask a chat model, add the answers as columns.
+
+        Works with any OpenAI-compatible endpoint, through the ``openai`` client. The new columns:
+        ``<into>`` (the answer, stripped of surrounding whitespace; with ``schema=``, one column per
+        field instead), ``<into>_tokens_in``, ``<into>_tokens_out``, ``<into>_cost_usd`` (from
+        :data:`modal_magic.llm.PRICES`; missing for a model without a price) and ``<into>_error``.
+        The progress bar shows the tokens and dollars spent so far.
+
+        Parameters
+        ----------
+        template
+            The prompt; ``{text}`` is replaced by the row's ``text`` value. A column the frame lacks is
+            an error before any request; a row where a used column is empty fails without a request.
+        into
+            The answer column's name (default ``"answer"``), and the prefix of the other columns.
+        model, system, temperature, max_tokens
+            Passed to the chat completions request (``max_tokens`` goes as ``max_completion_tokens``
+            to the o-series and gpt-5 models).
+        schema
+            A pydantic model class (strict structured output) or a JSON schema dict: the answer must
+            be JSON that validates, else the row fails (and is retried with ``retries=``).
+        base_url, api_key
+            The endpoint (default ``OPENAI_BASE_URL``, else OpenAI) and key (default
+            ``OPENAI_API_KEY``, else a ``.env`` file). With ``backend="modal"`` the key comes from a
+            Modal secret: ``secrets=["openai-secret"]``.
+        rpm, tpm
+            Requests and tokens per minute across every request in flight (on Modal, each container
+            gets ``1 / max_containers`` of them).
+        budget_usd
+            Send no request that would take the run past this many dollars; rows not sent fail
+            with ``BudgetExceeded`` and the rows answered are kept (and cached).
+        prices
+            ``{model: (input, output)}`` in USD per million tokens, over the built-in table.
+        max_retries
+            Retries of one request on 429, 5xx, timeouts and connection errors, waiting as long as
+            ``Retry-After`` says (else 0.5 s, 1 s, 2 s...).
+        **options
+            As for :meth:`map`; ``max_containers`` is the number of requests in flight (default 64
+            locally), ``retries`` re-runs a failed row (e.g. an answer that failed the schema).
+
+        Examples
+        --------
+        >>> out = reviews.modal.llm("Classify this review as POSITIVE, NEGATIVE or NEUTRAL: {text}",
+        ...                         into="label", max_tokens=10)                       # doctest: +SKIP
+        >>> out[["text", "label", "label_tokens_in", "label_cost_usd"]]              # doctest: +SKIP
+        """
+        from .llm import llm_frame
+
+        opts = MapOptions.create(**options)
+        return llm_frame(self._frame, template, into=into, model=model, system=system, temperature=temperature,
+                         max_tokens=max_tokens, schema=schema, base_url=base_url, api_key=api_key, rpm=rpm,
+                         tpm=tpm, budget_usd=budget_usd, prices=prices, max_retries=max_retries, options=opts)
+
+    def retry_failed(self, into: str | None = None, **options: Any) -> pd.DataFrame:
+        """Run again only the rows that failed, with new options if given; return the completed frame.
+
+        Works on the frame a map returned. ``options`` override the original run's, e.g.
+        ``retries=3`` or a bigger ``gpu``; ``into`` picks one result column when there are several.
+
+        Examples
+        --------
+        >>> out = df.modal.map(fetch, column="url")          # doctest: +SKIP
+        >>> out = out.modal.retry_failed(retries=3)           # doctest: +SKIP
+        """
+        return retry_failed(self._frame, into, **options)
 
     def errors(self) -> pd.DataFrame:
         """The failed rows: error text, type, message, traceback, attempts and the exception itself.

@@ -10,9 +10,13 @@ progress is fed through :mod:`modal_magic.progress`.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
+import sqlite3
 import time
+import uuid
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -27,7 +31,7 @@ from .errors import Cancelled, MapInterrupted, RowError, RowFailed
 from .options import MapOptions, OptionsError
 from .progress import Progress, RunSummary, make_progress
 
-__all__ = ["map_frame", "last_result", "last_run"]
+__all__ = ["map_frame", "retry_failed", "rerun_failed", "RunSpec", "last_result", "last_run"]
 
 #: how long a batch should compute for: long enough to amortise a round trip, short enough to balance
 TARGET_BATCH_S = 0.05
@@ -107,6 +111,7 @@ class _Outcomes:
     values: list[Any] = field(init=False)
     errors: dict[int, RowError] = field(default_factory=dict)
     finished: int = 0
+    cached: int = 0
 
     def __post_init__(self) -> None:
         self.values = [None] * self.n
@@ -129,6 +134,14 @@ class _Outcomes:
             failed.append(position)
         self.finished += len(positions)
         return failed
+
+    def file_cached(self, hits: dict[int, Any]) -> None:
+        """Rows whose results came from the cache."""
+        for position, value in hits.items():
+            self.values[position] = value
+            self._done[position] = 1
+        self.finished += len(hits)
+        self.cached += len(hits)
 
     def fail(self, position: int, error: RowError) -> None:
         self.values[position] = None
@@ -212,20 +225,107 @@ def map_frame(
         check_picklable(fn, where="worker processes")
 
     args = _arguments(frame, columns, star)
+    stored = _RowStore.open(task, args) if options.cache is not False and not deployed else None
+    spec = RunSpec(fn=fn, columns=tuple(columns), star=star, options=options, error_column=error_column)
     try:
-        outcomes = _execute(task, args, frame.index, into, errors_call)
+        outcomes = _execute(task, args, frame.index, into, errors_call, stored)
     except _Stopped as stopped:
         done = stopped.outcomes.n - sum(e.type_name == "Cancelled" for e in stopped.outcomes.errors.values())
-        out = _join(frame, stopped.outcomes, into, error_column, options)
+        out = _join(frame, stopped.outcomes, into, spec)
         raise MapInterrupted(
             f"stopped after {done} of {stopped.outcomes.n} rows; the finished rows are kept in "
             "modal_magic.last_result() (the rest have a Cancelled error)",
             out,
         ) from None
-    return _join(frame, outcomes, into, error_column, options)
+    return _join(frame, outcomes, into, spec)
 
 
-def _join(frame: pd.DataFrame, outcomes: _Outcomes, into: str, error_column: str, options: MapOptions) -> pd.DataFrame:
+@dataclass(frozen=True)
+class RunSpec:
+    """How a result column was made, kept on the result frame so failed rows can be run again."""
+
+    fn: Callable[..., Any] | None
+    columns: tuple[Any, ...]
+    star: bool
+    options: MapOptions
+    error_column: str
+    result_columns: tuple[str, ...] = ()
+
+    #: the key under ``DataFrame.attrs`` holding ``{into: run id}``: plain strings, so a frame still
+    #: pickles, deep-copies and writes to Parquet (which stores attrs as JSON) like any other
+    ATTRS_KEY = "modal_magic_runs"
+
+
+_RUN_SPECS: dict[str, RunSpec] = {}
+
+
+def _run_spec(run_id: Any) -> RunSpec | None:
+    return _RUN_SPECS.get(run_id) if isinstance(run_id, str) else None
+
+
+class _RowStore:
+    """The per-row cache as one run uses it: keys for its rows, hits up front, successes as they arrive."""
+
+    def __init__(self, cache: Any, keys: list[bytes | None], refresh: bool) -> None:
+        self.cache = cache
+        self.keys = keys
+        self.refresh = refresh
+        self.problems: list[tuple[bytes, str]] = []
+
+    @classmethod
+    def open(cls, task: Task, args: list[Any]) -> _RowStore | None:
+        from .cache import default_cache, function_fingerprint
+
+        try:
+            cache = default_cache()
+        except (OSError, ValueError, sqlite3.Error) as e:
+            warnings.warn(f"the result cache can't be opened ({e}); this run is not cached", stacklevel=4)
+            return None
+        fingerprint = function_fingerprint(task.fn, star=task.star, result_options=result_options(task.options))
+        return cls(cache, cache.row_keys(fingerprint, args, star=task.star), task.options.cache == "refresh")
+
+    def hits(self) -> dict[int, Any]:
+        return {} if self.refresh else self.cache.get_many(self.keys)
+
+    def save(self, positions: Sequence[int], values: list[Any], failed: list[int]) -> None:
+        skip = set(failed)
+        items = [(self.keys[p], v) for p, v in zip(positions, values) if p not in skip]
+        if items:
+            self.problems.extend(self.cache.put_many(items))
+
+    def report(self) -> None:
+        if self.problems:
+            warnings.warn(
+                f"{len(self.problems)} result(s) were not cached ({self.problems[0][1]}); "
+                "they are in the returned frame but will be computed again on the next run",
+                stacklevel=4,
+            )
+
+
+def result_options(options: MapOptions) -> dict[str, Any]:
+    """The options that can change a row's result, for the cache key; speed-only options stay out.
+
+    Runs on this machine share results whatever the local backend; a Modal run is keyed by its
+    image and environment, since packages and hardware there may differ.
+    """
+    if not options.is_modal:
+        return {"where": "local"}
+    image = options.image
+    return {
+        "where": "modal",
+        "image": None if image is None else f"{type(image).__name__}:{getattr(image, 'object_id', None)}",
+        "pip": options.pip,
+        "apt": options.apt,
+        "python_version": options.python_version,
+        "gpu": options.gpu,
+        "env": dict(options.env),
+        "secrets": tuple(s if isinstance(s, str) else getattr(s, "object_id", repr(s)) for s in options.secrets),
+        "volumes": {k: v if isinstance(v, str) else repr(v) for k, v in options.volumes.items()},
+    }
+
+
+def _join(frame: pd.DataFrame, outcomes: _Outcomes, into: str, spec: RunSpec) -> pd.DataFrame:
+    options = spec.options
     columns: dict[str, pd.Series] = {}
     if options.expand:
         expanded = join.expand_dicts(outcomes.values, outcomes.errors)
@@ -241,8 +341,12 @@ def _join(frame: pd.DataFrame, outcomes: _Outcomes, into: str, error_column: str
             columns[key] = join.result_series(values, failed, frame.index)
     else:
         columns[into] = join.result_series(outcomes.values, set(outcomes.errors), frame.index)
-    columns[error_column] = join.error_series(outcomes.errors, outcomes.n, frame.index)
+    result_columns = tuple(columns)
+    columns[spec.error_column] = join.error_series(outcomes.errors, outcomes.n, frame.index)
     out = join.attach(frame, columns)
+    run_id = f"run-{uuid.uuid4().hex}"
+    _RUN_SPECS[run_id] = dataclasses.replace(spec, result_columns=result_columns)
+    out.attrs[RunSpec.ATTRS_KEY] = {**frame.attrs.get(RunSpec.ATTRS_KEY, {}), into: run_id}
     _last["result"] = out
     return out
 
@@ -254,19 +358,27 @@ class _Stopped(Exception):
         self.outcomes = outcomes
 
 
-def _execute(task: Task, args: list[Any], index: pd.Index, into: str, errors_call: str) -> _Outcomes:
+def _execute(task: Task, args: list[Any], index: pd.Index, into: str, errors_call: str,
+             stored: _RowStore | None) -> _Outcomes:
     n = len(args)
     outcomes = _Outcomes(n)
     started = time.monotonic()
     progress = make_progress(task.options.progress, n, title=into)
     logs: list[str] = []
-    if n == 0:
+    todo: Sequence[int] = range(n)
+    if stored is not None:
+        hits = stored.hits()
+        if hits:
+            outcomes.file_cached(hits)
+            todo = [p for p in range(n) if p not in hits]
+            progress.update(cached=len(hits))
+    if not todo:
         _finish(progress, "success", outcomes, index, started, errors_call, logs)
         return outcomes
     backend = create_backend(task)
     try:
         backend.start(task)
-        _drive(backend, task, args, outcomes, progress, index, logs)
+        _drive(backend, task, args, todo, outcomes, progress, index, logs, stored)
     except KeyboardInterrupt:
         backend.cancel()
         for position in outcomes.unfinished():
@@ -285,6 +397,8 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, errors_cal
         return outcomes
     finally:
         backend.finish()
+        if stored is not None:
+            stored.report()
     _finish(progress, "failed" if outcomes.errors else "success", outcomes, index, started, errors_call, logs)
     return outcomes
 
@@ -294,9 +408,9 @@ def _finish(progress: Progress, state: str, outcomes: _Outcomes, index: pd.Index
     first = sorted(outcomes.errors.items())[:5]
     summary = RunSummary(
         total=outcomes.n,
-        succeeded=outcomes.n - len(outcomes.errors),
+        succeeded=outcomes.n - len(outcomes.errors) - outcomes.cached,
         failed=len(outcomes.errors),
-        cached=0,
+        cached=outcomes.cached,
         elapsed_s=time.monotonic() - started,
         errors_by_type=dict(Counter(e.type_name for e in outcomes.errors.values()).most_common()),
         first_failures=[(str(index[p]), str(e)) for p, e in first],
@@ -307,10 +421,10 @@ def _finish(progress: Progress, state: str, outcomes: _Outcomes, index: pd.Index
     progress.close(state, summary)  # type: ignore[arg-type]
 
 
-def _drive(backend: Backend, task: Task, args: list[Any], outcomes: _Outcomes, progress: Progress,
-           index: pd.Index, logs: list[str]) -> None:
+def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], outcomes: _Outcomes,
+           progress: Progress, index: pd.Index, logs: list[str], stored: _RowStore | None) -> None:
     opts = task.options
-    n = len(args)
+    n = len(todo)
     # A function may carry a meter (``.tokens``, ``.cost_usd``) that the bar shows as it runs.
     meter = getattr(task.fn, "modal_magic_meter", None)
     single = backend.timeout_needs_single_rows and opts.timeout is not None
@@ -322,20 +436,23 @@ def _drive(backend: Backend, task: Task, args: list[Any], outcomes: _Outcomes, p
         initial=backend.initial_batch_rows(n),
         max_size=backend.max_batch_rows(args),
     )
-    next_position = 0
+    cursor = 0
     next_id = 0
     in_flight = 0
     retry_at: list[tuple[float, int, Batch]] = []  # lost rows waiting out their backoff
 
-    while next_position < n or in_flight or retry_at:
+    while cursor < n or in_flight or retry_at:
         while in_flight < backend.capacity:
             if retry_at and retry_at[0][0] <= time.monotonic():
                 batch = heapq.heappop(retry_at)[2]
-            elif next_position < n:
-                size = min(sizer.next_size(n - next_position), n - next_position)
-                stop = next_position + size
-                batch = Batch(0, range(next_position, stop), args[next_position:stop])
-                next_position = stop
+            elif cursor < n:
+                size = min(sizer.next_size(n - cursor), n - cursor)
+                positions = todo[cursor : cursor + size]
+                if isinstance(positions, range):
+                    batch = Batch(0, positions, args[positions.start : positions.stop])
+                else:
+                    batch = Batch(0, positions, [args[p] for p in positions])
+                cursor += size
             else:
                 break
             batch.id = next_id
@@ -357,6 +474,8 @@ def _drive(backend: Backend, task: Task, args: list[Any], outcomes: _Outcomes, p
                 continue
             sizer.observe(len(result.batch.positions), result.elapsed_s)
             failed = outcomes.file(result.batch.positions, result.values, result.errors)
+            if stored is not None:  # as they arrive: a crash or Stop loses at most the rows in flight
+                stored.save(result.batch.positions, result.values, failed)
             progress.update(done=len(result.batch.positions) - len(failed), failed=len(failed))
             if failed:
                 _raise_if_asked(failed, task, outcomes, index)
@@ -403,3 +522,89 @@ def _requeue_lost(result: BatchResult, task: Task, outcomes: _Outcomes, retry_at
         _raise_if_asked([position], task, outcomes, index)
         return
     progress.update(retrying=len(retry_at))
+
+
+def retry_failed(frame: pd.DataFrame, into: str | None = None, **overrides: Any) -> pd.DataFrame:
+    """Run again only the failed rows of a result frame; return the completed frame.
+
+    ``frame`` is what a map returned (it remembers how each result column was made); ``into``
+    picks one result column when it has several. ``overrides`` change options for the retry
+    (``retries=3``, ``gpu="A100"``, ``timeout=...``). Rows that succeeded are kept as they are.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> import modal_magic
+    >>> flaky = {"calls": 0}
+    >>> def f(x):
+    ...     flaky["calls"] += 1
+    ...     if x == 2 and flaky["calls"] < 4:
+    ...         raise ConnectionError("try again")
+    ...     return x * 10
+    >>> out = pd.DataFrame({"x": [1, 2, 3]}).modal.map(f, column="x", backend="sequential", progress=False)
+    >>> out["f_error"].tolist()
+    [None, 'ConnectionError: try again', None]
+    >>> out.modal.retry_failed(progress=False)["f"].tolist()
+    [10, 20, 30]
+    """
+    runs: dict[str, str] = frame.attrs.get(RunSpec.ATTRS_KEY, {})
+    if not runs:
+        raise ValueError(
+            "this DataFrame doesn't say how its results were made: call retry_failed() on the frame "
+            "that df.modal.map(...) returned (or one derived from it)"
+        )
+    if into is not None and into not in runs:
+        raise KeyError(f"no result column {into!r} to retry; this frame has: {', '.join(map(repr, runs))}")
+    out = frame
+    for name in [into] if into is not None else list(runs):
+        spec = _run_spec(runs[name])
+        if spec is None:
+            raise ValueError(
+                f"the run that made {name!r} happened in another Python process (the frame was saved and "
+                "loaded), so its function isn't here: run the map again; its cache skips the finished rows"
+            )
+        out = rerun_failed(out, name, spec, overrides)
+    return out
+
+
+def rerun_failed(frame: pd.DataFrame, into: str, spec: RunSpec, overrides: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Run ``spec`` again on the rows of ``frame`` whose ``spec.error_column`` holds an error.
+
+    :func:`retry_failed` finds the spec the frame recorded; the ``%%modal_map --retry-failed``
+    magic builds one from its cell instead (so an edited function is used).
+    """
+    overrides = overrides or {}
+    if spec.error_column not in frame.columns:
+        raise KeyError(f"the error column {spec.error_column!r} is gone from this frame, so its failed rows can't be found")
+    errors = frame[spec.error_column]
+    failed = [i for i, e in enumerate(errors.tolist()) if isinstance(e, RowError)]
+    if not failed:
+        _last["result"] = frame
+        return frame
+    options = spec.options.replace(**{"sample": None, **overrides, "overwrite": True})
+    subset = frame.iloc[failed]
+    redo = map_frame(subset, spec.fn, columns=list(spec.columns), star=spec.star, into=into, options=options,
+                     errors_call="out.modal.errors()")
+    columns: dict[str, pd.Series] = {}
+    new_errors = redo[spec.error_column].tolist()
+    merged_errors = errors.tolist()
+    for j, position in enumerate(failed):
+        merged_errors[position] = new_errors[j]
+    still_failed = {i for i, e in enumerate(merged_errors) if isinstance(e, RowError)}
+    for name in dict.fromkeys((*spec.result_columns, *runs_columns(redo, into))):
+        values = frame[name].astype(object).tolist() if name in frame.columns else [None] * len(frame)
+        fresh = redo[name].astype(object).tolist()
+        for j, position in enumerate(failed):
+            values[position] = fresh[j]
+        values = [None if i in still_failed else v for i, v in enumerate(values)]
+        columns[name] = join.result_series(values, still_failed, frame.index)
+    columns[spec.error_column] = pd.Series(merged_errors, index=frame.index, dtype=object)
+    out = join.attach(frame, columns)
+    _last["result"] = out
+    return out
+
+
+def runs_columns(frame: pd.DataFrame, into: str) -> tuple[str, ...]:
+    """The result columns the run that made ``into`` wrote on ``frame``."""
+    spec = _run_spec(frame.attrs.get(RunSpec.ATTRS_KEY, {}).get(into))
+    return spec.result_columns if spec is not None else ()

@@ -30,7 +30,7 @@ from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, U
 from . import options as _options
 from .errors import ModalSetupError
 from .checks import FunctionError, default_into
-from .engine import map_frame
+from .engine import RunSpec, map_frame, rerun_failed, runs_columns
 from .errors import MapInterrupted
 from .options import DEFAULT_BACKEND, OPTION_NAMES, MapOptions, OptionsError
 
@@ -90,6 +90,7 @@ class CellArgs:
     into: str | None = None  # the result column's name (default: the function's name)
     output: str | None = None  # -o NAME: bind a new DataFrame to NAME and leave the frame as it is
     fn: str | None = None  # --fn NAME: the function to map (default: the cell's last top-level def)
+    retry_failed: bool = False  # --retry-failed: run only DF's failed rows for INTO
     options: Mapping[str, Any] = field(default_factory=dict)  # only the option flags given on the line
 
     def __post_init__(self) -> None:
@@ -158,6 +159,9 @@ class ModalMagic(Magics):
     @argument("-o", "--output", metavar="NAME",
               help="Bind the result to a new DataFrame NAME and leave DF unchanged.")
     @argument("--fn", metavar="NAME", help="The function to map (default: the last top-level def in the cell).")
+    @argument("--retry-failed", action="store_true",
+              help="Run only the rows of DF whose INTO_error holds an error (with this cell's function "
+                   "and flags, e.g. more --retries), and fill their results in.")
     @argument_group("Where rows run")
     @argument("--backend", help=_flag_help("backend"))
     @argument("--gpu", nargs="+", action="extend", metavar="GPU", help=_flag_help("gpu"))
@@ -219,14 +223,28 @@ class ModalMagic(Magics):
         fn = self._define_function(cell, args.fn)
         into = args.into if args.into is not None else default_into(fn)
         try:
-            out = map_frame(frame, fn, columns=list(args.columns), star=args.star, into=into,
-                            options=options, errors_call=args.errors_call)
+            if args.retry_failed:
+                out = self._retry_failed(frame, fn, args, into, options)
+            else:
+                out = map_frame(frame, fn, columns=list(args.columns), star=args.star, into=into,
+                                options=options, errors_call=args.errors_call)
         except (OptionsError, FunctionError, ModalSetupError) as error:  # caught before any row ran
             raise UsageError(_in_flag_words(str(error))) from None
         except MapInterrupted as stopped:  # Stop pressed: keep what finished, then say it stopped
             _bind(user_ns, args, frame, stopped.result, into=into, options=options)
             raise
         _bind(user_ns, args, frame, out, into=into, options=options)
+
+    def _retry_failed(self, frame: pd.DataFrame, fn: Callable[..., Any], args: CellArgs, into: str,
+                      options: MapOptions) -> pd.DataFrame:
+        error_column = f"{into}_error"
+        if error_column not in frame.columns:
+            raise UsageError(f"--retry-failed: {args.frame} has no column {error_column!r} yet; run the cell "
+                             f"once without --retry-failed (or name the result with --into)")
+        result_columns = runs_columns(frame, into) or (into,)
+        spec = RunSpec(fn=fn, columns=tuple(args.columns), star=args.star, options=options,
+                       error_column=error_column, result_columns=result_columns)
+        return rerun_failed(frame, into, spec)
 
     def _options(self, args: CellArgs) -> MapOptions:
         values = {**self.option_defaults(), **args.options}
@@ -309,6 +327,7 @@ def parse_line(line: str) -> CellArgs:
         into=given.get("into"),
         output=given.get("output"),
         fn=given.get("fn"),
+        retry_failed=bool(given.get("retry_failed")),
         options=options,
     )
 
@@ -387,6 +406,9 @@ def _bind(user_ns: dict[str, Any], args: CellArgs, frame: pd.DataFrame, out: pd.
         return
     for name in _result_columns(frame, out, into, options):
         frame[name] = _full_length(out[name], frame.index)
+    runs = out.attrs.get(RunSpec.ATTRS_KEY)
+    if runs:  # so DF.modal.retry_failed() knows how its columns were made
+        frame.attrs[RunSpec.ATTRS_KEY] = {**frame.attrs.get(RunSpec.ATTRS_KEY, {}), **runs}
 
 
 def _result_columns(frame: pd.DataFrame, out: pd.DataFrame, into: str, options: MapOptions) -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 
 import psutil
@@ -11,6 +12,10 @@ import pytest
 import modal_magic
 
 pytest_plugins = ["tests.modal_server.fixture"]
+
+# Nothing the suite runs may read or fill the user's real result cache (kernels and servers the
+# tests start inherit this too); each test also gets an empty cache of its own below.
+os.environ["MODAL_MAGIC_CACHE_DIR"] = tempfile.mkdtemp(prefix="modal-magic-test-cache-")
 
 LOCAL_BACKENDS = ["sequential", "local", "threads"]
 
@@ -21,6 +26,12 @@ def backend(request: pytest.FixtureRequest) -> str:
     if request.param == "modal":
         request.getfixturevalue("modal_server")
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """An empty result cache per test, so a test never sees another's results."""
+    monkeypatch.setenv("MODAL_MAGIC_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -417,3 +417,26 @@ def test_unload_removes_the_magic_and_reload_brings_it_back(loaded):
     loaded.run_line_magic("load_ext", "modal_magic")
     loaded.run_cell_magic("modal_map", "df.x --backend threads --no-progress", CLASSIFY)
     assert "classify" in loaded.user_ns["df"].columns
+
+
+def test_retry_failed_reruns_only_failed_rows_in_place(loaded):
+    ip = loaded
+    ip.user_ns["df"] = pd.DataFrame({"x": [1, 0, 2, 0]})
+    ip.run_cell_magic("modal_map", "df.x --into inv --backend threads --no-progress",
+                      "def inv(x):\n    return 10 // x\n")
+    df = ip.user_ns["df"]
+    assert df["inv_error"].notna().tolist() == [False, True, False, True]
+    ip.run_cell_magic("modal_map", "df.x --into inv --backend threads --no-progress --retry-failed",
+                      "def inv(x):\n    return 10 // x if x else -1\n")
+    assert df["inv"].tolist() == [10, -1, 5, -1]
+    assert df["inv_error"].isna().all()
+    assert str(df["inv"].dtype) in ("int64", "Int64")
+    fixed = df.modal.retry_failed()  # nothing left to retry: the same values
+    assert fixed["inv"].tolist() == [10, -1, 5, -1]
+
+
+def test_retry_failed_needs_a_previous_run(loaded):
+    ip = loaded
+    ip.user_ns["df"] = pd.DataFrame({"x": [1]})
+    with pytest.raises(UsageError, match=r"--retry-failed: df has no column 'inv_error' yet"):
+        ip.run_cell_magic("modal_map", "df.x --into inv --retry-failed", "def inv(x):\n    return x\n")

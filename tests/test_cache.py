@@ -1,0 +1,409 @@
+"""The row cache: keys, storage round trips, and that a damaged, killed or full cache is never trusted."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from modal_magic import cache as cache_module
+from modal_magic.cache import DB_NAME, CacheWarning, RowCache, row_keys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def cache(tmp_path):
+    with RowCache(tmp_path / "cache") as opened:
+        yield opened
+
+
+def stored_chunks(cache: RowCache) -> int:
+    with sqlite3.connect(cache.path) as db:
+        return db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+
+
+# --- keys --------------------------------------------------------------------------------------------
+
+
+def test_keys_are_16_bytes_deterministic_and_depend_on_the_fingerprint():
+    rows = ["a", "b", "a", 7, 2.5, None, ("t", 1), b"a"]
+    keys = row_keys("fp-1", rows)
+    assert all(isinstance(k, bytes) and len(k) == 16 for k in keys)
+    assert keys == row_keys("fp-1", list(rows))
+    assert keys[0] == keys[2] and len(set(keys)) == len(rows) - 1
+    assert set(keys).isdisjoint(row_keys("fp-2", rows))
+
+
+def test_a_row_gets_the_same_key_whatever_else_is_in_the_column():
+    alone = row_keys("fp", ["text", 5, 1.5, True, 2**70, "lone \ud800 surrogate"])
+    mixed = [row_keys("fp", [value, None, {"other": 1}, "x", 3])[0]
+             for value in ["text", 5, 1.5, True, 2**70, "lone \ud800 surrogate"]]
+    assert alone == mixed
+
+
+def test_values_of_different_types_never_share_a_key():
+    keys = row_keys("fp", [1, 1.0, True, "1", b"1", (1,), [1], np.int64(1)])
+    assert len(set(keys)) == len(keys)
+
+
+def test_starmap_rows_hash_by_argument_position():
+    keys = row_keys("fp", [("a", "b"), ("b", "a"), ("a", "b"), ("ab", ""), ("a", 1)], star=True)
+    assert keys[0] == keys[2]
+    assert len({keys[0], keys[1], keys[3], keys[4]}) == 4
+
+
+def test_equal_containers_get_equal_keys_whatever_their_identity():
+    shared = "word"
+    one = [shared, shared]
+    two = ["".join(["wo", "rd"]), "".join(["wo", "rd"])]
+    assert row_keys("fp", [one, {"k": one}]) == row_keys("fp", [two, {"k": two}])
+
+
+def test_a_row_that_cannot_be_hashed_faithfully_gets_no_key():
+    looped: list = []
+    looped.append(looped)
+    keys = row_keys("fp", ["ok", threading.Lock(), looped, lambda: 1])
+    assert keys[0] is not None
+    assert keys[1:] == [None, None, None]
+
+
+def test_keys_accept_a_series_like_a_list():
+    series = pd.Series([1, 2, 3])
+    assert row_keys("fp", series) == row_keys("fp", [1, 2, 3])
+
+
+# --- storage -----------------------------------------------------------------------------------------
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("not today")
+
+
+def test_round_trip_of_many_kinds_of_value(cache):
+    notebook = {"__name__": "__main__"}
+    exec(textwrap.dedent("""
+        class Label:
+            def __init__(self, name, score):
+                self.name, self.score = name, score
+            def __eq__(self, other):
+                return (self.name, self.score) == (other.name, other.score)
+    """), notebook)
+    values = [1, None, {"label": "pos", "scores": [0.1, 0.9]}, math.nan, "text", (1, "a"),
+              np.arange(6, dtype=np.float32).reshape(2, 3), pd.Timestamp("2024-05-01 12:00", tz="UTC"),
+              notebook["Label"]("pos", 0.75), lambda x: x + 1]
+    keys = cache.row_keys("round-trip", list(range(len(values))))
+    assert cache.put_many(list(zip(keys, values))) == []
+    # a fresh connection, as after a kernel restart
+    cache.close()
+    got = RowCache(cache.directory).get_many(keys)
+    assert sorted(got) == list(range(len(values)))
+    assert got[0] == 1 and got[1] is None and got[2] == values[2] and math.isnan(got[3])
+    assert got[4] == "text" and got[5] == (1, "a")
+    np.testing.assert_array_equal(got[6], values[6])
+    assert got[6].dtype == np.float32
+    assert got[7] == values[7] and got[7].tz is not None
+    assert got[8] == values[8] and type(got[8]).__name__ == "Label"
+    assert got[9](1) == 2
+
+
+def test_only_the_keys_asked_for_are_hits_with_duplicates_and_none(cache):
+    keys = cache.row_keys("fp", ["a", "b", "c"])
+    cache.put_many([(keys[0], "A"), (keys[2], "C")])
+    asked = [keys[2], None, keys[1], keys[0], keys[2]]
+    assert cache.get_many(asked) == {0: "C", 3: "A", 4: "C"}
+    assert cache.get_many([]) == {} and cache.get_many([None]) == {}
+
+
+def test_the_newest_value_for_a_key_wins(cache):
+    keys = cache.row_keys("fp", ["a", "b"])
+    cache.put_many([(keys[0], "old"), (keys[1], "kept")])
+    cache.put_many([(keys[0], "refreshed")])
+    assert cache.get_many(keys) == {0: "refreshed", 1: "kept"}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(puts=st.lists(st.lists(st.integers(0, 30), max_size=12), max_size=5),
+       asked=st.lists(st.one_of(st.none(), st.integers(0, 30)), max_size=40),
+       in_order=st.booleans())
+def test_get_many_returns_the_latest_put_of_every_key_asked_for(tmp_path_factory, puts, asked, in_order):
+    """Any layout of chunks (runs, scattered, overlapping refreshes) against a plain dict."""
+    with RowCache(tmp_path_factory.mktemp("prop")) as cache:
+        universe = cache.row_keys("prop", list(range(31)))
+        latest = {}
+        for version, rows in enumerate(puts):
+            cache.put_many([(universe[r], (r, version)) for r in rows])
+            latest.update({r: (r, version) for r in rows})
+        if in_order:  # the usual re-run: all rows in order, so chunks are runs of the request
+            asked = list(range(31)) + asked
+        keys = [None if r is None else universe[r] for r in asked]
+        expected = {i: latest[r] for i, r in enumerate(asked) if r is not None and r in latest}
+        assert cache.get_many(keys) == expected
+
+
+def test_unpicklable_and_oversized_values_are_reported_and_the_rest_stored(cache):
+    cache.max_entry_bytes = 10_000
+    keys = cache.row_keys("fp", [1, 2, 3, 4])
+    rejected = cache.put_many([(keys[0], "fine"), (keys[1], Unpicklable()), (keys[2], b"x" * 20_000),
+                               (keys[3], threading.Lock())])
+    reasons = dict(rejected)
+    assert set(reasons) == {keys[1], keys[2], keys[3]}
+    assert "can't be pickled" in reasons[keys[1]] and "not today" in reasons[keys[1]]
+    assert "too large" in reasons[keys[2]]
+    assert "can't be pickled" in reasons[keys[3]]
+    assert cache.get_many(keys) == {0: "fine"}
+    assert cache.put_many([(None, "no key")]) == []
+
+
+def test_a_large_put_is_split_into_chunks_that_all_come_back(cache, monkeypatch):
+    monkeypatch.setattr(cache_module, "MAX_CHUNK_BYTES", 50_000)
+    keys = cache.row_keys("fp", list(range(12)))
+    values = [os.urandom(20_000) for _ in keys]
+    assert cache.put_many(list(zip(keys, values))) == []
+    assert stored_chunks(cache) >= 5
+    assert cache.get_many(keys) == dict(enumerate(values))
+
+
+def test_input_values_never_reach_the_disk(cache):
+    secret = "sk-SECRET-INPUT-0123456789"
+    keys = cache.row_keys("fp", [secret])
+    cache.put_many([(keys[0], "result")])
+    cache.close()
+    on_disk = b"".join(p.read_bytes() for p in cache.directory.iterdir())
+    assert secret.encode() not in on_disk
+    assert b"result" in on_disk
+
+
+def _tamper(cache: RowCache, sql: str, *params) -> None:
+    with sqlite3.connect(cache.path) as db:
+        db.execute(sql, params)
+
+
+def _valid_checksum(keys_blob: bytes, value_blob: bytes) -> bytes:
+    return cache_module._checksum(keys_blob, value_blob)
+
+
+@pytest.mark.parametrize("damage", ["garbage value", "flipped byte", "wrong checksum", "other format",
+                                    "foreign pickle with a valid checksum", "truncated keys"])
+def test_a_damaged_or_foreign_chunk_is_a_miss_and_is_deleted(cache, damage):
+    keys = cache.row_keys("fp", ["a", "b"])
+    cache.put_many([(keys[0], "A"), (keys[1], "B")])
+    with sqlite3.connect(cache.path) as db:
+        keys_blob, value_blob = db.execute("SELECT keys, value FROM chunks").fetchone()
+    if damage == "garbage value":
+        _tamper(cache, "UPDATE chunks SET value = ?", b"garbage")
+    elif damage == "flipped byte":
+        flipped = bytearray(value_blob)
+        flipped[len(flipped) // 2] ^= 0xFF
+        _tamper(cache, "UPDATE chunks SET value = ?", bytes(flipped))
+    elif damage == "wrong checksum":
+        _tamper(cache, "UPDATE chunks SET checksum = ?", b"\0" * 16)
+    elif damage == "other format":
+        _tamper(cache, "UPDATE chunks SET fmt = 99")
+    elif damage == "foreign pickle with a valid checksum":
+        foreign = pickle.dumps({"not": "a list"})
+        _tamper(cache, "UPDATE chunks SET value = ?, checksum = ?", foreign, _valid_checksum(keys_blob, foreign))
+    elif damage == "truncated keys":
+        _tamper(cache, "UPDATE chunks SET keys = ?", keys_blob[:20])
+    assert cache.get_many(keys) == {}
+    assert stored_chunks(cache) == 0
+    cache.put_many([(keys[0], "A again")])  # and the cache still works
+    assert cache.get_many(keys) == {0: "A again"}
+
+
+def test_a_file_that_is_not_a_database_is_replaced_with_a_warning(tmp_path):
+    directory = tmp_path / "cache"
+    directory.mkdir()
+    (directory / DB_NAME).write_bytes(b"this is not sqlite" * 100)
+    with pytest.warns(CacheWarning, match="unreadable"):
+        cache = RowCache(directory)
+    keys = cache.row_keys("fp", [1])
+    cache.put_many([(keys[0], 1)])
+    assert cache.get_many(keys) == {0: 1}
+    cache.close()
+
+
+def test_directory_and_files_are_private_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        with RowCache(tmp_path / "deep" / "cache") as cache:
+            cache.put_many([(cache.row_keys("fp", [1])[0], 1)])
+            files = [cache.path, *(cache.path.with_name(DB_NAME + s) for s in ("-wal", "-shm"))]
+            assert stat.S_IMODE(os.stat(cache.directory).st_mode) == 0o700
+            for path in files:
+                if path.exists():
+                    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+            assert cache.path.with_name(DB_NAME + "-wal").exists()
+    finally:
+        os.umask(old)
+
+
+def test_clear_empties_the_cache_and_gives_the_space_back(cache):
+    keys = cache.row_keys("fp", list(range(1000)))
+    cache.put_many([(k, os.urandom(1000)) for k in keys])
+    full = cache.size_bytes()
+    assert full > 1_000_000
+    cache.clear()
+    assert cache.get_many(keys) == {}
+    assert cache.size_bytes() < 50_000 and os.path.getsize(cache.path) < 50_000
+
+
+def test_module_level_clear_takes_a_path(tmp_path):
+    with RowCache(tmp_path) as cache:
+        keys = cache.row_keys("fp", [1, 2])
+        cache.put_many([(keys[0], "one"), (keys[1], "two")])
+    cache_module.clear(tmp_path)
+    with RowCache(tmp_path) as cache:
+        assert cache.get_many(keys) == {}
+    cache_module.clear(tmp_path / "never-created")  # nothing to clear is fine
+    assert not (tmp_path / "never-created").exists()
+
+
+def test_the_size_limit_evicts_the_least_recently_used(tmp_path):
+    now = [1_000_000.0]
+    cache = RowCache(tmp_path, size_limit_bytes=1_000_000)
+    cache._clock = lambda: now[0]
+    chunk = {}
+    for name in "ABC":
+        chunk[name] = cache.row_keys(name, list(range(3)))
+        cache.put_many([(k, os.urandom(100_000)) for k in chunk[name]])  # ~300 kB each
+        now[0] += 100
+    now[0] += 2 * cache_module.ATIME_RESOLUTION_S
+    assert len(cache.get_many(chunk["A"])) == 3  # A is now the most recently used
+    now[0] += 1
+    chunk["D"] = cache.row_keys("D", list(range(3)))
+    cache.put_many([(k, os.urandom(100_000)) for k in chunk["D"]])
+    hits = {name: len(cache.get_many(keys)) for name, keys in chunk.items()}
+    assert hits == {"A": 3, "B": 0, "C": 0, "D": 3}
+    assert cache.size_bytes() <= 1_000_000
+    cache.close()
+
+
+def test_threads_share_one_cache(cache):
+    def work(t):
+        for b in range(20):
+            keys = cache.row_keys(f"thread-{t}", list(range(b * 50, (b + 1) * 50)))
+            assert cache.put_many([(k, (t, b, i)) for i, k in enumerate(keys)]) == []
+            assert len(cache.get_many(keys)) == 50
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for t in range(4):
+        got = cache.get_many(cache.row_keys(f"thread-{t}", list(range(1000))))
+        assert got == {i: (t, i // 50, i % 50) for i in range(1000)}
+
+
+def test_default_cache_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("MODAL_MAGIC_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_module.default_cache_dir() == tmp_path / "xdg" / "modal_magic"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_module.default_cache_dir() == tmp_path / "home" / ".cache" / "modal_magic"
+    monkeypatch.setenv("MODAL_MAGIC_CACHE_DIR", str(tmp_path / "explicit"))
+    first = cache_module.default_cache()
+    assert first.directory == tmp_path / "explicit" and cache_module.default_cache() is first
+    monkeypatch.setenv("MODAL_MAGIC_CACHE_DIR", str(tmp_path / "moved"))
+    assert cache_module.default_cache().directory == tmp_path / "moved"
+    cache_module.default_cache().close()
+
+
+WRITER = """
+import sys
+from modal_magic.cache import RowCache, row_keys
+
+cache = RowCache(sys.argv[1])
+for batch in range(40):
+    keys = row_keys(sys.argv[2], list(range(batch * 100, (batch + 1) * 100)))
+    assert cache.put_many([(k, (sys.argv[2], batch * 100 + i)) for i, k in enumerate(keys)]) == []
+    assert len(cache.get_many(keys)) == 100
+"""
+
+
+def test_two_processes_write_at_once(tmp_path):
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), name], cwd=ROOT,
+                                stderr=subprocess.PIPE, text=True) for name in ("one", "two")]
+    for writer in writers:
+        _, err = writer.communicate(timeout=120)
+        assert writer.returncode == 0, err
+    with RowCache(tmp_path) as cache:
+        for name in ("one", "two"):
+            got = cache.get_many(row_keys(name, list(range(4000))))
+            assert got == {i: (name, i) for i in range(4000)}
+
+
+CHILD = """
+import sys, time
+from modal_magic.cache import RowCache, row_keys
+
+cache = RowCache(sys.argv[1])
+for batch in range(int(sys.argv[2]), 10_000):
+    keys = row_keys("killed", list(range(batch * 200, (batch + 1) * 200)))
+    print("writing", batch, time.monotonic(), flush=True)
+    assert cache.put_many([(k, str(batch * 200 + i) * 3000) for i, k in enumerate(keys)]) == []
+    print("committed", batch, time.monotonic(), flush=True)
+"""
+
+
+def _batch_rows(cache: RowCache, batch: int) -> dict:
+    return cache.get_many(row_keys("killed", list(range(batch * 200, (batch + 1) * 200))))
+
+
+def test_a_writer_killed_mid_write_leaves_every_committed_batch(tmp_path):
+    """Three writers in turn, each SIGKILLed at a different point of a ~2.5 MB put_many."""
+    committed: list[int] = []
+    in_flight: list[int] = []
+    for fraction in (0.2, 0.5, 0.8):
+        start = committed[-1] + 2 if committed else 0  # a batch killed in flight is never rewritten
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), str(start)], cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        durations: list[float] = []
+        began = 0.0
+        try:
+            for line in child.stdout:
+                kind, batch, at = line.split()
+                if kind == "committed":
+                    committed.append(int(batch))
+                    durations.append(float(at) - began)
+                    continue
+                began = float(at)
+                if len(durations) >= 6:  # kill it part-way through this put, by the time the last ones took
+                    time.sleep(max(0.0, began + fraction * sorted(durations)[3] - time.monotonic()))
+                    os.kill(child.pid, signal.SIGKILL)
+                    in_flight.append(int(batch))
+                    break
+        finally:
+            child.kill()
+            child.wait(timeout=30)
+            child.stdout.close()
+        assert child.returncode == -signal.SIGKILL
+    assert len(committed) >= 18
+    with sqlite3.connect(tmp_path / DB_NAME) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean reopen: no "unreadable" warning
+        cache = RowCache(tmp_path)
+    for batch in committed:
+        assert _batch_rows(cache, batch) == {i: str(batch * 200 + i) * 3000 for i in range(200)}, batch
+    for batch in in_flight:
+        assert len(_batch_rows(cache, batch)) in (0, 200)  # all or nothing
+    cache.close()

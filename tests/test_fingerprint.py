@@ -1,0 +1,277 @@
+"""Function fingerprints: what a user edits invalidates the cache; re-running an unchanged cell doesn't."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import itertools
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from modal_magic import fingerprint
+from modal_magic.cache import function_fingerprint
+
+_cells = itertools.count(1)
+
+
+def cell(source: str, namespace: dict | None = None) -> dict:
+    """Run ``source`` the way a notebook cell runs: in ``__main__``, under a fresh cell file name."""
+    namespace = namespace if namespace is not None else {"__name__": "__main__"}
+    code = compile(textwrap.dedent(source), f"<ipython-input-{next(_cells)}-0a1b2c3d>", "exec")
+    exec(code, namespace)
+    return namespace
+
+
+def fp(fn, **options) -> str:
+    return function_fingerprint(fn, star=False, result_options=options)
+
+
+SCORE = """
+THRESHOLD = 0.5
+
+def score(text):
+    return len(text) > THRESHOLD
+"""
+
+
+def test_identical_redefinition_in_a_new_cell_keeps_the_fingerprint():
+    first = cell(SCORE)["score"]
+    moved = cell("\n\n\n# a comment above\n" + SCORE)["score"]  # other lines, other file name
+    assert first is not moved
+    assert fp(first) == fp(moved)
+
+
+def test_editing_the_code_changes_it():
+    assert fp(cell(SCORE)["score"]) != fp(cell(SCORE.replace("> THRESHOLD", ">= THRESHOLD"))["score"])
+
+
+def test_editing_a_global_it_reads_changes_it_and_an_unrelated_one_does_not():
+    namespace = cell(SCORE + "\nUNRELATED = 1\n")
+    before = fp(namespace["score"])
+    namespace["UNRELATED"] = 2
+    assert fp(namespace["score"]) == before
+    namespace["THRESHOLD"] = 0.6
+    assert fp(namespace["score"]) != before
+
+
+def test_an_edit_deep_inside_a_large_global_table_counts():
+    source = "TABLE = {f'w{i}': i for i in range(10_000)}\nNESTED = [[i] for i in range(1_000)]\n" \
+             "def f(x):\n    return TABLE.get(x), NESTED[0]\n"
+    namespace = cell(source)
+    before = fp(namespace["f"])
+    assert fp(cell(source)["f"]) == before
+    namespace["TABLE"]["w5000"] = -1
+    assert fp(namespace["f"]) != before
+    namespace["TABLE"]["w5000"] = 5000
+    namespace["NESTED"][999][0] = -1
+    assert fp(namespace["f"]) != before
+
+
+def test_editing_a_closure_value_changes_it():
+    make = cell("""
+        def make_scorer(threshold):
+            def score(text):
+                return len(text) > threshold
+            return score
+    """)["make_scorer"]
+    assert fp(make(3)) == fp(make(3))
+    assert fp(make(3)) != fp(make(4))
+
+
+@pytest.mark.parametrize("edited", ["def f(x, k=2, *, j=2):", "def f(x, k=1, *, j=3):"])
+def test_editing_a_default_argument_changes_it(edited):
+    source = "def f(x, k=1, *, j=2):\n    return x * k + j\n"
+    assert fp(cell(source)["f"]) != fp(cell(source.replace("def f(x, k=1, *, j=2):", edited))["f"])
+
+
+def test_editing_a_helper_it_calls_changes_it():
+    source = """
+        def clean(text):
+            return text.strip()
+
+        def count(text):
+            return len(clean(text))
+    """
+    assert fp(cell(source)["count"]) == fp(cell(source)["count"])
+    assert fp(cell(source)["count"]) != fp(cell(source.replace("strip()", "lower()"))["count"])
+
+
+def test_a_helper_reached_through_a_user_module_is_followed(tmp_path, monkeypatch):
+    (tmp_path / "my_helpers.py").write_text("def clean(text):\n    return text.strip()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_helpers
+
+    fn = cell("import my_helpers\n\ndef count(text):\n    return len(my_helpers.clean(text))\n")["count"]
+    before = fp(fn)
+    (tmp_path / "my_helpers.py").write_text("def clean(text):\n    return text.lower()\n")
+    importlib.reload(my_helpers)
+    assert fp(fn) != before
+    sys.modules.pop("my_helpers")
+
+
+def test_a_lambda_and_the_same_def_share_a_fingerprint_names_do_not_count():
+    namespace = cell("""
+        as_lambda = lambda x: x + 1
+
+        def as_def(x):
+            '''Add one.'''
+            return x + 1
+
+        other = lambda x: x + 2
+    """)
+    assert fp(namespace["as_lambda"]) == fp(namespace["as_def"])
+    assert fp(namespace["as_lambda"]) != fp(namespace["other"])
+
+
+def test_partial_counts_its_function_and_arguments():
+    add = cell("def add(a, b, scale=1):\n    return (a + b) * scale\n")["add"]
+    assert fp(functools.partial(add, 1)) == fp(functools.partial(add, 1))
+    assert fp(functools.partial(add, 1)) != fp(functools.partial(add, 2))
+    assert fp(functools.partial(add, 1, scale=2)) != fp(functools.partial(add, 1, scale=3))
+    assert fp(functools.partial(add, 1)) != fp(add)
+
+
+def test_a_callable_instance_counts_its_class_code_and_its_state():
+    source = """
+        class Scorer:
+            def __init__(self, threshold):
+                self.threshold = threshold
+
+            def __call__(self, text):
+                return len(text) > self.threshold
+    """
+    scorer = cell(source)["Scorer"]
+    assert fp(scorer(3)) == fp(cell(source)["Scorer"](3))
+    assert fp(scorer(3)) != fp(scorer(4))
+    assert fp(scorer(3)) != fp(cell(source.replace("> self", ">= self"))["Scorer"](3))
+    assert fp(scorer(3).__call__) != fp(scorer(4).__call__)
+
+
+def test_an_unpicklable_global_does_not_crash_and_is_stable():
+    source = """
+        import threading
+
+        LOCK = threading.Lock()
+        PENDING = (n for n in range(3))
+
+        def f(x):
+            with LOCK:
+                return x, PENDING
+    """
+    namespace = cell(source)
+    before = fp(namespace["f"])
+    with namespace["LOCK"]:  # a held lock's repr differs; it mustn't matter
+        assert fp(namespace["f"]) == before
+    assert fp(cell(source)["f"]) == before
+
+
+def test_a_global_the_function_assigns_is_state_not_input():
+    namespace = cell("""
+        _model = None
+
+        def get_model():
+            global _model
+            if _model is None:
+                _model = {"weight": 2}
+            return _model
+
+        def predict(x):
+            return get_model()["weight"] * x
+    """)
+    before = fp(namespace["predict"])
+    namespace["predict"](1)  # builds the model on first use
+    assert namespace["_model"] == {"weight": 2}
+    assert fp(namespace["predict"]) == before
+
+
+def test_recursive_and_mutually_recursive_functions_terminate():
+    namespace = cell("""
+        def even(n):
+            return n == 0 or odd(n - 1)
+
+        def odd(n):
+            return n != 0 and even(n - 1)
+    """)
+    assert fp(namespace["even"]) != fp(namespace["odd"])
+
+
+def test_library_calls_count_by_name():
+    namespace = cell("""
+        import math
+
+        def a(x):
+            return math.sqrt(x)
+
+        def b(x):
+            return math.floor(x)
+    """)
+    assert fp(namespace["a"]) != fp(namespace["b"])
+    assert fp(len) == fp(len) and fp(len) != fp(abs)
+
+
+def test_star_and_result_options_count():
+    f = cell("def f(a, b=0):\n    return a\n")["f"]
+    base = function_fingerprint(f, star=False, result_options={"expand": False, "timeout": None})
+    assert function_fingerprint(f, star=True, result_options={"expand": False, "timeout": None}) != base
+    assert function_fingerprint(f, star=False, result_options={"expand": True, "timeout": None}) != base
+    assert function_fingerprint(f, star=False, result_options={"timeout": None, "expand": False}) == base
+
+
+def test_an_installed_module_function_is_hashed_by_code(tmp_path, monkeypatch):
+    """A function from a package under site-packages counts by code, helpers in its package too."""
+    package = tmp_path / "site" / "fp_demo_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    module = "def _clean(t):\n    return t.strip()\n\ndef classify(t):\n    return len(_clean(t))\n"
+    (package / "text.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(fingerprint, "_LIBRARY_ROOTS", (*fingerprint._LIBRARY_ROOTS, str(tmp_path / "site") + "/"))
+    fingerprint._is_library.cache_clear()
+    try:
+        from fp_demo_pkg import text
+
+        assert fingerprint._is_library("fp_demo_pkg.text")
+        before = fp(text.classify)
+        (package / "text.py").write_text(module.replace("strip", "lower"))
+        importlib.reload(text)
+        assert fp(text.classify) != before
+    finally:
+        fingerprint._is_library.cache_clear()
+        for name in ("fp_demo_pkg.text", "fp_demo_pkg"):
+            sys.modules.pop(name, None)
+
+
+def test_the_demo_classifier_has_a_stable_fingerprint_of_its_own():
+    from modal_magic.datasets.sentiment import classify_sentiment, sentiment_scores
+
+    assert fp(classify_sentiment) == fp(classify_sentiment)
+    assert fp(classify_sentiment) != fp(sentiment_scores)
+
+
+def test_the_fingerprint_is_the_same_in_another_process_whatever_its_hash_seed():
+    """Sets of strings iterate in a per-process order; a restarted kernel must still find its rows."""
+    script = textwrap.dedent("""
+        from modal_magic.cache import function_fingerprint, row_keys
+        namespace = {"__name__": "__main__"}
+        exec('''
+        import numpy as np
+        STOP = {"a", "an", "the", "of", "to"}
+        WEIGHTS = np.arange(5.0)
+        TABLE = {"x": [1, 2], "y": frozenset({"p", "q"})}
+        def f(text):
+            return sum(w not in STOP for w in text.split()) * WEIGHTS[1] + len(TABLE)
+        ''', namespace)
+        fn = namespace["f"]
+        keys = row_keys("fp", [{"b", "a", "c"}, ("x", {"k": {"z", "y"}})])
+        print(function_fingerprint(fn, star=False, result_options={"expand": False}), keys[0].hex(), keys[1].hex())
+    """)
+    outputs = set()
+    for seed in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                              env={**__import__("os").environ, "PYTHONHASHSEED": seed})
+        assert done.returncode == 0, done.stderr
+        outputs.add(done.stdout.strip())
+    assert len(outputs) == 1
