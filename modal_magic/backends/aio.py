@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import threading
 import time
 from concurrent.futures import Future
 
 from ._worker import run_rows_async
-from .base import Backend, Batch, BatchResult, Task
+from .base import Backend, Batch, BatchResult, LoopThread, Task, drain
 
 
 class AsyncBackend(Backend):
@@ -24,8 +23,7 @@ class AsyncBackend(Backend):
     name = "asyncio"
 
     def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="modal_magic-asyncio", daemon=True)
+        self._loop: LoopThread | None = None
         self._outbox: queue.SimpleQueue[BatchResult] = queue.SimpleQueue()
         self._futures: set[Future[None]] = set()
         self._task: Task | None = None
@@ -33,7 +31,7 @@ class AsyncBackend(Backend):
     def start(self, task: Task) -> None:
         self._task = task
         self._size = task.options.workers()
-        self._thread.start()
+        self._loop = LoopThread("modal_magic-asyncio")
 
     @property
     def capacity(self) -> int:
@@ -54,19 +52,13 @@ class AsyncBackend(Backend):
         self._outbox.put(BatchResult(batch, values, errors, time.perf_counter() - started))
 
     def submit(self, batch: Batch) -> None:
-        future = asyncio.run_coroutine_threadsafe(self._run(batch), self._loop)
+        assert self._loop is not None
+        future = self._loop.call(self._run(batch))
         self._futures.add(future)
         future.add_done_callback(self._futures.discard)
 
     def results(self, timeout: float | None) -> list[BatchResult]:
-        out: list[BatchResult] = []
-        try:
-            out.append(self._outbox.get(timeout=timeout))
-            while True:
-                out.append(self._outbox.get_nowait())
-        except queue.Empty:
-            pass
-        return out
+        return drain(self._outbox, timeout)
 
     def cancel(self) -> None:
         for future in list(self._futures):
@@ -74,8 +66,6 @@ class AsyncBackend(Backend):
 
     def finish(self) -> None:
         self.cancel()
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
-        if not self._loop.is_running():
-            self._loop.close()
+        if self._loop is not None:
+            self._loop.stop()
+            self._loop = None

@@ -10,9 +10,13 @@ allows, then ``results`` to collect whatever has finished.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import queue
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from ..options import MapOptions
 
@@ -120,3 +124,42 @@ class Backend(ABC):
 def error_tuples_for(batch: Batch, exc: BaseException, attempts: int) -> list[tuple[int, str, str, str, int, Any]]:
     """Every row of ``batch`` failing the same way (a setup error that affects the whole batch)."""
     return [(i, type(exc).__name__, str(exc), "", attempts, exc) for i in range(len(batch.args))]
+
+
+T = TypeVar("T")
+
+
+def drain(outbox: queue.SimpleQueue[T], timeout: float | None) -> list[T]:
+    """Wait up to ``timeout`` for one item, then take every item already there."""
+    out: list[T] = []
+    try:
+        out.append(outbox.get(timeout=timeout))
+        while True:
+            out.append(outbox.get_nowait())
+    except queue.Empty:
+        pass
+    return out
+
+
+class LoopThread:
+    """A private event loop in a daemon thread (a kernel's own loop can't be used from a run)."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Any) -> Any:
+        """Schedule ``coro`` on the loop; returns a ``concurrent.futures.Future``."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            try:  # let async generators close on their own loop before it goes
+                self.call(self.loop.shutdown_asyncgens()).result(timeout=10)
+            except Exception as e:  # teardown only: the run's outcome is already known
+                logging.getLogger("modal_magic").debug("event loop teardown: %s: %s", type(e).__name__, e)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+        if not self.loop.is_running():
+            self.loop.close()

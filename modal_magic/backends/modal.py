@@ -31,7 +31,7 @@ import cloudpickle
 from ..errors import ModalSetupError, WorkerCrashed
 from ..options import MapOptions
 from . import _worker
-from .base import Backend, BackendFailed, Batch, BatchResult, Task
+from .base import Backend, BackendFailed, Batch, BatchResult, LoopThread, Task, drain
 
 #: Modal inlines arguments up to 2 MiB; keep batches well under it so most inputs avoid a blob round trip
 PAYLOAD_TARGET_BYTES = 1 << 20
@@ -143,12 +143,6 @@ def _error_tuples(i: int, exc: BaseException) -> tuple[int, str, str, str, int, 
     return (i, type(exc).__name__, str(exc), tb, 1, exc)
 
 
-def _log_teardown(error: BaseException) -> None:
-    import logging
-
-    logging.getLogger("modal_magic").debug("Modal teardown: %s: %s", type(error).__name__, error)
-
-
 class _LineSink:
     """A file for rich to write to: complete lines are kept for the progress display to fetch."""
 
@@ -200,29 +194,6 @@ def _capturing_output(sink: _LineSink, on_containers: Any) -> Any:
     return CapturingOutputManager()
 
 
-class _LoopThread:
-    """A private event loop in a daemon thread, where every Modal call of a run happens."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="modal_magic-modal", daemon=True)
-        self.thread.start()
-
-    def call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            try:  # let Modal's async generators close on their own loop before it goes
-                self.call(self.loop.shutdown_asyncgens()).result(timeout=10)
-            except Exception as e:  # teardown only: the run's outcome is already known
-                _log_teardown(e)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=10)
-        if not self.loop.is_running():
-            self.loop.close()
-
-
 class ModalBackend(Backend):
     """An ephemeral app per run; batches stream through one ``Function.map`` with ``order_outputs=False``."""
 
@@ -235,7 +206,7 @@ class ModalBackend(Backend):
         self._in_flight: dict[int, Batch] = {}
         self._lost: list[BaseException] = []
         self._session: Any = None
-        self._loop: _LoopThread | None = None
+        self._loop: LoopThread | None = None
         self._closed = threading.Event()  # set when the session has left app.run() (the app is stopped)
         self._sink = _LineSink()
         self._containers: int | None = None
@@ -265,7 +236,7 @@ class ModalBackend(Backend):
         check_python_version(opts)
         check_credentials()
         check_reachable()
-        self._loop = _LoopThread()
+        self._loop = LoopThread("modal_magic-modal")
         self._inputs: asyncio.Queue[Any] | None = None
         ready: asyncio.Future[None] = self._loop.loop.create_future()
         self._session = self._loop.call(self._run_session(task, ready))
@@ -408,7 +379,7 @@ class DeployedBackend(Backend):
 
     def __init__(self) -> None:
         self._outbox: queue.SimpleQueue[BatchResult] = queue.SimpleQueue()
-        self._loop: _LoopThread | None = None
+        self._loop: LoopThread | None = None
         self._futures: set[Any] = set()
 
     @property
@@ -423,7 +394,7 @@ class DeployedBackend(Backend):
         app_name, _, function_name = task.options.backend.removeprefix("modal:").partition("/")
         check_credentials()
         check_reachable()
-        self._loop = _LoopThread()
+        self._loop = LoopThread("modal_magic-modal")
         self._function = modal.Function.from_name(app_name, function_name)
         try:
             self._loop.call(self._function.hydrate.aio()).result()
@@ -457,14 +428,7 @@ class DeployedBackend(Backend):
         future.add_done_callback(self._futures.discard)
 
     def results(self, timeout: float | None) -> list[BatchResult]:
-        out: list[BatchResult] = []
-        try:
-            out.append(self._outbox.get(timeout=timeout))
-            while True:
-                out.append(self._outbox.get_nowait())
-        except queue.Empty:
-            pass
-        return out
+        return drain(self._outbox, timeout)
 
     def cancel(self) -> None:
         for future in list(self._futures):

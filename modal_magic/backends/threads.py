@@ -12,7 +12,7 @@ import threading
 import time
 
 from ._worker import run_rows
-from .base import Backend, Batch, BatchResult, Task
+from .base import Backend, Batch, BatchResult, Task, drain
 
 
 class _Worker:
@@ -77,13 +77,7 @@ class ThreadBackend(Backend):
     def results(self, timeout: float | None) -> list[BatchResult]:
         limit = self._task.options.timeout if self._task else None
         wait = timeout if limit is None else min(timeout if timeout is not None else limit, 0.05)
-        out: list[BatchResult] = []
-        try:
-            out.append(self._outbox.get(timeout=wait))
-            while True:
-                out.append(self._outbox.get_nowait())
-        except queue.Empty:
-            pass
+        out = drain(self._outbox, wait)
         if limit is not None:
             out.extend(self._expire(limit))
         return out
