@@ -28,6 +28,12 @@ def segfault_on_5(x):
     return x + 1
 
 
+def oom_killed_on_4(x):
+    if x == 4:
+        os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer sends
+    return x
+
+
 def sleep_on_2(x):
     if x == 2:
         time.sleep(5)  # a thread can't be killed: the abandoned one must end before the suite does
@@ -76,6 +82,15 @@ def test_a_segfault_is_reported_as_a_crash():
     errors = out.modal.errors()
     assert errors["attempts"].tolist() == [3]  # the batch, the isolated try, one retry
     assert out["segfault_on_5"].drop(index=5).tolist() == [x + 1 for x in range(10) if x != 5]
+
+
+def test_an_oom_killed_worker_is_reported_and_replaced():
+    df = pd.DataFrame({"x": range(12)})
+    out = df.modal.map(oom_killed_on_4, column="x", backend="local", batch_size=6, progress=False)
+    assert out["oom_killed_on_4_error"].tolist()[4] == (
+        "WorkerCrashed: the worker process running this row was killed by SIGKILL"
+    )
+    assert out["oom_killed_on_4"].drop(index=4).tolist() == [x for x in range(12) if x != 4]
 
 
 @pytest.mark.parametrize("backend", ["local", "threads"])
