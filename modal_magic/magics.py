@@ -235,6 +235,13 @@ class ModalMagic(Magics):
             raise
         _bind(user_ns, args, frame, out, into=into, options=options)
 
+    @cell_magic
+    def modal_llm(self, line: str, cell: str) -> None:
+        """Send the cell (a prompt template with {column} fields) to a chat model once per row."""
+        from .llm import run_llm_cell
+
+        run_llm_cell(self, line, cell)
+
     def _retry_failed(self, frame: pd.DataFrame, fn: Callable[..., Any], args: CellArgs, into: str,
                       options: MapOptions) -> pd.DataFrame:
         error_column = f"{into}_error"
@@ -464,6 +471,15 @@ def _in_flag_words(message: str) -> str:
 _OPTION_IN_MESSAGE = re.compile(
     r"\b(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")=('[^']*'|\"[^\"]*\"|[\w.+-]*)"
 )
+
+
+def _modal_llm_help() -> None:
+    from .llm import magic_help
+
+    ModalMagic.modal_llm.__doc__ = magic_help()
+
+
+_modal_llm_help()
 
 
 def load(ipython: Any) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 import modal_magic
 
-pytest_plugins = ["tests.modal_server.fixture"]
+pytest_plugins = ["tests.modal_server.fixture", "tests.openai_server.fixture"]
 
 # Nothing the suite runs may read or fill the user's real result cache (kernels and servers the
 # tests start inherit this too); each test also gets an empty cache of its own below.

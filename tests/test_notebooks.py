@@ -20,6 +20,7 @@ from modal_magic._notebook import WIDGET_STATE_KEY, execute_notebook, progress_r
 from modal_magic.datasets import load_reviews
 from modal_magic.datasets.sentiment import classify_sentiment
 from tests.modal_server.server import client_env
+from tests.openai_server.fixture import openai_env
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +28,8 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 ALL = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb") if not p.name.endswith(".executed.ipynb"))
 #: notebooks written for Modal's cloud: here their kernel talks to the local Modal test server
 ON_MODAL = {"modal_gpu.ipynb"}
+#: notebooks written for an OpenAI-compatible endpoint: here their kernel talks to the local one
+ON_OPENAI = {"llm_classify.ipynb"}
 
 
 @dataclass
@@ -44,6 +47,15 @@ def run(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 
     def execute(name: str) -> Executed:
         if name in done:
+            return done[name]
+        if name in ON_OPENAI:
+            server = request.getfixturevalue("openai_server_session")
+            server.reset()
+            with pytest.MonkeyPatch.context() as env:
+                for key, value in openai_env(server).items():
+                    env.setenv(key, value)
+                executed, summary = execute_notebook(NOTEBOOKS / name, output_path=folder / name, timeout=120)
+            done[name] = Executed(nbformat.read(executed, as_version=4), summary)
             return done[name]
         if name not in ON_MODAL:
             executed, summary = execute_notebook(NOTEBOOKS / name, output_path=folder / name, timeout=120)

@@ -1,0 +1,597 @@
+"""``df.modal.llm`` with the real ``openai`` client against a local OpenAI-compatible server.
+
+The server (``tests/openai_server``) answers deterministically, reports usage, records when each
+request arrived, and fails, slows down or garbles chosen rows on request (markers in the prompt,
+e.g. ``[[fail=429 times=1 retry_after=0.3]]``). Rate limits are checked on those arrival times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import os
+import pickle
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Literal
+
+import cloudpickle
+import pandas as pd
+import pytest
+from pydantic import BaseModel
+
+import modal_magic
+import modal_magic._llm_row as llm_row
+from modal_magic import llm
+from modal_magic.fingerprint import function_fingerprint
+from modal_magic.options import MapOptions, OptionsError
+from tests.openai_server.fixture import TEST_KEY, openai_env
+
+CLASSIFY = "Classify this review as POSITIVE, NEGATIVE or NEUTRAL: {text}"
+REVIEWS = [
+    "This product is amazing, best purchase ever!",
+    "Terrible quality, broke after one day.",
+    "It arrived on time and works as described.",
+]
+FAST = {"progress": False}
+
+
+class Complaint(BaseModel):
+    product: str
+    complaint: str
+    severity: Literal["low", "high"]
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    times = sorted(times)
+    return max(sum(1 for u in times if t <= u < t + window) for t in times)
+
+
+def capture_row_functions(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The row functions llm_frame hands the engine, for checks on what they carry."""
+    seen: list = []
+    real = llm.map_frame
+
+    def spy(frame, fn, **kwargs):
+        seen.append(fn)
+        return real(frame, fn, **kwargs)
+
+    monkeypatch.setattr(llm, "map_frame", spy)
+    return seen
+
+
+# --- answers and columns ---------------------------------------------------------------------------
+
+
+def test_answers_tokens_and_cost_become_columns(openai_server):
+    df = pd.DataFrame({"text": REVIEWS, "stars": [5, 1, 3]}, index=["a", "b", "b"])
+    before = df.copy()
+    out = df.modal.llm(CLASSIFY, into="label", max_tokens=10, **FAST)
+
+    assert out.columns.tolist() == ["text", "stars", "label", "label_tokens_in", "label_tokens_out",
+                                    "label_cost_usd", "label_error"]
+    assert out.index.tolist() == ["a", "b", "b"]
+    assert out["label"].tolist() == ["POSITIVE", "NEGATIVE", "NEUTRAL"]
+    assert out["label_error"].isna().all()
+    records = openai_server.requests
+    assert len(records) == 3
+    by_content = {r.content: r for r in records}
+    for i, text in enumerate(REVIEWS):
+        record = by_content[CLASSIFY.format(text=text)]
+        assert out["label_tokens_in"].iloc[i] == record.tokens_in
+        assert out["label_tokens_out"].iloc[i] == record.tokens_out
+        price_in, price_out = llm.PRICES["gpt-4o-mini"]
+        expected = (record.tokens_in * price_in + record.tokens_out * price_out) / 1e6
+        assert out["label_cost_usd"].iloc[i] == pytest.approx(expected)
+    assert str(out["label_tokens_in"].dtype) == "int64" and out["label_cost_usd"].dtype == "float64"
+    pd.testing.assert_frame_equal(df, before)  # the input is never changed
+
+
+def test_system_temperature_and_max_tokens_reach_the_request(openai_server):
+    df = pd.DataFrame({"text": ["hello"], "lang": ["French"]})
+    out = df.modal.llm("Translate {text} into {lang}", model="gpt-4.1-mini", system="You translate.",
+                       temperature=0.2, max_tokens=7, **FAST)
+    body = openai_server.requests[0].body
+    assert body["model"] == "gpt-4.1-mini"
+    assert body["messages"] == [{"role": "system", "content": "You translate."},
+                                {"role": "user", "content": "Translate hello into French"}]
+    assert body["temperature"] == 0.2 and body["max_tokens"] == 7
+    assert out["answer"].tolist() == ["Translate hello into French"]  # the server echoes
+
+
+def test_newer_models_get_max_completion_tokens(openai_server):
+    pd.DataFrame({"text": ["hi"]}).modal.llm("Say {text}", model="o4-mini", max_tokens=5, **FAST)
+    body = openai_server.requests[0].body
+    assert body["max_completion_tokens"] == 5 and "max_tokens" not in body
+
+
+def test_a_model_without_a_price_has_no_cost_unless_prices_names_it(openai_server):
+    df = pd.DataFrame({"text": ["hi", "there"]})
+    out = df.modal.llm("Say {text}", model="llama3", **FAST)
+    assert out["answer_cost_usd"].isna().all() and out["answer_tokens_in"].notna().all()
+    out = df.modal.llm("Say {text}", model="llama3", prices={"llama3": (1_000_000, 0)}, **FAST)
+    assert out["answer_cost_usd"].tolist() == out["answer_tokens_in"].astype(float).tolist()  # $1 a token
+
+
+def test_an_empty_value_fails_its_row_without_a_request(openai_server):
+    df = pd.DataFrame({"text": ["good", None, float("nan")]})
+    out = df.modal.llm("Say {text}", **FAST)
+    assert out["answer"].tolist()[0] == "Say good"
+    assert out["answer_error"].iloc[1] == "MissingValue: column 'text' is empty in this row; no request was sent"
+    assert out["answer_error"].iloc[2].startswith("MissingValue")
+    assert len(openai_server.requests) == 1
+
+
+def test_the_progress_bar_shows_tokens_and_cost(openai_server, capsys):
+    df = pd.DataFrame({"text": REVIEWS})
+    out = df.modal.llm(CLASSIFY, into="label", progress=True)
+    tokens = int(out["label_tokens_in"].sum() + out["label_tokens_out"].sum())
+    err = capsys.readouterr().err
+    assert f"{tokens:,} tokens" in err
+    assert f"${out['label_cost_usd'].sum():.4f}" in err
+
+
+def test_rerunning_pays_nothing_and_a_new_key_or_budget_keeps_the_cache(openai_server, monkeypatch):
+    df = pd.DataFrame({"text": ["one", "two", "three"]})
+    seen = capture_row_functions(monkeypatch)
+    first = df.modal.llm("Say {text}", **FAST)
+    again = df.modal.llm("Say {text}", api_key="sk-other-key-000000", budget_usd=1.0, rpm=6000, **FAST)
+    assert len(openai_server.requests) == 3  # the second run came from the cache
+    pd.testing.assert_frame_equal(first, again)
+    fingerprints = {function_fingerprint(fn, star=True, result_options={}) for fn in seen}
+    assert len(fingerprints) == 1  # key, budget and rate limits are not part of what a row computes
+    assert len({pickle.dumps(fn) for fn in seen}) == 1  # how an installed modal_magic's function is fingerprinted
+    df.modal.llm("Say: {text}", **FAST)  # a changed prompt is new work
+    assert len(openai_server.requests) == 6
+
+
+# --- mistakes caught before any request --------------------------------------------------------------
+
+
+def test_a_missing_template_column_is_named_before_any_request(openai_server):
+    df = pd.DataFrame({"text": ["a"], "stars": [1]})
+    with pytest.raises(llm.TemplateError, match=r"no column 'txt': did you mean \{text\}\? its columns are 'text', 'stars'"):
+        df.modal.llm("Classify {txt}", **FAST)
+    with pytest.raises(llm.TemplateError, match="no {column} field"):
+        df.modal.llm("Classify this", **FAST)
+    with pytest.raises(llm.TemplateError, match="empty field"):
+        df.modal.llm("Classify {}", **FAST)
+    with pytest.raises(llm.TemplateError, match="literal braces"):
+        df.modal.llm("Classify {text", **FAST)
+    assert openai_server.requests == []
+
+
+def test_template_fields_allow_format_specs_and_escaped_braces():
+    assert llm.template_fields("{a!r} {b:.5} {c[0]} {{not}} {a}") == ("a", "b", "c")
+
+
+def test_no_api_key_is_an_error_before_any_request(openai_server, monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(llm.MissingAPIKey, match="no OpenAI API key: pass api_key=, set OPENAI_API_KEY"):
+        pd.DataFrame({"text": ["a"]}).modal.llm("Say {text}", **FAST)
+    assert openai_server.requests == []
+
+
+def test_the_key_and_endpoint_come_from_a_dotenv_file_without_touching_the_environment(openai_server, monkeypatch,
+                                                                                       tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    (tmp_path / ".env").write_text(f"OPENAI_API_KEY=sk-from-dotenv-123456\nOPENAI_BASE_URL={openai_server.base_url}\n")
+    monkeypatch.chdir(tmp_path)
+    out = pd.DataFrame({"text": ["a"]}).modal.llm("Say {text}", **FAST)
+    assert out["answer"].tolist() == ["Say a"]
+    assert openai_server.requests[0].authorization == "Bearer sk-from-dotenv-123456"
+    assert "OPENAI_API_KEY" not in os.environ
+
+
+def test_result_columns_that_exist_need_overwrite(openai_server):
+    df = pd.DataFrame({"text": ["a"], "answer_cost_usd": [0.0]})
+    with pytest.raises(OptionsError, match="already has a column 'answer_cost_usd'"):
+        df.modal.llm("Say {text}", **FAST)
+    out = df.modal.llm("Say {text}", overwrite=True, **FAST)
+    assert out["answer_cost_usd"].iloc[0] > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rpm": 0}, "rpm=0 is not valid"),
+    ({"max_tokens": 2.5}, "max_tokens=2.5 is not valid"),
+    ({"temperature": 3}, "temperature=3 is not valid"),
+    ({"budget_usd": 1, "model": "llama3"}, "budget_usd= needs the price of 'llama3'"),
+    ({"schema": int}, "schema=<class 'int'> is not valid"),
+    ({"backend": "modal:app/fn"}, "use backend='modal'"),
+    ({"max_container": 3}, "did you mean 'max_containers'"),
+])
+def test_bad_arguments_are_refused_before_any_request(openai_server, kwargs, message):
+    with pytest.raises(OptionsError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        pd.DataFrame({"text": ["a"]}).modal.llm("Say {text}", **kwargs, **FAST)
+    assert openai_server.requests == []
+
+
+# --- the key never shows -------------------------------------------------------------------------------
+
+
+def test_the_key_never_appears_in_errors_reprs_pickles_or_fingerprints(openai_server, monkeypatch):
+    seen = capture_row_functions(monkeypatch)
+    df = pd.DataFrame({"text": ["[[fail=401]] hello", "fine"]})
+    out = df.modal.llm("Say {text}", **FAST)
+
+    error = out["answer_error"].iloc[0]
+    assert error.startswith("AuthenticationError: 401 from http://127.0.0.1:")
+    assert "Incorrect API key provided: ***" in error
+    assert out["answer"].iloc[1] == "Say fine"
+    assert openai_server.requests[0].authorization == f"Bearer {TEST_KEY}"  # the server did echo it back
+    details = out.modal.errors()
+    for text in (str(error), error.message, error.traceback, repr(error.exception), str(error.exception),
+                 details.to_string(), repr(out), repr(seen[0]), repr(llm._RUNTIMES[seen[0]].session)):
+        assert TEST_KEY not in text
+    assert error.exception.__context__ is None and error.exception.__cause__ is None
+    assert TEST_KEY.encode() not in cloudpickle.dumps(seen[0])
+    assert TEST_KEY.encode() not in cloudpickle.dumps(out)
+    with pytest.raises(TypeError, match="never pickled"):
+        cloudpickle.dumps(llm._RUNTIMES[seen[0]].session)
+
+
+# --- rate limits ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_requests_per_minute_are_held_across_every_request_in_flight(openai_server):
+    df = pd.DataFrame({"text": [f"row {i}" for i in range(50)]})
+    started = time.monotonic()
+    out = df.modal.llm("Say {text}", rpm=600, max_containers=64, **FAST)
+    elapsed = time.monotonic() - started
+    assert out["answer_error"].isna().all()
+    times = [r.t for r in openai_server.requests]
+    assert len(times) == 50
+    assert max_in_window(times, 1.0) <= 11  # 600 rpm: 10 a second, +1 for the window's edges
+    assert elapsed >= 4.5  # 50 requests, 0.1 s apart
+
+
+@pytest.mark.slow
+def test_tokens_per_minute_are_held(openai_server):
+    # Each request books ~20 tokens and the server reports exactly 20 used: at 2,400 tpm, 2 a second.
+    df = pd.DataFrame({"text": [f"[[usage=15,5]] {i}" for i in range(6)]})
+    started = time.monotonic()
+    out = df.modal.llm("Say {text}", tpm=2400, max_tokens=5, **FAST)
+    elapsed = time.monotonic() - started
+    assert out["answer_tokens_in"].tolist() == [15] * 6
+    times = sorted(r.t for r in openai_server.requests)
+    assert max_in_window(times, 1.0) <= 3
+    assert elapsed >= 2.0
+    assert min(b - a for a, b in zip(times, times[1:])) >= 0.35
+
+
+def test_rate_limiter_spacing_on_a_fake_clock():
+    now = [0.0]
+    limiter = llm_row.RateLimiter(rpm=120, tpm=600, clock=lambda: now[0])  # 2 requests, 10 tokens a second
+    assert limiter.reserve(5) == 0.0
+    assert limiter.reserve(5) == 0.5  # the request spacing decides
+    assert limiter.reserve(20) == 1.0  # the last request's tokens (5 = 0.5 s) decide
+    assert limiter.reserve(1) == 3.0  # 20 tokens take 2 s of the token schedule
+    limiter.settle(1, 11)  # it used 10 more than booked: one more second
+    now[0] = 3.0
+    limiter.pause(5.0)  # Retry-After holds everyone
+    assert limiter.reserve(1) == 8.0
+
+
+def test_retry_after_is_read_in_every_form():
+    assert llm_row.retry_after_s({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert llm_row.retry_after_s({"retry-after": "1.5"}) == 1.5
+    http_date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 < llm_row.retry_after_s({"retry-after": http_date}) <= 30
+    assert llm_row.retry_after_s({"retry-after": "soon"}) is None
+
+
+# --- retries -------------------------------------------------------------------------------------------
+
+
+def test_a_429_is_retried_after_the_wait_it_asks_for_and_the_row_succeeds(openai_server):
+    df = pd.DataFrame({"text": ["[[fail=429 times=1 retry_after=0.5]] great stuff",
+                                "[[fail=429 times=2 retry_after_ms=200]] awful stuff", "plain"]})
+    out = df.modal.llm(CLASSIFY, into="label", **FAST)
+    assert out["label"].tolist() == ["POSITIVE", "NEGATIVE", "NEUTRAL"]
+    assert out["label_error"].isna().all()
+    first = openai_server.requests_for("retry_after=0.5")
+    assert [r.status for r in first] == [429, 200]
+    assert first[1].t - first[0].t >= 0.5
+    second = openai_server.requests_for("retry_after_ms=200")
+    assert [r.status for r in second] == [429, 429, 200]
+    assert all(b.t - a.t >= 0.2 for a, b in zip(second, second[1:]))
+
+
+def test_server_errors_are_retried(openai_server, monkeypatch):
+    monkeypatch.setattr(llm_row, "BACKOFF_FIRST_S", 0.01)
+    df = pd.DataFrame({"text": ["[[fail=500 times=2]] a", "[[fail=503 times=1 retry_after=0.05]] b"]})
+    out = df.modal.llm("Say {text}", **FAST)
+    assert out["answer_error"].isna().all()
+    assert [r.status for r in openai_server.requests_for("fail=500")] == [500, 500, 200]
+    assert [r.status for r in openai_server.requests_for("fail=503")] == [503, 200]
+
+
+def test_a_request_that_keeps_failing_is_its_rows_error_and_no_row_is_lost(openai_server, monkeypatch):
+    monkeypatch.setattr(llm_row, "BACKOFF_FIRST_S", 0.01)
+    df = pd.DataFrame({"text": ["[[fail=429 retry_after=0.01]] a", "[[fail=500]] b", "[[fail=400]] c",
+                                "[[fail=429 code=insufficient_quota]] d", "e"]})
+    out = df.modal.llm("Say {text}", max_retries=2, **FAST)
+    assert len(out) == 5
+    errors = out["answer_error"].tolist()
+    assert errors[0].startswith("RateLimitError: 429 from ") and errors[0].endswith("(after 3 attempts)")
+    assert errors[1].startswith("InternalServerError: 500 from ") and errors[1].endswith("(after 3 attempts)")
+    assert errors[2].startswith("APIStatusError: 400 from ") and errors[2].endswith("(not retried)")
+    assert errors[3].startswith("RateLimitError: 429") and errors[3].endswith("(not retried)")
+    assert errors[4] is None and out["answer"].iloc[4] == "Say e"
+    assert errors[0].exception.attempts == 3 and errors[0].exception.status == 429
+    assert len(openai_server.requests_for("] a")) == 3
+    assert len(openai_server.requests_for("] b")) == 3
+    assert len(openai_server.requests_for("] c")) == 1
+    assert len(openai_server.requests_for("] d")) == 1
+
+
+def test_an_unreachable_endpoint_fails_every_row_with_a_connection_error(monkeypatch):
+    monkeypatch.setattr(llm_row, "BACKOFF_FIRST_S", 0.01)
+    out = pd.DataFrame({"text": ["a", "b"]}).modal.llm("Say {text}", base_url="http://127.0.0.1:9/v1",
+                                                       api_key="sk-x", max_retries=1, **FAST)
+    assert out["answer"].isna().all()
+    assert all(e.startswith("APIConnectionError: the request to http://127.0.0.1:9/v1 failed")
+               and e.endswith("(after 2 attempts)") for e in out["answer_error"])
+    assert out.columns.tolist() == ["text", "answer", "answer_tokens_in", "answer_tokens_out", "answer_cost_usd",
+                                    "answer_error"]
+    assert str(out["answer_tokens_in"].dtype) == "Int64"
+
+
+def test_a_slow_request_meets_the_row_timeout(openai_server):
+    df = pd.DataFrame({"text": ["[[latency=2]] slow", "fast"]})
+    out = df.modal.llm("Say {text}", timeout=0.5, **FAST)
+    assert out["answer_error"].iloc[0] == "TimeoutError: the row ran longer than timeout=0.5s"
+    assert out["answer"].iloc[1] == "Say fast"
+
+
+# --- budget --------------------------------------------------------------------------------------------
+
+
+def test_the_budget_stops_new_requests_keeps_answered_rows_and_errors_the_rest(openai_server):
+    # $1 per input token; every answer reports 10 input tokens: $10 a row, and ~$16 booked before sending.
+    df = pd.DataFrame({"text": [f"[[usage=10,1]] {i}" for i in range(8)]})
+    out = df.modal.llm("Say {text}", model="test-model", prices={"test-model": (1_000_000, 0)}, budget_usd=35,
+                       max_tokens=1, max_containers=1, **FAST)
+    assert len(out) == 8
+    assert out["answer"].notna().tolist() == [True] * 3 + [False] * 5
+    assert out["answer_cost_usd"].iloc[:3].tolist() == [10.0] * 3
+    assert len(openai_server.requests) == 3
+    message = "BudgetExceeded: budget_usd=35.00 reached after $30.00: the next request would cost about $"
+    assert all(e.startswith(message) for e in out["answer_error"].iloc[3:])
+    assert out.modal.errors()["type"].tolist() == ["BudgetExceeded"] * 5
+
+
+def test_the_budget_holds_with_many_requests_in_flight_and_a_rerun_pays_only_for_the_rest(openai_server):
+    df = pd.DataFrame({"text": [f"[[usage=10,1]] {i}" for i in range(40)]})
+    kwargs = dict(model="test-model", prices={"test-model": (1_000_000, 0)}, max_tokens=1, max_containers=16, **FAST)
+    out = df.modal.llm("Say {text}", budget_usd=105, **kwargs)
+    done = int(out["answer"].notna().sum())
+    assert 0 < done < 40 and out["answer_cost_usd"].sum() <= 105
+    assert len(openai_server.requests) == done
+    rest = df.modal.llm("Say {text}", budget_usd=1000, **kwargs)
+    assert rest["answer_error"].isna().all()
+    assert len(openai_server.requests) == 40  # the answered rows came from the cache
+
+
+# --- structured output -----------------------------------------------------------------------------------
+
+
+def test_a_pydantic_schema_gives_one_column_per_field(openai_server):
+    df = pd.DataFrame({"text": ["product: kettle, complaint: leaks water, it is high", "product: lamp"]})
+    out = df.modal.llm("Extract from: {text}", schema=Complaint, into="x", **FAST)
+    assert out.columns.tolist() == ["text", "product", "complaint", "severity", "x_tokens_in", "x_tokens_out",
+                                    "x_cost_usd", "x_error"]
+    assert out["product"].tolist() == ["kettle", "lamp"]
+    assert out["complaint"].tolist() == ["leaks water", "unknown"]
+    assert out["severity"].tolist() == ["high", "low"]
+    fmt = openai_server.requests[0].body["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["name"] == "Complaint"
+    assert fmt["json_schema"]["strict"] is True
+    assert fmt["json_schema"]["schema"]["additionalProperties"] is False
+
+
+def test_an_answer_that_breaks_the_schema_is_its_rows_error_and_retries_ask_again(openai_server):
+    df = pd.DataFrame({"text": ["[[malformed]] product: a", "[[malformed times=1]] product: b", "product: c"]})
+    out = df.modal.llm("Extract from: {text}", schema=Complaint, retries=1, **FAST)
+    assert out["product"].tolist()[1:] == ["b", "c"] and pd.isna(out["product"].iloc[0])
+    error = out["answer_error"].iloc[0]
+    assert error.startswith("SchemaValidationError: the answer doesn't match Complaint: Invalid JSON: EOF while parsing")
+    assert error.attempts == 2
+    assert len(openai_server.requests_for("product: b")) == 2
+    # The broken answer was still paid for: the bar's meter counts it.
+    assert out["answer_tokens_in"].notna().sum() == 2
+
+
+def test_a_json_schema_dict_is_validated(openai_server):
+    schema = {"title": "Facts", "type": "object",
+              "properties": {"sentiment": {"type": "string", "enum": ["POSITIVE", "NEGATIVE", "NEUTRAL"]},
+                             "words": {"type": "integer", "minimum": 3}},
+              "required": ["sentiment", "words"]}
+    df = pd.DataFrame({"text": ["great great product", "awful"]})
+    out = df.modal.llm("{text}", schema=schema, **FAST)
+    assert out["sentiment"].tolist()[0] == "POSITIVE"
+    assert out["words"].iloc[0] == 3
+    assert out["answer_error"].iloc[1].startswith("SchemaValidationError: the answer doesn't match Facts: 1 is less "
+                                                   "than the minimum of 3")
+
+
+# --- the row function off this machine -----------------------------------------------------------------
+
+
+def test_the_row_function_travels_by_value_without_modal_magic_or_the_key(openai_server, monkeypatch):
+    """Pickled as Modal ships it, it runs where modal_magic can't be imported, with the key from that environment."""
+    seen = capture_row_functions(monkeypatch)
+    pd.DataFrame({"text": ["x"]}).modal.llm(CLASSIFY, into="label", rpm=1200, max_containers=2, max_tokens=10, **FAST)
+    assert pickle.loads(pickle.dumps(seen[0])).limits.rpm is None  # a local run's pickle is only its identity
+    llm._RUNTIMES[seen[0]].on_modal = True  # as for backend="modal": the containers' share of the limits travels
+    cloudpickle.register_pickle_by_value(llm_row)
+    try:
+        payload = cloudpickle.dumps(seen[0])
+    finally:
+        cloudpickle.unregister_pickle_by_value(llm_row)
+    assert TEST_KEY.encode() not in payload
+    script = textwrap.dedent("""
+        import asyncio, pickle, sys
+        sys.modules["modal_magic"] = None  # as in a container without it: any import of it fails
+        row = pickle.loads(sys.stdin.buffer.read())
+        print(type(row).__name__, row.limits.rpm)
+        print(asyncio.run(row("So great, I love it")))
+    """)
+    env = {**os.environ, **openai_env(openai_server, key="sk-container-key-0000")}
+    done = subprocess.run([sys.executable, "-c", script], input=payload, capture_output=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    lines = done.stdout.decode().splitlines()
+    assert lines[0] == "ContainerRow 600.0"
+    assert "'label': 'POSITIVE'" in lines[1] and "'label_tokens_in': " in lines[1]
+    assert openai_server.requests[-1].authorization == "Bearer sk-container-key-0000"
+
+
+def test_on_modal_the_key_comes_from_a_secret_inside_the_container(openai_server, modal_server, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    modal_server.add_secret("openai-secret", {"OPENAI_API_KEY": "sk-modal-secret-1234",
+                                              "OPENAI_BASE_URL": openai_server.base_url})
+    df = pd.DataFrame({"text": REVIEWS * 2})
+    out = df.modal.llm(CLASSIFY, into="label", backend="modal", secrets=["openai-secret"], max_containers=2,
+                       rpm=1200, **FAST)
+    assert out["label"].tolist() == ["POSITIVE", "NEGATIVE", "NEUTRAL"] * 2
+    assert out["label_error"].isna().all() and out["label_cost_usd"].gt(0).all()
+    assert {r.authorization for r in openai_server.requests} == {"Bearer sk-modal-secret-1234"}
+    function = modal_server.last_function
+    assert function["secret_names"] == ["openai-secret"]
+    assert any(p.startswith("openai==") for p in function["pip_packages"])
+    assert function["max_containers"] == 2
+
+
+def test_on_modal_mistakes_are_caught_before_anything_starts(openai_server):
+    df = pd.DataFrame({"text": ["a"]})
+    with pytest.raises(llm.MissingAPIKey, match=r"secrets=\['openai-secret'\]"):
+        df.modal.llm("Say {text}", backend="modal", **FAST)
+    with pytest.raises(llm.MissingAPIKey, match="api_key= isn't sent to Modal containers"):
+        df.modal.llm("Say {text}", backend="modal", secrets=["openai-secret"], api_key="sk-x", **FAST)
+    with pytest.raises(OptionsError, match="set max_containers= too"):
+        df.modal.llm("Say {text}", backend="modal", secrets=["openai-secret"], rpm=100, **FAST)
+
+
+def test_the_client_is_closed_when_the_run_ends(openai_server, monkeypatch):
+    seen = capture_row_functions(monkeypatch)
+    pd.DataFrame({"text": ["a", "b", "c"]}).modal.llm("Say {text}", max_containers=2, **FAST)
+    assert llm._RUNTIMES[seen[0]].session._client is None
+
+
+def test_retry_failed_runs_the_failed_rows_again(openai_server):
+    df = pd.DataFrame({"text": ["[[fail=500 times=1]] a", "b"]})
+    out = df.modal.llm("Say {text}", max_retries=0, **FAST)
+    assert out["answer_error"].iloc[0].startswith("InternalServerError: 500")
+    again = out.modal.retry_failed(into="answer", progress=False)
+    assert again["answer_error"].isna().all()
+    assert again["answer"].tolist() == ["Say  a", "Say b"]  # the server echoes without its markers
+
+
+# --- %%modal_llm ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ip():
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryManager.enabled = False
+    shell = InteractiveShell.instance(config=config)
+    shell.config.ModalMagic.progress = False
+    shell.run_line_magic("load_ext", "modal_magic")
+    shell.user_ns["reviews"] = pd.DataFrame({"text": REVIEWS})
+    yield shell
+    atexit.unregister(shell.atexit_operations)
+    InteractiveShell.clear_instance()
+
+
+def test_the_modal_llm_cell_adapter_adds_columns_in_place(openai_server, ip):
+    magic = ip.magics_manager.registry["ModalMagic"]
+    llm.run_llm_cell(magic, "reviews --into label --max-tokens 10 --max-containers 4", CLASSIFY + "\n")
+    reviews = ip.user_ns["reviews"]
+    assert reviews.columns.tolist() == ["text", "label", "label_tokens_in", "label_tokens_out", "label_cost_usd",
+                                        "label_error"]
+    assert reviews["label"].tolist() == ["POSITIVE", "NEGATIVE", "NEUTRAL"]
+    assert openai_server.requests[0].body["max_tokens"] == 10
+
+    ip.user_ns["Complaint"] = Complaint
+    llm.run_llm_cell(magic, "reviews --schema Complaint -o facts --budget-usd 1", "Extract from: {text}")
+    assert ip.user_ns["facts"]["severity"].tolist() == ["low", "low", "low"]
+    assert "severity" not in ip.user_ns["reviews"].columns
+
+
+@pytest.mark.parametrize("line, cell, message", [
+    ("reviews --into label", "Say {txt}", "no column 'txt'"),
+    ("reviewz", "Say {text}", "did you mean reviews?"),
+    ("reviews.text", "Say {text}", "the column names go in the prompt"),
+    ("reviews --rmp 5", "Say {text}", "did you mean --rpm?"),
+    ("reviews --rpm 0", "Say {text}", "--rpm 0.0 is not valid"),
+    ("reviews --schema Nope", "Say {text}", "nothing named 'Nope'"),
+    ("reviews", "   ", "the cell is empty"),
+])
+def test_modal_llm_mistakes_are_one_line_usage_errors(openai_server, ip, line, cell, message):
+    from IPython.core.error import UsageError
+
+    magic = ip.magics_manager.registry["ModalMagic"]
+    with pytest.raises(UsageError, match=message.replace("?", r"\?")):
+        llm.run_llm_cell(magic, line, cell)
+    assert openai_server.requests == []
+
+
+def test_modal_llm_magic_is_registered(openai_server, ip):
+    if "modal_llm" not in ip.magics_manager.magics["cell"]:
+        pytest.skip("waiting for magics wiring (ModalMagic.modal_llm -> llm.run_llm_cell)")
+    ip.run_cell_magic("modal_llm", "reviews --into label --max-tokens 10", CLASSIFY)
+    assert ip.user_ns["reviews"]["label"].tolist() == ["POSITIVE", "NEGATIVE", "NEUTRAL"]
+
+
+# --- the notebook --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_llm_notebook_classifies_reviews_against_any_openai_compatible_endpoint(openai_server, tmp_path):
+    import nbformat
+
+    from modal_magic._notebook import execute_notebook, progress_runs
+    from modal_magic.datasets import load_reviews
+    from tests.openai_server import answer_for
+
+    source = os.path.join(os.path.dirname(__file__), "..", "notebooks", "llm_classify.ipynb")
+    # The kernel inherits OPENAI_BASE_URL / OPENAI_API_KEY (set by the fixture) and the test's cache dir.
+    executed, _ = execute_notebook(source, output_path=tmp_path / "llm_classify.ipynb", timeout=120)
+    nb = nbformat.read(executed, as_version=4)
+    text = nbformat.writes(nb)
+    assert TEST_KEY not in text and "OPENAI_API_KEY=" not in text
+    outputs = {cell.source.splitlines()[0]: cell.outputs for cell in nb.cells if cell.cell_type == "code"}
+    assert not [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
+
+    prompt = "Classify this review as POSITIVE, NEGATIVE or NEUTRAL. Answer with the label only.\n\nReview: {text}"
+    expected: dict[str, int] = {}
+    for review in load_reviews().head(300)["text"]:
+        label = answer_for({"messages": [{"role": "user", "content": prompt.format(text=review)}]}, {})
+        expected[label] = expected.get(label, 0) + 1
+    def result(first_line: str) -> str:
+        return next(o for o in outputs[first_line] if o.output_type == "execute_result")["data"]["text/plain"]
+
+    counts = result("out.label.value_counts()")
+    assert {label: int(n) for label, n in re.findall(r"(?m)^([A-Z]+)\s+(\d+)$", counts)} == expected
+
+    runs = progress_runs(nb)
+    assert [r.title for r in runs] == ["label", "facts", "label"]
+    assert all(r.value == r.total for r in runs)
+    assert runs[0].bar_style == "success" and "tokens" in runs[0].summary and "$" in runs[0].summary
+    assert runs[2].bar_style == "warning"  # the budget ran out
+    budget = result("small = reviews.modal.llm(")
+    assert "BudgetExceeded" in budget
+    first_error = result("small[small.label_error.notna()].label_error.iloc[0]")
+    assert first_error.startswith("'BudgetExceeded: budget_usd=0.0005 reached after $0.0")
+    requests = openai_server.requests
+    assert 300 + 40 < len(requests) < 300 + 40 + 300
