@@ -442,6 +442,7 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
     retry_at: list[tuple[float, int, Batch]] = []  # lost rows waiting out their backoff
 
     while cursor < n or in_flight or retry_at:
+        starting: list[Batch] = []
         while in_flight < backend.capacity:
             if retry_at and retry_at[0][0] <= time.monotonic():
                 batch = heapq.heappop(retry_at)[2]
@@ -457,8 +458,10 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
                 break
             batch.id = next_id
             next_id += 1
-            backend.submit(batch)
+            starting.append(batch)
             in_flight += 1
+        if starting:
+            backend.submit_many(starting)
         wait = _TICK_S
         if retry_at:
             wait = max(0.0, min(wait, retry_at[0][0] - time.monotonic()))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import time
-from concurrent.futures import Future
 
 from ._worker import run_rows_async
 from .base import Backend, Batch, BatchResult, LoopThread, Task, drain
@@ -25,7 +24,7 @@ class AsyncBackend(Backend):
     def __init__(self) -> None:
         self._loop: LoopThread | None = None
         self._outbox: queue.SimpleQueue[BatchResult] = queue.SimpleQueue()
-        self._futures: set[Future[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # touched only on the loop's thread
         self._task: Task | None = None
 
     def start(self, task: Task) -> None:
@@ -52,17 +51,33 @@ class AsyncBackend(Backend):
         self._outbox.put(BatchResult(batch, values, errors, time.perf_counter() - started))
 
     def submit(self, batch: Batch) -> None:
+        self.submit_many([batch])
+
+    def submit_many(self, batches: list[Batch]) -> None:
+        # One wake-up of the loop for all of them: with one-row batches of I/O (LLM calls) a
+        # thread hand-off per batch was most of the engine's cost.
         assert self._loop is not None
-        future = self._loop.call(self._run(batch))
-        self._futures.add(future)
-        future.add_done_callback(self._futures.discard)
+        self._loop.loop.call_soon_threadsafe(self._start, batches)
+
+    def _start(self, batches: list[Batch]) -> None:
+        for batch in batches:
+            task = self._loop.loop.create_task(self._run(batch))  # type: ignore[union-attr]
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
 
     def results(self, timeout: float | None) -> list[BatchResult]:
         return drain(self._outbox, timeout)
 
     def cancel(self) -> None:
-        for future in list(self._futures):
-            future.cancel()
+        if self._loop is not None:
+            self._loop.call(self._cancel_and_wait()).result(timeout=10)
+
+    async def _cancel_and_wait(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def finish(self) -> None:
         self.cancel()

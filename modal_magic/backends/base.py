@@ -101,6 +101,11 @@ class Backend(ABC):
     def submit(self, batch: Batch) -> None:
         """Start running ``batch``; return without waiting for it."""
 
+    def submit_many(self, batches: list[Batch]) -> None:
+        """Start several batches; backends with a per-call hand-off cost override it."""
+        for batch in batches:
+            self.submit(batch)
+
     @abstractmethod
     def results(self, timeout: float | None) -> list[BatchResult]:
         """Wait up to ``timeout`` seconds for at least one batch to finish; return all finished ones."""
