@@ -448,8 +448,22 @@ class RowCache:
         Items whose key is ``None`` (an input that can't be hashed) are skipped silently. Never raises
         for a value.
         """
-        keys = [item[0] for item in items]
-        values = [item[1] for item in items]
+        return self.put_columns([item[0] for item in items], [item[1] for item in items])
+
+    def put_columns(self, keys: Sequence[bytes | None], values: Sequence[Any]) -> list[tuple[bytes, str]]:
+        """:meth:`put_many` for keys and values in two parallel lists (no pair per row to build).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as directory, RowCache(directory) as cache:
+        ...     keys = cache.row_keys("fp", [1, 2])
+        ...     cache.put_columns(keys, ["one", "two"])
+        ...     cache.get_many(keys)
+        []
+        {0: 'one', 1: 'two'}
+        """
+        keys, values = list(keys), list(values)
         if None in keys:
             values = [value for key, value in zip(keys, values) if key is not None]
             keys = [key for key in keys if key is not None]

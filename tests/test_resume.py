@@ -95,6 +95,7 @@ def test_changing_a_closure_or_global_value_reruns(tmp_path):
 
     def make(offset):
         def add(x):
+            time.sleep(0.001)  # worth caching: rows cheaper than reading them back aren't stored
             return x + offset
 
         return add
@@ -242,3 +243,20 @@ def _foreign(path):
     frame = pd.read_pickle(path)
     frame.attrs["modal_magic_runs"] = {"result": "run-from-elsewhere"}
     return frame.modal.retry_failed()
+
+
+def test_rows_cheaper_than_reading_them_back_are_not_stored():
+    df = pd.DataFrame({"x": range(1000)})
+    df.modal.map(lambda x: x + 1, column="x", progress=False)
+    df.modal.map(lambda x: x + 1, column="x", progress=False)
+    # x + 1 is recomputed faster than it is read back (only the first, one-row batches, which pay
+    # the worker's first-call costs, may look expensive enough to keep)
+    assert modal_magic.last_run().cached < 10
+
+    def slow(x):
+        time.sleep(0.0005)
+        return x + 1
+
+    df.head(20).modal.map(slow, column="x", backend="threads", progress=False)
+    df.head(20).modal.map(slow, column="x", backend="threads", progress=False)
+    assert modal_magic.last_run().cached == 20
