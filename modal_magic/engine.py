@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import math
 import sqlite3
 import time
@@ -41,6 +42,8 @@ GROWTH = 8
 _TICK_S = 0.2
 #: remote output lines a run keeps for ``last_run().logs``
 MAX_LOG_LINES = 5000
+#: orders batches waiting to be sent again that are due at the same moment
+_TIEBREAK = itertools.count()
 
 _last: dict[str, Any] = {"result": None, "summary": None}
 
@@ -504,6 +507,9 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
         _relay_backend_news(backend, progress, logs, meter)
         for result in results:
             in_flight -= 1
+            if result.requeue:
+                heapq.heappush(retry_at, (time.monotonic(), next(_TIEBREAK), result.batch))
+                continue
             if result.lost is not None:
                 _requeue_lost(result, task, outcomes, retry_at, progress, index)
                 continue
@@ -546,10 +552,10 @@ def _requeue_lost(result: BatchResult, task: Task, outcomes: _Outcomes, retry_at
         # One row may have taken the whole batch down: every row gets a try of its own first.
         for position, arg in zip(batch.positions, batch.args):
             single = Batch(0, [position], [arg], attempt=batch.attempt + 1, max_attempts=max(allowed, batch.attempt) + 1)
-            heapq.heappush(retry_at, (now, position, single))
+            heapq.heappush(retry_at, (now, next(_TIEBREAK), single))
     elif batch.attempt < allowed:
         again = Batch(0, batch.positions, batch.args, attempt=batch.attempt + 1, max_attempts=allowed)
-        heapq.heappush(retry_at, (now + backoff_delay(batch.attempt), batch.positions[0], again))
+        heapq.heappush(retry_at, (now + backoff_delay(batch.attempt), next(_TIEBREAK), again))
     else:
         position = batch.positions[0]
         outcomes.fail(position, RowError.from_exception(cause, attempts=batch.attempt))

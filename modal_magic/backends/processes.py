@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
@@ -62,8 +63,8 @@ class _Worker:
         self.conn.send_bytes(pickle.dumps(("init", list(sys.path), os.getcwd())))
         self.ready = False  # set once the worker acknowledges init
         self.fn_token: int | None = None
-        self.batch: Batch | None = None
-        self.deadline = float("inf")
+        self.batches: deque[Batch] = deque()  # the running one first, then one queued behind it
+        self.deadline = float("inf")  # for the running batch
 
     def send(self, message: tuple) -> None:
         self.conn.send_bytes(pickle.dumps(message, protocol=5))
@@ -129,8 +130,12 @@ def shutdown_pool() -> None:
 atexit.register(shutdown_pool)
 
 
+#: batches a worker holds at once: the one it runs and one waiting, so it never idles for a round trip
+_PER_WORKER = 2
+
+
 class ProcessBackend(Backend):
-    """Batches go to worker processes, one batch per worker at a time."""
+    """Batches go to worker processes: each runs one and has the next one waiting."""
 
     name = "local"
 
@@ -155,6 +160,10 @@ class ProcessBackend(Backend):
 
     @property
     def capacity(self) -> int:
+        return _PER_WORKER * len(self._workers)
+
+    @property
+    def parallelism(self) -> int:
         return len(self._workers)
 
     def _budget(self, batch: Batch) -> float:
@@ -165,17 +174,31 @@ class ProcessBackend(Backend):
         return len(batch.args) * per_row + _STUCK_GRACE_S
 
     def submit(self, batch: Batch) -> None:
-        worker = next(w for w in self._workers if w.batch is None)
+        worker = min(self._workers, key=lambda w: len(w.batches))
+        assert len(worker.batches) < _PER_WORKER, "the engine keeps within capacity"
         opts = self._task.options  # type: ignore[union-attr]
-        if worker.fn_token != self._token:
-            worker.send(("fn", self._fn_bytes, self._task.star, opts.retries, opts.timeout))  # type: ignore[union-attr]
-            worker.fn_token = self._token
-        worker.batch = batch
-        worker.deadline = time.monotonic() + self._budget(batch)
-        worker.send(("batch", batch.id, len(batch.args), dumps(batch.args)))
+        if not worker.batches:
+            worker.deadline = time.monotonic() + self._budget(batch)
+        worker.batches.append(batch)
+        try:
+            if worker.fn_token != self._token:
+                worker.send(("fn", self._fn_bytes, self._task.star, opts.retries, opts.timeout))  # type: ignore[union-attr]
+                worker.fn_token = self._token
+            worker.send(("batch", batch.id, len(batch.args), dumps(batch.args)))
+        except OSError:
+            # The worker died (e.g. its running batch crashed it) before we read that; results()
+            # sees its end of the socket close and sends this batch again, as one that never ran.
+            pass
+
+    def _lost(self, worker: _Worker, cause: BaseException) -> list[BatchResult]:
+        """A worker is gone: its running batch is lost with ``cause``; the one queued behind never ran."""
+        batches = list(worker.batches)
+        worker.batches.clear()
+        self._swap(worker)
+        return [BatchResult(batches[0], lost=cause)] + [BatchResult(b, requeue=True) for b in batches[1:]]
 
     def results(self, timeout: float | None) -> list[BatchResult]:
-        busy = [w for w in self._workers if w.batch is not None]
+        busy = [w for w in self._workers if w.batches]
         if not busy:
             return []
         now = time.monotonic()
@@ -187,35 +210,32 @@ class ProcessBackend(Backend):
         ready = wait(list(by_conn), wait_s)
         out: list[BatchResult] = []
         for conn in ready:
-            out.append(self._receive(by_conn[conn]))
+            out.extend(self._receive(by_conn[conn]))
         now = time.monotonic()
         for worker in busy:
-            if worker.batch is not None and worker.deadline < now:
-                batch = worker.batch
-                self._swap(worker)
-                out.append(BatchResult(batch, lost=TimeoutError(
+            if worker.batches and worker.deadline < now and worker in self._workers:
+                out.extend(self._lost(worker, TimeoutError(
                     f"the worker was stuck past timeout={self._task.options.timeout:g}s "  # type: ignore[union-attr]
                     "and was replaced")))
         return out
 
-    def _receive(self, worker: _Worker) -> BatchResult:
-        batch = worker.batch
-        assert batch is not None
+    def _receive(self, worker: _Worker) -> list[BatchResult]:
         while True:
             try:
                 data = worker.conn.recv_bytes()
             except (EOFError, OSError):
                 worker.proc.wait(timeout=5)
                 code = worker.proc.returncode
-                self._swap(worker)
-                return BatchResult(batch, lost=WorkerCrashed(f"the worker process running this row {_describe_exit(code)}"))
+                return self._lost(worker, WorkerCrashed(f"the worker process running this row {_describe_exit(code)}"))
             if data == b"I":  # the init acknowledgement, read here to keep start-up off the critical path
                 worker.ready = True
                 continue
             break
-        worker.batch = None
+        batch = worker.batches.popleft()
+        if worker.batches:  # the queued batch starts now
+            worker.deadline = time.monotonic() + self._budget(worker.batches[0])
         values, errors, elapsed = pickle.loads(memoryview(data)[9:])
-        return BatchResult(batch, values, errors, elapsed)
+        return [BatchResult(batch, values, errors, elapsed)]
 
     def _swap(self, worker: _Worker) -> None:
         assert self._pool is not None
@@ -224,7 +244,8 @@ class ProcessBackend(Backend):
 
     def cancel(self) -> None:
         for worker in list(self._workers):
-            if worker.batch is not None:
+            if worker.batches:
+                worker.batches.clear()
                 self._swap(worker)
 
     def finish(self) -> None:
