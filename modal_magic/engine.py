@@ -26,7 +26,7 @@ import pandas as pd
 
 from . import join
 from .backends import Backend, BackendFailed, Batch, BatchResult, Task, create_backend
-from .backends._worker import backoff_delay
+from .backends._worker import backoff_delay, run_rows
 from .checks import check_function, check_picklable, default_into
 from .errors import Cancelled, MapInterrupted, RowError, RowFailed
 from .options import MapOptions, OptionsError
@@ -42,6 +42,13 @@ GROWTH = 8
 _TICK_S = 0.2
 #: remote output lines a run keeps for ``last_run().logs``
 MAX_LOG_LINES = 5000
+#: the local process backend finishes rows in the kernel's process when they are this cheap (per row,
+#: measured on a batch of at least INLINE_AFTER_ROWS) and all that is left would take under
+#: INLINE_TOTAL_S: pickling them to workers and back would cost more than running them
+INLINE_ROW_S = 2e-6
+INLINE_AFTER_ROWS = 512
+INLINE_TOTAL_S = 0.25
+INLINE_CHUNK = 50_000
 #: orders batches waiting to be sent again that are due at the same moment
 _TIEBREAK = itertools.count()
 
@@ -481,6 +488,9 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
         while in_flight < backend.capacity:
             if retry_at and retry_at[0][0] <= time.monotonic():
                 batch = heapq.heappop(retry_at)[2]
+            elif cursor < n and backend.inline_when_tiny and _parallel_cannot_pay(sizer, n - cursor):
+                _run_inline(task, args, todo[cursor:], outcomes, progress, index, stored)
+                cursor = n
             elif cursor < n:
                 size = min(sizer.next_size(n - cursor), n - cursor)
                 positions = todo[cursor : cursor + size]
@@ -520,6 +530,36 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
             progress.update(done=len(result.batch.positions) - len(failed), failed=len(failed))
             if failed:
                 _raise_if_asked(failed, task, outcomes, index)
+
+
+def _parallel_cannot_pay(sizer: BatchSizer, remaining: int) -> bool:
+    """Rows so cheap that shipping them to workers costs more than running them here.
+
+    Judged on a batch big enough to trust (the first one-row batches carry start-up costs).
+    """
+    return (
+        sizer.per_row_s is not None
+        and sizer.largest_measured >= INLINE_AFTER_ROWS
+        and sizer.per_row_s < INLINE_ROW_S
+        and remaining * sizer.per_row_s < INLINE_TOTAL_S
+    )
+
+
+def _run_inline(task: Task, args: list[Any], positions: Sequence[int], outcomes: _Outcomes, progress: Progress,
+                index: pd.Index, stored: _RowStore | None) -> None:
+    """Run the remaining rows in this thread, in chunks so the bar moves and Stop is noticed."""
+    opts = task.options
+    for start in range(0, len(positions), INLINE_CHUNK):
+        chunk = positions[start : start + INLINE_CHUNK]
+        chunk_args = (args[chunk.start : chunk.stop] if isinstance(chunk, range) else [args[p] for p in chunk])
+        began = time.perf_counter()
+        values, errors = run_rows(task.fn, task.star, chunk_args, opts.retries, opts.timeout)
+        failed = outcomes.file(chunk, values, errors)
+        if stored is not None:
+            stored.save(chunk, values, failed, time.perf_counter() - began)
+        progress.update(done=len(chunk) - len(failed), failed=len(failed))
+        if failed:
+            _raise_if_asked(failed, task, outcomes, index)
 
 
 def _relay_backend_news(backend: Backend, progress: Progress, logs: list[str], meter: Any = None) -> None:

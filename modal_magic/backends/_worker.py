@@ -62,6 +62,8 @@ def run_rows(
     sequential backend); elsewhere the caller enforces it.
     """
     use_alarm = timeout is not None and threading.current_thread() is threading.main_thread()
+    if not use_alarm and not retries:
+        return _run_rows_once(fn, star, args_list)
     previous = signal.signal(signal.SIGALRM, _on_alarm) if use_alarm else None
     values: list[Any] = [None] * len(args_list)
     errors: list[ErrorTuple] = []
@@ -92,6 +94,22 @@ def run_rows(
     finally:
         if previous is not None:
             signal.signal(signal.SIGALRM, previous)
+    return values, errors
+
+
+def _run_rows_once(fn: Callable[..., Any], star: bool, args_list: Sequence[Any]) -> tuple[list[Any], list[ErrorTuple]]:
+    """:func:`run_rows` without retries or alarms: the tight loop tiny rows need."""
+    values: list[Any] = []
+    errors: list[ErrorTuple] = []
+    append = values.append
+    for i, args in enumerate(args_list):
+        try:
+            append(fn(*args) if star else fn(args))
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # a row's SystemExit is that row's error, not the worker's end
+            append(None)
+            errors.append(_error_tuple(i, e, 1))
     return values, errors
 
 

@@ -75,6 +75,8 @@ class Backend(ABC):
     timeout_needs_single_rows: bool = False
     #: how long one batch should compute: long enough to amortise the backend's per-batch overhead
     target_batch_s: float = 0.05
+    #: the engine may run the last rows in the caller's process when they're too cheap to ship
+    inline_when_tiny: bool = False
 
     @property
     def parallelism(self) -> int:

@@ -138,6 +138,7 @@ class ProcessBackend(Backend):
     """Batches go to worker processes: each runs one and has the next one waiting."""
 
     name = "local"
+    inline_when_tiny = True
 
     def __init__(self) -> None:
         self._pool: _Pool | None = None
