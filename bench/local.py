@@ -353,6 +353,9 @@ class Workload:
     cold: Cell | None = None
     targets: list[Target] = field(default_factory=list)
     load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average when it started and ended
+    #: more rounds for a workload whose calls take milliseconds: a 3% target there is under a
+    #: millisecond, inside one scheduler hiccup, and only a best of many separates it from noise
+    rep_factor: int = 1
 
     def cell(self, key: str) -> Cell:
         return next(c for c in self.cells if c.key == key)
@@ -480,7 +483,7 @@ def build(key: str, quick: bool, log: Callable[..., None]) -> Workload:
         cells[-1].frame_holder.append(frame)  # type: ignore[attr-defined]
         return Workload("W1", f"{n:,} tiny rows: x * 2 + 1 (ints)", frame,
                         cells, baseline="apply", warmup_rows=n,
-                        cold=cold_cell(double_plus_one))
+                        cold=cold_cell(double_plus_one), rep_factor=5)
     if key == "W2":
         n = 400 if quick else 2_000
         log("W2: calibrating the 5 ms loop")
@@ -605,7 +608,10 @@ def render(work: Workload, reps: int) -> list[str]:
         best = cell.best
         best_text = "-" if best is None else f"{best:.3f}"
         ratio = f"{best / base.best:6.2f}x" if best is not None and base.best else "      -"
-        each = " ".join(f"{t:.3f}" for t in cell.times) if cell.times else "(computed)"
+        shown = cell.times if len(cell.times) <= 5 else sorted(cell.times)[:5]
+        each = " ".join(f"{t:.3f}" for t in shown) if cell.times else "(computed)"
+        if len(cell.times) > 5:
+            each = f"{each} (5 best of {len(cell.times)})"
         target = targets.get(cell.key)
         remark = cell.note
         if target is not None:
@@ -680,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in selected:
         work = build(key, args.quick, log)
         load_before = os.getloadavg()[0]
-        measure(work, reps, args.cell_timeout, log)
+        measure(work, reps * work.rep_factor, args.cell_timeout, log)
         work.load = (load_before, os.getloadavg()[0])
         judge(work)
         work.frame = None  # W4's strings are 200 MB
