@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import pandas as pd
 
 from . import join
@@ -411,9 +412,11 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, errors_cal
         hits = stored.hits()
         if hits:
             outcomes.file_cached(hits)
-            todo = [p for p in range(n) if p not in hits]
+            missing = np.ones(n, dtype=bool)
+            missing[np.fromiter(hits, dtype=np.intp, count=len(hits))] = False
+            todo = np.flatnonzero(missing)
             progress.update(cached=len(hits))
-    if not todo:
+    if len(todo) == 0:
         _finish(progress, "success", outcomes, index, started, errors_call, logs)
         return outcomes
     backend = create_backend(task)
@@ -493,7 +496,7 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
                 cursor = n
             elif cursor < n:
                 size = min(sizer.next_size(n - cursor), n - cursor)
-                positions = todo[cursor : cursor + size]
+                positions = _as_range(todo[cursor : cursor + size])
                 if isinstance(positions, range):
                     batch = Batch(0, positions, args[positions.start : positions.stop])
                 else:
@@ -532,6 +535,16 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
                 _raise_if_asked(failed, task, outcomes, index)
 
 
+def _as_range(positions: Sequence[int]) -> Sequence[int]:
+    """Consecutive positions as a ``range``, which files, slices and stores without a per-row loop."""
+    if isinstance(positions, range) or len(positions) == 0:
+        return positions
+    first, last = int(positions[0]), int(positions[-1])
+    if last - first == len(positions) - 1:
+        return range(first, last + 1)
+    return [int(p) for p in positions]
+
+
 def _parallel_cannot_pay(sizer: BatchSizer, remaining: int) -> bool:
     """Rows so cheap that shipping them to workers costs more than running them here.
 
@@ -550,7 +563,7 @@ def _run_inline(task: Task, args: list[Any], positions: Sequence[int], outcomes:
     """Run the remaining rows in this thread, in chunks so the bar moves and Stop is noticed."""
     opts = task.options
     for start in range(0, len(positions), INLINE_CHUNK):
-        chunk = positions[start : start + INLINE_CHUNK]
+        chunk = _as_range(positions[start : start + INLINE_CHUNK])
         chunk_args = (args[chunk.start : chunk.stop] if isinstance(chunk, range) else [args[p] for p in chunk])
         began = time.perf_counter()
         values, errors = run_rows(task.fn, task.star, chunk_args, opts.retries, opts.timeout)

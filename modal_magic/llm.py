@@ -556,8 +556,6 @@ def parse_llm_line(line: str) -> LLMCellArgs:
 
     from IPython.core.error import UsageError
 
-    from .options import OPTION_NAMES
-
     try:
         argv = shlex.split(line)
     except ValueError as error:
@@ -580,15 +578,9 @@ def parse_llm_line(line: str) -> LLMCellArgs:
     for name, flag in (("output", "-o"), ("schema", "--schema")):
         if name in given and not given[name].isidentifier():
             raise UsageError(f"{flag} {given[name]!r}: expected a variable name")
-    options = {k: v for k, v in given.items() if k in OPTION_NAMES}
-    from .magics import _pairs  # the same KEY=VALUE parsing as %%modal_map
+    from .magics import option_flags  # the same option flags as %%modal_map
 
-    if "env" in options:
-        options["env"] = _pairs(options["env"], flag="--env", form="KEY=VALUE")
-    if "volumes" in options:
-        options["volumes"] = _pairs(options["volumes"], flag="--volume", form="/PATH=VOLUME_NAME")
-    if options.get("gpu") is not None and len(options["gpu"]) == 1:
-        options["gpu"] = options["gpu"][0]
+    options = option_flags(given)
     llm = {k: v for k, v in given.items() if k in _LLM_FLAGS and k != "schema"}
     return LLMCellArgs(frame=frame, into=given.get("into", DEFAULT_INTO), output=given.get("output"),
                        schema=given.get("schema"), llm=llm, options=options)

@@ -320,13 +320,7 @@ def parse_line(line: str) -> CellArgs:
     for name, flag in (("output", "-o"), ("fn", "--fn")):
         if name in given and not given[name].isidentifier():
             raise UsageError(f"{flag} {given[name]!r}: expected a variable name")
-    options = {name: value for name, value in given.items() if name in OPTION_NAMES}
-    if "env" in options:
-        options["env"] = _pairs(options["env"], flag="--env", form="KEY=VALUE")
-    if "volumes" in options:
-        options["volumes"] = _pairs(options["volumes"], flag="--volume", form="/PATH=VOLUME_NAME")
-    if options.get("gpu") is not None and len(options["gpu"]) == 1:
-        options["gpu"] = options["gpu"][0]
+    options = option_flags(given)
     return CellArgs(
         frame=frame,
         columns=tuple(columns) if columns else (column,),
@@ -337,6 +331,21 @@ def parse_line(line: str) -> CellArgs:
         retry_failed=bool(given.get("retry_failed")),
         options=options,
     )
+
+
+def option_flags(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The option flags among parsed arguments, in the options' own shapes (``--env K=V`` -> a dict...).
+
+    Shared by ``%%modal_map`` and ``%%modal_llm``, whose flags for the options are the same.
+    """
+    options = {name: value for name, value in given.items() if name in OPTION_NAMES}
+    if "env" in options:
+        options["env"] = _pairs(options["env"], flag="--env", form="KEY=VALUE")
+    if "volumes" in options:
+        options["volumes"] = _pairs(options["volumes"], flag="--volume", form="/PATH=VOLUME_NAME")
+    if options.get("gpu") is not None and len(options["gpu"]) == 1:
+        options["gpu"] = options["gpu"][0]
+    return options
 
 
 def _syntax_error_text(error: SyntaxError) -> str:
