@@ -77,6 +77,8 @@ ATIME_RESOLUTION_S = 3600
 #: eviction brings the database down to this fraction of the limit, so it doesn't run after every put
 EVICT_TO = 0.8
 BUSY_TIMEOUT_S = 10.0
+#: tries to open a database that may be mid-creation by another process before calling it broken
+OPEN_ATTEMPTS = 6
 #: SQLite's default limit on ``?`` parameters is 999 before 3.32
 _IN_CHUNK = 900
 _CHECKSUM_PERSON = b"modal_magic-c1"
@@ -707,16 +709,39 @@ class RowCache:
             return self._conn
         if self._conn is not None:  # we are a forked child: leave the parent's connection alone
             _inherited.append(self._conn)
-        try:
-            self._conn = self._connect()
-        except sqlite3.DatabaseError as e:
-            if type(e) is not sqlite3.DatabaseError:  # locked, I/O, permissions: not ours to fix by deleting
-                raise
-            # Not a database (truncated, overwritten, foreign): it's only a cache, start afresh.
-            self._remove_files(e)
-            self._conn = self._connect()
+        for attempt in range(OPEN_ATTEMPTS):
+            try:
+                self._conn = self._connect()
+                break
+            except sqlite3.OperationalError as e:
+                # Switching a new database to WAL can report "locked" at once, without waiting out the
+                # busy timeout, while another process sets the same database up: look again.
+                if "locked" not in str(e) or attempt + 1 == OPEN_ATTEMPTS:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+            except sqlite3.DatabaseError as e:
+                if type(e) is not sqlite3.DatabaseError:  # I/O, permissions: not ours to fix by deleting
+                    raise
+                if attempt + 1 < OPEN_ATTEMPTS and self._maybe_being_created():
+                    # Another process may be creating the database this very moment; deleting its
+                    # files now would pull the shared memory from under it (SIGBUS). Look again.
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
+                # Not a database (truncated, overwritten, foreign): it's only a cache, start afresh.
+                self._remove_files(e)
+                self._conn = self._connect()
+                break
         self._pid = os.getpid()
         return self._conn
+
+    def _maybe_being_created(self) -> bool:
+        """An empty file, or one with SQLite's header: possibly a database another process is setting up."""
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(16)
+        except OSError:
+            return True
+        return head == b"" or head == b"SQLite format 3\x00"
 
     def _recover_if_corrupt(self, error: sqlite3.Error) -> None:
         """After "file is not a database" / "disk image is malformed", replace the database."""
@@ -849,16 +874,23 @@ def _make_private_directory(directory: Path) -> None:
 
 
 def _make_private_file(path: Path, create: bool = True) -> None:
-    flags = os.O_RDWR | (os.O_CREAT if create else 0)
+    """Make ``path`` readable by its owner only (creating it empty if asked and missing).
+
+    Never opens a file that may already exist: closing any descriptor of a file drops every POSIX
+    lock this process holds on it, and SQLite's locks on the database and its ``-shm`` file are
+    exactly that; losing them lets another process reset the shared memory under us (SIGBUS).
+    """
+    if create:
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            return
+        except FileExistsError:
+            pass
     try:
-        fd = os.open(path, flags, 0o600)
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
     except FileNotFoundError:
         return
-    try:
-        if os.fstat(fd).st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
 
 
 # --- the process-wide cache ------------------------------------------------------------------------
