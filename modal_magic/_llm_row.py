@@ -96,6 +96,11 @@ class LLMError(Exception):
         self.status = status
         self.attempts = attempts
 
+    @property
+    def modal_magic_attempts(self) -> int:
+        """The HTTP tries this request took, which the row's ``attempts`` then counts."""
+        return self.attempts
+
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_error, (type(self), str(self), self.status, self.attempts))
 
@@ -148,6 +153,7 @@ _STATUS_ERRORS: dict[int, type[LLMError]] = {401: AuthenticationError, 403: Auth
 
 
 def error_for_status(status: int) -> type[LLMError]:
+    """The exception class for an HTTP error status (any 5xx is an ``InternalServerError``)."""
     if status >= 500:
         return InternalServerError
     return _STATUS_ERRORS.get(status, APIStatusError)

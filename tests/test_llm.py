@@ -325,6 +325,7 @@ def test_a_request_that_keeps_failing_is_its_rows_error_and_no_row_is_lost(opena
     assert errors[3].startswith("RateLimitError: 429") and errors[3].endswith("(not retried)")
     assert errors[4] is None and out["answer"].iloc[4] == "Say e"
     assert errors[0].exception.attempts == 3 and errors[0].exception.status == 429
+    assert [e.attempts for e in errors[:4]] == [3, 3, 1, 1], "the row's attempts count its HTTP tries"
     assert len(openai_server.requests_for("] a")) == 3
     assert len(openai_server.requests_for("] b")) == 3
     assert len(openai_server.requests_for("] c")) == 1

@@ -73,6 +73,7 @@ def check_reachable(timeout_s: float = 5.0) -> None:
 
 
 def local_python_version() -> str:
+    """This kernel's ``MAJOR.MINOR`` Python version, which the default image matches."""
     return f"{sys.version_info.major}.{sys.version_info.minor}"
 
 

@@ -608,6 +608,7 @@ def generate(seed: int = SEED, n: int = N_REVIEWS) -> list[tuple[int, str, str, 
 
 
 def to_csv_bytes(rows: list[tuple[int, str, str, int]]) -> bytes:
+    """The rows as CSV bytes with a header, the same on every platform."""
     buf = io.StringIO(newline="")
     writer = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
     writer.writerow(COLUMNS)
@@ -625,6 +626,7 @@ def gzip_bytes(data: bytes) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Write the dataset (``--out PATH``, default the shipped file)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"where to write the gzipped CSV (default: {DEFAULT_OUT})")
