@@ -491,7 +491,8 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
         while in_flight < backend.capacity:
             if retry_at and retry_at[0][0] <= time.monotonic():
                 batch = heapq.heappop(retry_at)[2]
-            elif cursor < n and backend.inline_when_tiny and _parallel_cannot_pay(sizer, n - cursor):
+            elif (cursor < n and backend.inline_when_tiny and opts.batch_size is None
+                  and _parallel_cannot_pay(sizer, n - cursor)):
                 _run_inline(task, args, todo[cursor:], outcomes, progress, index, stored)
                 cursor = n
             elif cursor < n:

@@ -272,3 +272,16 @@ def test_every_row_gets_exactly_one_of_result_or_error(data, n, backend_name):
     has_error = out["y_error"].notna()
     assert (has_result ^ has_error).all()
     assert set(np.flatnonzero(has_error.to_numpy())) == {x for x in fail if x < n}
+
+
+def test_cheap_rows_finish_in_this_process_unless_batch_size_is_fixed():
+    import os as _os
+
+    df = pd.DataFrame({"x": range(50_000)})
+    here = _os.getpid()
+    where = lambda x: _os.getpid()  # noqa: E731  (cheap: well under 2 us a row)
+    pids = df.modal.map(where, column="x", backend="local", progress=False, cache=False)["result"]
+    assert pids.iloc[0] != here, "the first rows are measured in a worker"
+    assert pids.iloc[-1] == here, "the rest, too cheap to ship, ran here"
+    fixed = df.modal.map(where, column="x", backend="local", batch_size=5000, progress=False, cache=False)
+    assert (fixed["result"] != here).all(), "a fixed batch_size keeps every row in the workers"
