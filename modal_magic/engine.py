@@ -83,9 +83,8 @@ class BatchSizer:
     end batches shrink so the last ones finish together instead of one worker holding the tail.
     """
 
-    def __init__(self, n: int, workers: int, fixed: int | None, *, target_s: float = TARGET_BATCH_S,
+    def __init__(self, workers: int, fixed: int | None, *, target_s: float = TARGET_BATCH_S,
                  initial: int = 1, max_size: int | None = None) -> None:
-        self.n = n
         self.workers = max(1, workers)
         self.fixed = fixed
         self.target_s = target_s
@@ -121,7 +120,6 @@ class _Outcomes:
     n: int
     values: list[Any] = field(init=False)
     errors: dict[int, RowError] = field(default_factory=dict)
-    finished: int = 0
     cached: int = 0
 
     def __post_init__(self) -> None:
@@ -143,7 +141,6 @@ class _Outcomes:
             self.values[position] = None
             self.errors[position] = RowError.create(type_name, message, traceback=tb, attempts=attempts, exception=exc)
             failed.append(position)
-        self.finished += len(positions)
         return failed
 
     def file_cached(self, hits: dict[int, Any]) -> None:
@@ -151,14 +148,12 @@ class _Outcomes:
         for position, value in hits.items():
             self.values[position] = value
             self._done[position] = 1
-        self.finished += len(hits)
         self.cached += len(hits)
 
     def fail(self, position: int, error: RowError) -> None:
         self.values[position] = None
         self.errors[position] = error
         self._done[position] = 1
-        self.finished += 1
 
     def unfinished(self) -> list[int]:
         return [i for i in range(self.n) if not self._done[i]]
@@ -474,7 +469,6 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
     meter = getattr(task.fn, "modal_magic_meter", None)
     single = backend.timeout_needs_single_rows and opts.timeout is not None
     sizer = BatchSizer(
-        n,
         backend.parallelism,
         opts.batch_size or (1 if single else None),
         target_s=backend.target_batch_s,

@@ -219,7 +219,7 @@ def test_fixed_batch_size_gives_same_result(backend):
 
 
 def test_batch_sizer_grows_toward_the_target_and_balances_the_tail():
-    sizer = BatchSizer(n=200_000, workers=2, fixed=None)
+    sizer = BatchSizer(workers=2, fixed=None)
     assert sizer.next_size(200_000) == 1  # nothing measured yet
     sizer.observe(1, 1e-6)
     assert sizer.next_size(200_000) == 8  # grows at most 8x per measurement
@@ -227,12 +227,12 @@ def test_batch_sizer_grows_toward_the_target_and_balances_the_tail():
         sizer.observe(rows, rows * 1e-6)
     assert sizer.next_size(200_000) == 50_000  # capped so each worker gets at least two batches
     assert sizer.next_size(100) == 25
-    slow = BatchSizer(n=2000, workers=2, fixed=None)
+    slow = BatchSizer(workers=2, fixed=None)
     slow.observe(1, 0.005)
     assert slow.next_size(2000) == 8
     slow.observe(8, 0.04)
     assert slow.next_size(2000) == 10  # 50 ms of 5 ms rows
-    assert BatchSizer(n=10, workers=2, fixed=3).next_size(10) == 3
+    assert BatchSizer(workers=2, fixed=3).next_size(10) == 3
 
 
 def test_last_run_summarises():

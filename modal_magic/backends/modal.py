@@ -211,7 +211,6 @@ class ModalBackend(Backend):
         self._closed = threading.Event()  # set when the session has left app.run() (the app is stopped)
         self._sink = _LineSink()
         self._containers: int | None = None
-        self.inputs_sent = 0
 
     # capacity: enough inputs queued that no container waits for its next one
     @property
@@ -305,7 +304,6 @@ class ModalBackend(Backend):
     def submit(self, batch: Batch) -> None:
         assert self._loop is not None and self._inputs is not None
         self._in_flight[batch.id] = batch
-        self.inputs_sent += 1
         self._loop.loop.call_soon_threadsafe(self._inputs.put_nowait, (batch.id, batch.args))
 
     def results(self, timeout: float | None) -> list[BatchResult]:

@@ -61,7 +61,6 @@ class _Worker:
         child_sock.close()
         self.conn = Connection(parent_sock.detach())
         self.conn.send_bytes(pickle.dumps(("init", list(sys.path), os.getcwd())))
-        self.ready = False  # set once the worker acknowledges init
         self.fn_token: int | None = None
         self.batches: deque[Batch] = deque()  # the running one first, then one queued behind it
         self.deadline = float("inf")  # for the running batch
@@ -229,7 +228,6 @@ class ProcessBackend(Backend):
                 code = worker.proc.returncode
                 return self._lost(worker, WorkerCrashed(f"the worker process running this row {_describe_exit(code)}"))
             if data == b"I":  # the init acknowledgement, read here to keep start-up off the critical path
-                worker.ready = True
                 continue
             break
         batch = worker.batches.popleft()
