@@ -627,9 +627,7 @@ class RowCache:
             for start in range(0, len(touch), _IN_CHUNK):
                 batch = touch[start : start + _IN_CHUNK]
                 db.execute(f"UPDATE chunks SET atime = ? WHERE id IN ({','.join('?' * len(batch))})", [now, *batch])
-            for start in range(0, len(drop), _IN_CHUNK):
-                batch = drop[start : start + _IN_CHUNK]
-                db.execute(f"DELETE FROM chunks WHERE id IN ({','.join('?' * len(batch))})", batch)
+            _delete_chunks(db, drop)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -694,9 +692,7 @@ class RowCache:
                 return
             db.execute("BEGIN IMMEDIATE")
             try:
-                for start in range(0, len(victims), _IN_CHUNK):
-                    batch = victims[start : start + _IN_CHUNK]
-                    db.execute(f"DELETE FROM chunks WHERE id IN ({','.join('?' * len(batch))})", batch)
+                _delete_chunks(db, victims)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -795,6 +791,13 @@ class RowCache:
         for suffix in ("-wal", "-shm"):  # SQLite gives them the database's mode; make sure
             _make_private_file(Path(f"{self.path}{suffix}"), create=False)
         return db
+
+
+def _delete_chunks(db: sqlite3.Connection, ids: Sequence[int]) -> None:
+    """Delete chunks by id, in statements under SQLite's limit on bound variables."""
+    for start in range(0, len(ids), _IN_CHUNK):
+        batch = ids[start : start + _IN_CHUNK]
+        db.execute(f"DELETE FROM chunks WHERE id IN ({','.join('?' * len(batch))})", batch)
 
 
 def _join_keys(keys: Sequence[bytes | None]) -> bytes | None:
