@@ -287,19 +287,45 @@ class Budget:
 
 
 class Meter:
-    """Running totals the progress bar shows (``.tokens``, ``.cost_usd``); written on the loop, read by the engine.
+    """Running totals the progress bar shows (``.tokens``, ``.cost_usd``), read by the engine as rows finish.
 
+    Where the rows run in this process a :class:`Session` feeds it as each answer arrives
+    (:meth:`add`), failed-but-paid answers included. Where they run elsewhere (Modal containers),
+    build it with ``columns=`` (the result columns for tokens in, tokens out and cost): the engine
+    then hands it every batch that comes back (:meth:`observe`), and it adds up those columns,
+    plus the usage that failed rows carry (``modal_magic_usage`` on the exception).
     ``cost_usd`` is ``None`` when the model has no price, so the bar shows tokens only.
+
+    Examples
+    --------
+    >>> meter = Meter(priced=True, columns=("t_in", "t_out", "usd"))
+    >>> meter.observe([{"t_in": 10, "t_out": 2, "usd": 0.5}, None], [])
+    >>> meter.tokens, meter.cost_usd
+    (12, 0.5)
     """
 
-    def __init__(self, priced: bool) -> None:
+    def __init__(self, priced: bool, columns: tuple[str, str, str] | None = None) -> None:
         self.tokens = 0
         self.cost_usd: float | None = 0.0 if priced else None
+        self._columns = columns
 
     def add(self, tokens: int, cost_usd: float | None) -> None:
         self.tokens += tokens
         if cost_usd is not None and self.cost_usd is not None:
             self.cost_usd += cost_usd
+
+    def observe(self, values: list[Any], errors: list[tuple[Any, ...]]) -> None:
+        """A batch came back from elsewhere: add its rows' usage (nothing when fed live by a session)."""
+        if self._columns is None:
+            return
+        tokens_in, tokens_out, cost = self._columns
+        for value in values:
+            if isinstance(value, dict):
+                self.add((value.get(tokens_in) or 0) + (value.get(tokens_out) or 0), value.get(cost))
+        for error in errors:
+            usage = getattr(error[-1], "modal_magic_usage", None)
+            if usage is not None:
+                self.add(*usage)
 
 
 # --- one row ---------------------------------------------------------------------------------------
@@ -459,15 +485,20 @@ class Session:
                 data = await self._send(body, tokens_booked)
                 tokens_in, tokens_out = usage_of(data)
                 # Paid for even when the answer then fails validation.
-                spent = self.cost(tokens_in, tokens_out) or 0.0
-                self.meter.add((tokens_in or 0) + (tokens_out or 0), self.cost(tokens_in, tokens_out))
-                return self.parse(data, tokens_in, tokens_out)
+                usage = ((tokens_in or 0) + (tokens_out or 0), self.cost(tokens_in, tokens_out))
+                spent = usage[1] or 0.0
+                self.meter.add(*usage)
+                try:
+                    return self.parse(data, tokens_in, tokens_out)
+                except (EmptyAnswer, SchemaValidationError) as error:
+                    error.modal_magic_usage = usage  # type: ignore[attr-defined]  # travels back from Modal
+                    raise
             finally:
                 self.budget.settle(usd_booked, spent)
         finally:
             self._active -= 1
-            if self._active == 0:
-                await self._when_idle()
+            if self._active == 0 and self._idle_close_s:
+                self._close_when_quiet()
 
     def _new_run(self, loop: Any) -> None:
         """The function runs again on a new event loop (e.g. ``out.modal.retry_failed()``).
@@ -480,18 +511,8 @@ class Session:
             self.budget.stopped = None
         self._loop = loop
 
-    async def _when_idle(self) -> None:
-        """No row is running: close the client now, before this row reports back, or after a quiet spell.
-
-        In the kernel the run's event loop is stopped as soon as the last row reports, and which
-        row is last isn't known here (the cache answers some rows without calling), so the client
-        is closed whenever no row is running; the next row opens a new one. With hundreds of
-        requests in flight that happens only at the end. In a Modal container the loop lives on, so
-        the client stays open for a quiet spell first.
-        """
-        if not self._idle_close_s:
-            await self._close()
-            return
+    def _close_when_quiet(self) -> None:
+        """In a Modal container the loop lives on between inputs: close the client after a quiet spell."""
         if self._idle_close is not None:
             self._idle_close.cancel()
         loop = asyncio.get_running_loop()
@@ -499,15 +520,13 @@ class Session:
 
     async def _close_if_idle(self) -> None:
         if self._active == 0:
-            await self._close()
+            await self.aclose()
 
-    async def _close(self) -> None:
+    async def aclose(self) -> None:
+        """Close the client and its connections; the next row opens a new one. The end of a run calls this."""
         client, self._client = self._client, None
         if client is not None:
-            try:
-                await asyncio.shield(client.close())
-            except BaseException:  # cancelled while closing (Stop): the loop is going away anyway
-                pass
+            await client.close()
 
     async def _send(self, body: dict[str, Any], tokens_booked: int) -> Any:
         import openai

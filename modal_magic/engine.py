@@ -465,7 +465,8 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
            progress: Progress, index: pd.Index, logs: list[str], stored: _RowStore | None) -> None:
     opts = task.options
     n = len(todo)
-    # A function may carry a meter (``.tokens``, ``.cost_usd``) that the bar shows as it runs.
+    # A function may carry a meter (``.tokens``, ``.cost_usd``) that the bar shows as it runs; it
+    # sees every batch that comes back (an LLM run on Modal adds up the rows' usage from them).
     meter = getattr(task.fn, "modal_magic_meter", None)
     single = backend.timeout_needs_single_rows and opts.timeout is not None
     sizer = BatchSizer(
@@ -512,7 +513,7 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
             time.sleep(wait)  # only lost rows waiting out their backoff are left
             continue
         results = backend.results(wait)
-        _relay_backend_news(backend, progress, logs, meter)
+        _relay_backend_news(backend, progress, logs)
         for result in results:
             in_flight -= 1
             if result.requeue:
@@ -523,9 +524,13 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
                 continue
             sizer.observe(len(result.batch.positions), result.elapsed_s)
             failed = outcomes.file(result.batch.positions, result.values, result.errors)
+            usage = {}
+            if meter is not None:
+                meter.observe(result.values, result.errors)
+                usage = {"tokens": meter.tokens, "cost_usd": meter.cost_usd}
             if stored is not None:  # as they arrive: a crash or Stop loses at most the rows in flight
                 stored.save(result.batch.positions, result.values, failed, result.elapsed_s)
-            progress.update(done=len(result.batch.positions) - len(failed), failed=len(failed))
+            progress.update(done=len(result.batch.positions) - len(failed), failed=len(failed), **usage)
             if failed:
                 _raise_if_asked(failed, task, outcomes, index)
 
@@ -570,9 +575,7 @@ def _run_inline(task: Task, args: list[Any], positions: Sequence[int], outcomes:
             _raise_if_asked(failed, task, outcomes, index)
 
 
-def _relay_backend_news(backend: Backend, progress: Progress, logs: list[str], meter: Any = None) -> None:
-    if meter is not None:  # e.g. an LLM run's running token and cost totals
-        progress.update(tokens=meter.tokens, cost_usd=meter.cost_usd)
+def _relay_backend_news(backend: Backend, progress: Progress, logs: list[str]) -> None:
     lines = backend.drain_logs()
     if lines:
         logs.extend(lines)

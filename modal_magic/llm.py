@@ -212,12 +212,7 @@ class _Runtime:
     session: Session
     container_limits: Limits
     on_modal: bool  # only then is the function really shipped, with the containers' share of the limits
-
-    @property
-    def meter(self) -> Meter | None:
-        """Shown on the progress bar; none on Modal, where the rows (and their totals) are elsewhere."""
-        return None if self.on_modal else self.session.meter
-
+    meter: Meter  # what the bar shows: fed by the session here, or added up from the rows Modal returns
 
 # Each row function's session (API key, client, limiter, budget) lives here, off the function: the
 # cache fingerprints a function by its attributes, and what decides an answer is the Request alone;
@@ -237,12 +232,19 @@ class LLMRowFunction:
     def __init__(self, request: Request, session: Session, container_limits: Limits, *, on_modal: bool) -> None:
         self.request = request
         self.__name__ = f"llm_{request.into}"
-        _RUNTIMES[self] = _Runtime(session, container_limits, on_modal)
+        columns = request.columns
+        meter = (Meter(request.price is not None, (columns["tokens_in"], columns["tokens_out"], columns["cost_usd"]))
+                 if on_modal else session.meter)
+        _RUNTIMES[self] = _Runtime(session, container_limits, on_modal, meter)
 
     @property
-    def modal_magic_meter(self) -> Meter | None:
+    def modal_magic_meter(self) -> Meter:
         """Running tokens and cost, which the engine shows on the progress bar as rows finish."""
         return _RUNTIMES[self].meter
+
+    async def modal_magic_aclose(self) -> None:
+        """The run is over: close the client, on the loop that used it (the asyncio backend calls this)."""
+        await _RUNTIMES[self].session.aclose()
 
     async def __call__(self, *values: Any) -> dict[str, Any]:
         return await _RUNTIMES[self].session.complete(values)
@@ -282,14 +284,16 @@ def _schema_parts(schema: Any) -> tuple[dict[str, Any], tuple[str, ...]]:
     fields = getattr(schema, "model_fields", None)
     if not isinstance(schema, type) or not isinstance(fields, Mapping):
         raise OptionsError(f"schema={schema!r} is not valid: expected a pydantic model class or a JSON schema dict")
-    try:  # the openai SDK's own strict-schema conversion, as its .parse() uses
-        from openai.lib._pydantic import to_strict_json_schema
+    import openai
 
-        json_schema, strict = to_strict_json_schema(schema), True
-    except Exception:
-        json_schema, strict = schema.model_json_schema(), False
+    # The SDK's public helper makes the strict schema OpenAI wants (every field required, no extra
+    # properties), the same conversion its own ``.parse()`` applies to a response format.
+    try:
+        json_schema = openai.pydantic_function_tool(schema)["function"]["parameters"]
+    except Exception as e:  # a model pydantic can't describe as a JSON schema
+        raise OptionsError(f"schema={schema.__name__} can't be sent as a JSON schema: {type(e).__name__}: {e}") from None
     name = re.sub(r"[^A-Za-z0-9_-]", "_", schema.__name__)[:64]
-    response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": json_schema, "strict": strict}}
+    response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": json_schema, "strict": True}}
     return response_format, tuple(fields)
 
 

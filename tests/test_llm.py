@@ -397,6 +397,17 @@ def test_a_pydantic_schema_gives_one_column_per_field(openai_server):
     assert fmt["json_schema"]["schema"]["additionalProperties"] is False
 
 
+def test_a_schema_pydantic_cannot_describe_is_refused_before_any_request(openai_server):
+    from typing import Callable
+
+    class Bad(BaseModel):
+        how: Callable[[int], int]
+
+    with pytest.raises(OptionsError, match=r"schema=Bad can't be sent as a JSON schema: PydanticInvalidForJsonSchema"):
+        pd.DataFrame({"text": ["a"]}).modal.llm("Say {text}", schema=Bad, **FAST)
+    assert openai_server.requests == []
+
+
 def test_an_answer_that_breaks_the_schema_is_its_rows_error_and_retries_ask_again(openai_server):
     df = pd.DataFrame({"text": ["[[malformed]] product: a", "[[malformed times=1]] product: b", "product: c"]})
     out = df.modal.llm("Extract from: {text}", schema=Complaint, retries=1, **FAST)
@@ -470,6 +481,21 @@ def test_on_modal_the_key_comes_from_a_secret_inside_the_container(openai_server
     assert function["max_containers"] == 2
 
 
+def test_on_modal_the_bar_adds_up_tokens_and_cost_as_rows_come_back(openai_server, modal_server, monkeypatch,
+                                                                     capsys):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    modal_server.add_secret("openai-secret", {"OPENAI_API_KEY": "sk-modal-secret-1234"})
+    df = pd.DataFrame({"text": ["product: kettle", "[[malformed]] product: lamp", "product: mug"]})
+    out = df.modal.llm("Extract from: {text}", schema=Complaint, into="x", backend="modal", secrets=["openai-secret"],
+                       base_url=openai_server.base_url, progress=True)
+    assert out["x_error"].notna().tolist() == [False, True, False]
+    # Every answer was paid for, the one that broke the schema too: the bar counts what the server billed.
+    billed = sum(r.tokens_in + r.tokens_out for r in openai_server.requests)
+    assert billed > out["x_tokens_in"].sum() + out["x_tokens_out"].sum()
+    err = capsys.readouterr().err
+    assert f"{billed:,} tokens" in err
+
+
 def test_on_modal_mistakes_are_caught_before_anything_starts(openai_server):
     df = pd.DataFrame({"text": ["a"]})
     with pytest.raises(llm.MissingAPIKey, match=r"secrets=\['openai-secret'\]"):
@@ -484,6 +510,13 @@ def test_the_client_is_closed_when_the_run_ends(openai_server, monkeypatch):
     seen = capture_row_functions(monkeypatch)
     pd.DataFrame({"text": ["a", "b", "c"]}).modal.llm("Say {text}", max_containers=2, **FAST)
     assert llm._RUNTIMES[seen[0]].session._client is None
+
+
+def test_one_request_at_a_time_keeps_one_connection_for_the_whole_run(openai_server):
+    # Closing the client whenever no row was running reconnected before every row at max_containers=1.
+    out = pd.DataFrame({"text": list("abcdef")}).modal.llm("Say {text}", max_containers=1, **FAST)
+    assert out["answer"].tolist() == [f"Say {c}" for c in "abcdef"]
+    assert len({r.connection for r in openai_server.requests}) == 1
 
 
 def test_retry_failed_runs_the_failed_rows_again(openai_server):

@@ -9,6 +9,7 @@ already runs a loop (where ``asyncio.run`` refuses to start). Per-row timeouts u
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import time
 
@@ -65,7 +66,6 @@ class AsyncBackend(Backend):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-
     def results(self, timeout: float | None) -> list[BatchResult]:
         return drain(self._outbox, timeout)
 
@@ -82,5 +82,14 @@ class AsyncBackend(Backend):
     def finish(self) -> None:
         self.cancel()
         if self._loop is not None:
+            # A function that holds connections (an LLM run's HTTP client) closes them on the loop
+            # that opened them, once, here at the end, rather than after every quiet moment.
+            aclose = getattr(self._task.fn, "modal_magic_aclose", None) if self._task is not None else None
+            if aclose is not None:
+                try:
+                    self._loop.call(aclose()).result(timeout=10)
+                except Exception as e:  # teardown: every row's outcome is already filed
+                    logging.getLogger("modal_magic").warning("closing the run's connections failed: %s: %s",
+                                                             type(e).__name__, e)
             self._loop.stop()
             self._loop = None

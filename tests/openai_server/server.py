@@ -64,6 +64,7 @@ class RequestRecord:
     authorization: str = ""  # the Authorization header as sent (the tests check clients never print it)
     tokens_in: int = 0
     tokens_out: int = 0
+    connection: Any = None  # the client's (host, port): one per TCP connection, so tests can count them
 
     def as_json(self) -> dict[str, Any]:
         return {"t": self.t, "content": self.content, "body": self.body, "status": self.status,
@@ -191,7 +192,9 @@ def make_app(state: _State) -> web.Application:
         messages = body.get("messages") or []
         user = next((_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
         markers = parse_markers(user)
-        record = RequestRecord(arrived, user, body, authorization=request.headers.get("Authorization", ""))
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        record = RequestRecord(arrived, user, body, authorization=request.headers.get("Authorization", ""),
+                               connection=tuple(peer) if peer else None)
         with state.lock:
             state.seen[user] += 1
             nth = state.seen[user]
