@@ -59,7 +59,8 @@ DEFAULT_INTO = "answer"
 DEFAULT_CONCURRENCY = 64
 
 #: When :data:`PRICES` was read off OpenAI's pricing page (standard tier; no cached-input, batch or
-#: flex discounts). Prices change: pass ``prices=`` or edit :data:`PRICES` when they do.
+#: flex discounts); rechecked in 2026-11 against copies of that page from March to June 2026, which
+#: agree on every row. Prices change: pass ``prices=`` or edit :data:`PRICES` when they do.
 PRICES_AS_OF = "2026-03"
 #: USD per million tokens, ``model: (input, output)``. A dated snapshot name
 #: (``gpt-4o-mini-2024-07-18``) takes its model's price. Models not here get no cost column values
