@@ -4,6 +4,8 @@
 so it doesn't share the client's interpreter) that answers every request after 50 ms. The ideal is
 ``ceil(5000 / 256) x 50 ms = 1.00 s``; the target is modal_magic within 15% of it. Beside it:
 
+- modal_magic again with ``processes=`` the core count (at least 2): the requests sent from that many
+  worker processes, each with its own client;
 - ``ThreadPoolExecutor(256)`` over the sync ``openai.OpenAI`` client, as a user would write it;
 - ``asyncio.gather`` over ``openai.AsyncOpenAI`` with a semaphore of 256, the hand-written async way,
   with the client's default transport and again with its aiohttp transport (which modal_magic uses);
@@ -16,10 +18,10 @@ so it doesn't share the client's interpreter) that answers every request after 5
 Every client talks to the same server, sends the same prompts with ``max_tokens=10``, and keeps
 its own retries off. modal_magic runs with ``progress=False`` and ``cache=False``. Each cell is the
 best of ``--reps`` timed calls after one untimed warm-up call on 500 rows; cells run in interleaved
-rounds. The client's CPU seconds are printed too: past a few thousand requests a second, one Python
-process's CPU, not the latency, is the limit. Exit code 0 whatever the target says (this is a report)::
+rounds. The client's CPU seconds (its worker processes' included) are printed too: past a thousand
+or so requests a second, one Python process's CPU, not the latency, is the limit. Exit code 0 whatever the target says (this is a report)::
 
-    .venv/bin/python bench/llm.py                  # best of 3, about two minutes on 2 cores
+    .venv/bin/python bench/llm.py                  # best of 3, two to three minutes on 2 cores
     .venv/bin/python bench/llm.py --reps 1 --rows 2000
 """
 
@@ -87,18 +89,25 @@ def stop_servers(procs: list[subprocess.Popen]) -> None:
 # --- the contenders -------------------------------------------------------------------------------------
 
 
-def modal_magic_llm(texts: list[str], url: str, concurrency: int) -> list[str]:
+PROCESSES = max(2, CORES)
+
+
+def modal_magic_llm(texts: list[str], url: str, concurrency: int, processes: int = 1) -> list[str]:
     import pandas as pd
 
     import modal_magic  # noqa: F401  (registers df.modal)
 
     out = pd.DataFrame({"text": texts}).modal.llm(
         PROMPT, into="label", model=MODEL, max_tokens=10, base_url=url, api_key=KEY, max_retries=0,
-        max_containers=concurrency, progress=False, cache=False)
+        max_containers=concurrency, processes=processes, progress=False, cache=False)
     errors = out["label_error"].dropna()
     if len(errors):
         raise RuntimeError(f"{len(errors)} rows failed, e.g. {errors.iloc[0]}")
     return out["label"].tolist()
+
+
+def modal_magic_llm_processes(texts: list[str], url: str, concurrency: int) -> list[str]:
+    return modal_magic_llm(texts, url, concurrency, processes=PROCESSES)
 
 
 def thread_pool(texts: list[str], url: str, concurrency: int) -> list[str]:
@@ -189,6 +198,7 @@ def raw_aiohttp(texts: list[str], url: str, concurrency: int) -> list[str]:
 
 CONTENDERS: dict[str, Callable[[list[str], str, int], list[str]]] = {
     "modal_magic df.modal.llm": modal_magic_llm,
+    f"  same, processes={PROCESSES}": modal_magic_llm_processes,
     "ThreadPoolExecutor + OpenAI": thread_pool,
     "asyncio.gather + AsyncOpenAI": asyncio_gather,
     "  same, aiohttp transport": asyncio_gather_aiohttp,
@@ -200,11 +210,30 @@ CONTENDERS: dict[str, Callable[[list[str], str, int], list[str]]] = {
 # --- measuring ----------------------------------------------------------------------------------------
 
 
+def _worker_cpu(servers: set[int]) -> dict[int, float]:
+    """CPU seconds so far of this process's children that aren't the server (modal_magic's workers)."""
+    import psutil
+
+    out = {}
+    for child in psutil.Process().children(recursive=True):
+        if child.pid not in servers:
+            try:
+                times = child.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            out[child.pid] = times.user + times.system
+    return out
+
+
 def measure(fn: Callable[[list[str], str, int], list[str]], texts: list[str], url: str,
-            concurrency: int) -> tuple[float, float, list[str]]:
+            concurrency: int, servers: set[int]) -> tuple[float, float, list[str]]:
+    """Wall seconds, client CPU seconds (this process and any worker processes it used), answers."""
+    before = _worker_cpu(servers)
     cpu, wall = time.process_time(), time.perf_counter()
     labels = fn(texts, url, concurrency)
-    return time.perf_counter() - wall, time.process_time() - cpu, labels
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    after = _worker_cpu(servers)
+    return wall, cpu + sum(t - before.get(pid, 0.0) for pid, t in after.items()), labels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
              for i in range(args.rows)]
     ideal = math.ceil(args.rows / args.concurrency) * args.latency
     procs, url = start_servers(args.server_procs, args.latency)
+    servers = {p.pid for p in procs}
     best: dict[str, list[tuple[float, float]]] = {name: [] for name in CONTENDERS}
     failures: dict[str, str] = {}
     try:
@@ -236,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name in failures:
                     continue
                 try:
-                    wall, cpu, labels = measure(CONTENDERS[name], texts, url, args.concurrency)
+                    wall, cpu, labels = measure(CONTENDERS[name], texts, url, args.concurrency, servers)
                 except Exception as e:
                     failures[name] = f"{type(e).__name__}: {e}"
                     continue
@@ -265,10 +295,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:32} {wall:8.2f} {wall / ideal:8.2f} {args.rows / wall:8,.0f} {cpu:13.2f} {spread:6.0%}")
     print()
     ours = best["modal_magic df.modal.llm"]
+    spread = best[f"  same, processes={PROCESSES}"]
     if ours:
         ratio = min(ours)[0] / ideal
         verdict = "PASS" if ratio <= LIMIT else "FAIL"
         print(f"{verdict}: modal_magic {ratio:.2f}x ideal (target <= {LIMIT:.2f}x)")
+        if spread:
+            ratio = min(spread)[0] / ideal
+            verdict = "PASS" if ratio <= LIMIT else "FAIL"
+            print(f"{verdict}: modal_magic with processes={PROCESSES}: {ratio:.2f}x ideal (target <= {LIMIT:.2f}x)")
         floor = best["raw aiohttp, no client (floor)"]
         if floor:
             print(f"      floor on this machine (raw aiohttp, no client library): {min(floor)[0] / ideal:.2f}x ideal")

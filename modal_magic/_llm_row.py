@@ -415,6 +415,10 @@ class Session:
     def __reduce__(self) -> Any:
         raise TypeError("a Session holds an API key and is never pickled; ship the Request instead")
 
+    def worker_row(self, limits: Limits) -> WorkerRow:
+        """The row function for one of the kernel's worker processes, with ``limits`` and this key."""
+        return WorkerRow(self.request, limits, self._api_key, self._base_url)
+
     def _make_client(self) -> Any:
         import openai
 
@@ -711,16 +715,44 @@ class ContainerRow:
     def __reduce__(self) -> Any:
         return (ContainerRow, (self.request, self.limits))
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} model={self.request.model!r} into={self.request.into!r}>"
+
+    def _new_session(self) -> Session:
+        import os
+
+        return Session(
+            self.request, self.limits, Meter(self.request.price is not None),
+            api_key=os.environ.get("OPENAI_API_KEY"),
+            base_url=self.request.base_url or os.environ.get("OPENAI_BASE_URL") or None,
+            key_hint=": OPENAI_API_KEY is not set in the Modal container; pass a Modal secret that sets it, "
+                     "e.g. secrets=['openai-secret']",
+            idle_close_s=IDLE_CLOSE_S,
+        )
+
     async def __call__(self, *values: Any) -> dict[str, Any]:
         if self._session is None:
-            import os
-
-            self._session = Session(
-                self.request, self.limits, Meter(self.request.price is not None),
-                api_key=os.environ.get("OPENAI_API_KEY"),
-                base_url=self.request.base_url or os.environ.get("OPENAI_BASE_URL") or None,
-                key_hint=": OPENAI_API_KEY is not set in the Modal container; pass a Modal secret that sets it, "
-                         "e.g. secrets=['openai-secret']",
-                idle_close_s=IDLE_CLOSE_S,
-            )
+            self._session = self._new_session()
         return await self._session.complete(values)
+
+
+class WorkerRow(ContainerRow):
+    """The row function in one of the kernel's own worker processes (``processes=``): one session each.
+
+    Like a container's, with this process's share of the limits, but the key travels with it: over
+    the socket to the kernel's worker process, and nowhere else. It is made by the backend just
+    before sending (the cache fingerprints the :class:`~modal_magic.llm.LLMRowFunction`, which
+    pickles without the key), and its repr doesn't show the key either.
+    """
+
+    def __init__(self, request: Request, limits: Limits, api_key: str | None, base_url: str | None) -> None:
+        super().__init__(request, limits)
+        self._api_key = api_key
+        self._base_url = base_url
+
+    def __reduce__(self) -> Any:
+        return (WorkerRow, (self.request, self.limits, self._api_key, self._base_url))
+
+    def _new_session(self) -> Session:
+        return Session(self.request, self.limits, Meter(self.request.price is not None), api_key=self._api_key,
+                       base_url=self._base_url, idle_close_s=IDLE_CLOSE_S)

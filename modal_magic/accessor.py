@@ -154,6 +154,8 @@ class ModalFrameAccessor:
         budget_usd: float | None = None,
         prices: Mapping[str, Any] | None = None,
         max_retries: int = 5,
+        extra_body: Mapping[str, Any] | None = None,
+        processes: int = 1,
         **options: Any,
     ) -> pd.DataFrame:
         """Fill ``template``'s ``{column}`` fields from each row, ask a chat model, add the answers as columns.
@@ -192,6 +194,13 @@ class ModalFrameAccessor:
         max_retries
             Retries of one request on 429, 5xx, timeouts and connection errors, waiting as long as
             ``Retry-After`` says (else 0.5 s, 1 s, 2 s...).
+        extra_body
+            More fields for the request body, e.g. ``{"top_p": 0.9, "seed": 1}``.
+        processes
+            Send the requests from this many local worker processes instead of the kernel's one
+            event loop (``max_containers`` in flight in all, split evenly, as are ``rpm``, ``tpm``
+            and ``budget_usd``). One process sends at most about 1,500 requests a second through
+            the ``openai`` client; more help only against an endpoint that answers faster than that.
         **options
             As for :meth:`map`; ``max_containers`` is the number of requests in flight (default 64
             locally), ``retries`` re-runs a failed row (e.g. an answer that failed the schema).
@@ -207,7 +216,8 @@ class ModalFrameAccessor:
         opts = MapOptions.create(**options)
         return llm_frame(self._frame, template, into=into, model=model, system=system, temperature=temperature,
                          max_tokens=max_tokens, schema=schema, base_url=base_url, api_key=api_key, rpm=rpm,
-                         tpm=tpm, budget_usd=budget_usd, prices=prices, max_retries=max_retries, options=opts)
+                         tpm=tpm, budget_usd=budget_usd, prices=prices, max_retries=max_retries,
+                         extra_body=extra_body, processes=processes, options=opts)
 
     def retry_failed(self, into: str | None = None, **options: Any) -> pd.DataFrame:
         """Run again only the rows that failed, with new options if given; return the completed frame.

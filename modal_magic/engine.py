@@ -599,8 +599,8 @@ def _requeue_lost(result: BatchResult, task: Task, outcomes: _Outcomes, retry_at
     assert cause is not None
     allowed = batch.max_attempts or 1 + task.options.retries
     now = time.monotonic()
-    if len(batch.positions) > 1:
-        # One row may have taken the whole batch down: every row gets a try of its own first.
+    if len(batch.positions) > 1 or (result.lost_with_others and batch.attempt == 1):
+        # One row may have taken the whole batch (or its neighbours) down: every row gets a try of its own first.
         for position, arg in zip(batch.positions, batch.args):
             single = Batch(0, [position], [arg], attempt=batch.attempt + 1, max_attempts=max(allowed, batch.attempt) + 1)
             heapq.heappush(retry_at, (now, next(_TIEBREAK), single))

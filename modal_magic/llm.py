@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from ._llm_row import ContainerRow, Limits, Meter, Request, Session
+from ._llm_row import ContainerRow, Limits, Meter, Request, Session, WorkerRow
 from .engine import map_frame
 from .options import MapOptions, OptionsError
 
@@ -213,7 +213,9 @@ class _Runtime:
     session: Session
     container_limits: Limits
     on_modal: bool  # only then is the function really shipped, with the containers' share of the limits
-    meter: Meter  # what the bar shows: fed by the session here, or added up from the rows Modal returns
+    meter: Meter  # what the bar shows: fed by the session here, or added up from the rows that come back
+    processes: int = 1  # local worker processes sending the requests (1: the kernel's own event loop)
+    worker_limits: Limits | None = None  # each worker process's share of the limits
 
 # Each row function's session (API key, client, limiter, budget) lives here, off the function: the
 # cache fingerprints a function by its attributes, and what decides an answer is the Request alone;
@@ -230,18 +232,30 @@ class LLMRowFunction:
     carries the request and the container's share of the limits, and never the key.
     """
 
-    def __init__(self, request: Request, session: Session, container_limits: Limits, *, on_modal: bool) -> None:
+    def __init__(self, request: Request, session: Session, container_limits: Limits, *, on_modal: bool,
+                 processes: int = 1, worker_limits: Limits | None = None) -> None:
         self.request = request
         self.__name__ = f"llm_{request.into}"
         columns = request.columns
+        elsewhere = on_modal or processes > 1  # the rows run in other processes: count what comes back
         meter = (Meter(request.price is not None, (columns["tokens_in"], columns["tokens_out"], columns["cost_usd"]))
-                 if on_modal else session.meter)
-        _RUNTIMES[self] = _Runtime(session, container_limits, on_modal, meter)
+                 if elsewhere else session.meter)
+        _RUNTIMES[self] = _Runtime(session, container_limits, on_modal, meter, processes, worker_limits)
 
     @property
     def modal_magic_meter(self) -> Meter:
         """Running tokens and cost, which the engine shows on the progress bar as rows finish."""
         return _RUNTIMES[self].meter
+
+    @property
+    def modal_magic_processes(self) -> int:
+        """Local worker processes to send the requests from (more than 1 picks the process backend)."""
+        return _RUNTIMES[self].processes
+
+    def modal_magic_for_workers(self) -> WorkerRow:
+        """What the worker processes run: the request, each one's share of the limits, and the key."""
+        runtime = _RUNTIMES[self]
+        return runtime.session.worker_row(runtime.worker_limits or runtime.session.limits)
 
     async def modal_magic_aclose(self) -> None:
         """The run is over: close the client, on the loop that used it (the asyncio backend calls this)."""
@@ -336,6 +350,7 @@ def llm_frame(
     prices: Mapping[str, Any] | None = None,
     max_retries: int = 5,
     extra_body: Mapping[str, Any] | None = None,
+    processes: int = 1,
     options: MapOptions,
     errors_call: str = "out.modal.errors()",
 ) -> pd.DataFrame:
@@ -374,6 +389,13 @@ def llm_frame(
         raise OptionsError(f"backend={options.backend!r}: an LLM run sends the requests itself; use "
                            "backend='modal' to send them from Modal containers, or a local backend")
     on_modal = options.backend == "modal"
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise OptionsError(f"processes={processes!r} is not valid: expected a whole number of at least 1")
+    if processes > 1 and options.backend != "local":
+        where = "on Modal, max_containers= sets how many containers send them" if on_modal else \
+            f"backend={options.backend!r} sends them from the kernel's process"
+        raise OptionsError(f"processes={processes} spreads the requests over local worker processes, which needs "
+                           f"backend='local'; {where}")
 
     price = price_for(model, prices)
     if budget_usd is not None and price is None:
@@ -425,24 +447,35 @@ def llm_frame(
         rpm=rpm / share if rpm else None, tpm=tpm / share if tpm else None,
         budget_usd=budget_usd / share if budget_usd else None, max_retries=max_retries,
     )
+    worker_limits = Limits(
+        rpm=rpm / processes if rpm else None, tpm=tpm / processes if tpm else None,
+        budget_usd=budget_usd / processes if budget_usd else None, max_retries=max_retries,
+    )
     session = Session(request, limits, Meter(price is not None), api_key=key, base_url=url)
-    row = LLMRowFunction(request, session, container_limits, on_modal=on_modal)
+    row = LLMRowFunction(request, session, container_limits, on_modal=on_modal, processes=processes,
+                         worker_limits=worker_limits)
 
     if on_modal:
         opts = options.replace(expand=True, pip=list(_modal_packages(options, schema)) if options.image is None
                                else list(options.pip))
-        out = _map_on_modal(frame, row, fields, into, opts, errors_call)
+        out = _map_shipped(frame, row, fields, into, opts, errors_call)
     else:
-        # Every row is its own task on the event loop: max_containers requests in flight.
+        # Every row is its own task on an event loop: max_containers requests in flight, from the
+        # kernel's process or split over `processes` worker processes.
         opts = options.replace(expand=True, max_containers=options.max_containers or DEFAULT_CONCURRENCY,
                                batch_size=options.batch_size or 1)
-        out = map_frame(frame, row, columns=list(fields), star=True, into=into, options=opts, errors_call=errors_call)
+        if processes > 1:
+            out = _map_shipped(frame, row, fields, into, opts, errors_call)
+        else:
+            out = map_frame(frame, row, columns=list(fields), star=True, into=into, options=opts,
+                            errors_call=errors_call)
     return _with_every_column(out, frame, columns, into)
 
 
-def _map_on_modal(frame: pd.DataFrame, row: LLMRowFunction, fields: tuple[str, ...], into: str,
-                  options: MapOptions, errors_call: str) -> pd.DataFrame:
-    """Map on Modal with the row code shipped by value: the containers have no modal_magic."""
+def _map_shipped(frame: pd.DataFrame, row: LLMRowFunction, fields: tuple[str, ...], into: str,
+                 options: MapOptions, errors_call: str) -> pd.DataFrame:
+    """Map with the row code pickled by value: Modal containers have no modal_magic, and worker
+    processes needn't import it (and pandas with it) to send requests."""
     import cloudpickle
 
     from . import _llm_row
@@ -487,13 +520,13 @@ class LLMCellArgs:
     into: str
     output: str | None
     schema: str | None  # the name of a pydantic model (or JSON schema dict) in the notebook
-    llm: Mapping[str, Any]  # model, system, temperature, max_tokens, base_url, rpm, tpm, budget_usd, max_retries
+    llm: Mapping[str, Any]  # model, system, temperature, max_tokens, base_url, rpm, tpm, budget_usd, max_retries, processes
     options: Mapping[str, Any]  # the MapOptions flags given on the line
 
 
 _LLM_FLAGS = {"model": "--model", "system": "--system", "temperature": "--temperature", "max_tokens": "--max-tokens",
               "schema": "--schema", "base_url": "--base-url", "rpm": "--rpm", "tpm": "--tpm",
-              "budget_usd": "--budget-usd", "max_retries": "--max-retries"}
+              "budget_usd": "--budget-usd", "max_retries": "--max-retries", "processes": "--processes"}
 
 
 def llm_parser() -> Any:
@@ -532,6 +565,8 @@ def llm_parser() -> Any:
                        "run's cost past this; rows not sent get a BudgetExceeded error.")
     group.add_argument("--max-retries", type=int, metavar="N", help="Retries of one request on 429, 5xx and "
                        "connection errors (default 5), honouring Retry-After.")
+    group.add_argument("--processes", type=int, metavar="N", help="Send the requests from N local worker "
+                       "processes (default 1: the kernel's event loop); the limits are split between them.")
     group = parser.add_argument_group("Options of every map (as in %%modal_map)")
     for action in ModalMagic.modal_map.parser._actions:
         if action.dest in OPTION_NAMES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import signal
@@ -57,6 +58,47 @@ def slow(x):
 def _worker_pids() -> set[int]:
     me = psutil.Process(os.getpid())
     return {p.pid for p in me.children(recursive=True) if "_worker.py" in " ".join(p.cmdline())}
+
+
+class InTwoProcesses:
+    """An ``async`` row function that asks to run in two worker processes, as an LLM run with processes=2 does."""
+
+    __name__ = "where"
+    modal_magic_processes = 2
+
+    def modal_magic_for_workers(self) -> InTwoProcesses:
+        return self
+
+    async def __call__(self, x: int) -> int:
+        if x == 7:
+            os._exit(5)
+        await asyncio.sleep(0.05)
+        return os.getpid()
+
+
+def test_an_async_function_that_asks_for_processes_runs_in_them_and_a_dying_one_costs_only_its_row():
+    df = pd.DataFrame({"x": range(40)})
+    out = df.modal.map(InTwoProcesses(), column="x", max_containers=8, progress=False)
+    pids = set(out["where"].dropna())
+    # Two worker processes, then the one that replaced the worker row 7 killed; never the kernel.
+    assert len(pids) == 3 and os.getpid() not in pids
+    assert out["where_error"].tolist()[7] == "WorkerCrashed: the worker process running this row exited with code 5"
+    # Every other row came back, the ones that were in flight on the dead worker too.
+    assert out["where_error"].notna().sum() == 1 and out["where"].notna().sum() == 39
+
+
+def test_rows_in_flight_on_worker_processes_are_cancelled_by_stop():
+    df = pd.DataFrame({"x": [0, 1, 2, 3, 4, 5, 6, 8, 9, 10] * 40})
+    timer = threading.Timer(0.8, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(MapInterrupted) as info:
+        df.modal.map(InTwoProcesses(), column="x", max_containers=2, progress=False)
+    assert time.monotonic() - started < 3.0
+    out = info.value.result
+    done = out["where"].notna()
+    assert 2 <= done.sum() < len(df) and (done ^ out["where_error"].notna()).all()
+    assert set(out.loc[~done, "where_error"].map(lambda e: e.type_name)) == {"Cancelled"}
 
 
 def test_a_dying_worker_costs_only_its_row():

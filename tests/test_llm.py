@@ -204,6 +204,10 @@ def test_result_columns_that_exist_need_overwrite(openai_server):
     ({"schema": int}, "schema=<class 'int'> is not valid"),
     ({"backend": "modal:app/fn"}, "use backend='modal'"),
     ({"max_container": 3}, "did you mean 'max_containers'"),
+    ({"processes": 0}, "processes=0 is not valid: expected a whole number of at least 1"),
+    ({"processes": 2, "backend": "threads"}, "processes=2 spreads the requests over local worker processes, "
+                                             "which needs backend='local'"),
+    ({"processes": 2, "backend": "modal", "secrets": ["s"]}, "on Modal, max_containers= sets how many containers"),
 ])
 def test_bad_arguments_are_refused_before_any_request(openai_server, kwargs, message):
     with pytest.raises(OptionsError, match=message.replace("(", r"\(").replace("[", r"\[")):
@@ -378,6 +382,36 @@ def test_the_budget_holds_with_many_requests_in_flight_and_a_rerun_pays_only_for
     rest = df.modal.llm("Say {text}", budget_usd=1000, **kwargs)
     assert rest["answer_error"].isna().all()
     assert len(openai_server.requests) == 40  # the answered rows came from the cache
+
+
+def test_processes_send_the_requests_from_worker_processes_each_with_its_share_of_the_limits(openai_server,
+                                                                                           capsys):
+    df = pd.DataFrame({"text": REVIEWS})
+    out = df.modal.llm(CLASSIFY, into="label", rpm=30, processes=3, max_containers=3, progress=True)
+    assert out["label"].tolist() == ["POSITIVE", "NEGATIVE", "NEUTRAL"]
+    assert out["label_error"].isna().all() and out["label_cost_usd"].gt(0).all()
+    assert {r.authorization for r in openai_server.requests} == {f"Bearer {TEST_KEY}"}
+    # Each process may send 10 a minute, one every 6 s: from one process 30 a minute would space these
+    # three 2 s apart; from three, each sends its first at once.
+    arrivals = sorted(r.t for r in openai_server.requests)
+    assert arrivals[-1] - arrivals[0] < 1.5
+    # The bar adds up what the workers' rows used, as they come back.
+    tokens = int(out["label_tokens_in"].sum() + out["label_tokens_out"].sum())
+    assert f"{tokens:,} tokens" in capsys.readouterr().err
+
+
+def test_with_processes_the_budget_is_shared_out_and_no_row_is_lost(openai_server, monkeypatch):
+    seen = capture_row_functions(monkeypatch)
+    df = pd.DataFrame({"text": [f"[[usage=10,1]] {i}" for i in range(12)]})
+    out = df.modal.llm("Say {text}", model="test-model", prices={"test-model": (1_000_000, 0)}, budget_usd=70,
+                       max_tokens=1, max_containers=2, processes=2, **FAST)
+    # $35 a process, $10 a row and $13 booked before sending: each process answers 3 rows ($30 + $13 > $35).
+    assert out["answer"].notna().sum() == 6 and out["answer_cost_usd"].sum() == 60
+    assert len(openai_server.requests) == 6
+    assert out["answer_error"].dropna().str.startswith("BudgetExceeded: budget_usd=35.00 reached after $30.00").all()
+    assert out["answer_error"].notna().sum() == 6
+    worker_row = seen[0].modal_magic_for_workers()
+    assert TEST_KEY not in repr(worker_row) and TEST_KEY.encode() not in cloudpickle.dumps(seen[0])
 
 
 # --- structured output -----------------------------------------------------------------------------------
@@ -557,7 +591,7 @@ def test_the_modal_llm_cell_adapter_adds_columns_in_place(openai_server, ip):
     assert openai_server.requests[0].body["max_tokens"] == 10
 
     ip.user_ns["Complaint"] = Complaint
-    llm.run_llm_cell(magic, "reviews --schema Complaint -o facts --budget-usd 1", "Extract from: {text}")
+    llm.run_llm_cell(magic, "reviews --schema Complaint -o facts --budget-usd 1 --processes 2", "Extract from: {text}")
     assert ip.user_ns["facts"]["severity"].tolist() == ["low", "low", "low"]
     assert "severity" not in ip.user_ns["reviews"].columns
 
@@ -568,6 +602,7 @@ def test_the_modal_llm_cell_adapter_adds_columns_in_place(openai_server, ip):
     ("reviews.text", "Say {text}", "the column names go in the prompt"),
     ("reviews --rmp 5", "Say {text}", "did you mean --rpm?"),
     ("reviews --rpm 0", "Say {text}", "--rpm 0.0 is not valid"),
+    ("reviews --processes 2 --backend threads", "Say {text}", "--processes 2 spreads the requests"),
     ("reviews --schema Nope", "Say {text}", "nothing named 'Nope'"),
     ("reviews", "   ", "the cell is empty"),
 ])

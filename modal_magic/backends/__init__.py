@@ -2,7 +2,8 @@
 
 The registry maps a name to a factory and imports each backend only when it is used, so
 ``import modal_magic`` never pays for the Modal client. Add one with :func:`register_backend`.
-``async def`` functions run on the asyncio backend whichever local backend was named.
+``async def`` functions run on the asyncio backend whichever local backend was named, unless they
+ask for worker processes of their own (an LLM run with ``processes=``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ _FACTORIES: dict[str, str | Callable[[], Backend]] = {
 }
 _DEPLOYED = "modal_magic.backends.modal:DeployedBackend"
 _ASYNC = "modal_magic.backends.aio:AsyncBackend"
+_ASYNC_PROCESSES = "modal_magic.backends.processes:AsyncProcessBackend"
 
 
 def register_backend(name: str, factory: str | Callable[[], Backend]) -> None:
@@ -53,6 +55,8 @@ def create_backend(task: Task) -> Backend:
     """A fresh backend for one run of ``task`` (backends may share warm resources between runs)."""
     name = task.options.backend
     if task.is_async and not task.options.is_modal:
+        if name == "local" and getattr(task.fn, "modal_magic_processes", 1) > 1:
+            return _load(_ASYNC_PROCESSES)
         return _load(_ASYNC)
     if name.startswith("modal:"):
         return _load(_DEPLOYED)

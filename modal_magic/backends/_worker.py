@@ -229,6 +229,34 @@ def _die_with_parent() -> None:
         return  # no libc by that name: the EOF on the pipe still ends an idle worker
 
 
+class _AsyncBatches:
+    """An ``async def`` function's batches in a worker: each one a task on an event loop of its own thread.
+
+    The worker's main thread goes on reading batches while earlier ones are awaited, so one
+    worker process keeps many rows in flight (an LLM run's requests); each batch's results are
+    sent back the moment it finishes, in whatever order that is.
+    """
+
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        self._send = send
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="modal_magic-worker-loop", daemon=True).start()
+
+    def start(self, batch_id: int, fn: Any, star: bool, args_list: list[Any], retries: int,
+              timeout: float | None) -> None:
+        asyncio.run_coroutine_threadsafe(self._run(batch_id, fn, star, args_list, retries, timeout), self._loop)
+
+    async def _run(self, batch_id: int, fn: Any, star: bool, args_list: list[Any], retries: int,
+                   timeout: float | None) -> None:
+        started = time.perf_counter()
+        try:
+            values, errors = await run_rows_async(fn, star, args_list, retries, timeout)
+        except BaseException as e:  # the row loop itself broke: every row says why, none goes missing
+            values, errors = [None] * len(args_list), [_error_tuple(i, e, 1) for i in range(len(args_list))]
+        elapsed = time.perf_counter() - started
+        self._send(b"R" + batch_id.to_bytes(8, "little") + pack_results(values, errors, elapsed))
+
+
 def main(fd: int) -> None:
     """Serve batches over the socket ``fd`` until told to exit or the parent goes away."""
     from multiprocessing.connection import Connection
@@ -236,11 +264,18 @@ def main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us itself
     _die_with_parent()
     conn = Connection(fd)
+    sending = threading.Lock()  # async batches report from the loop's thread
+
+    def send(data: bytes) -> None:
+        with sending:
+            conn.send_bytes(data)
+
     import cloudpickle
 
     fn: Any = None
     load_error: BaseException | None = None
-    star, retries, timeout = False, 0, None
+    star, retries, timeout, is_async = False, 0, None, False
+    async_batches: _AsyncBatches | None = None
     while True:
         try:
             message = pickle.loads(conn.recv_bytes())
@@ -256,14 +291,19 @@ def main(fd: int) -> None:
                     args_list = pickle.loads(payload)
                 except Exception as e:  # e.g. a value's class isn't importable in the worker
                     failure = e
+            if failure is None and is_async:
+                if async_batches is None:
+                    async_batches = _AsyncBatches(send)
+                async_batches.start(batch_id, fn, star, args_list, retries, timeout)
+                continue
             if failure is not None:  # every row of the batch fails the same way, and says why
                 values, errors = [None] * n, [_error_tuple(i, failure, 1) for i in range(n)]
             else:
                 values, errors = run_rows(fn, star, args_list, retries, timeout)
             elapsed = time.perf_counter() - started
-            conn.send_bytes(b"R" + batch_id.to_bytes(8, "little") + pack_results(values, errors, elapsed))
+            send(b"R" + batch_id.to_bytes(8, "little") + pack_results(values, errors, elapsed))
         elif kind == "fn":
-            _, fn_bytes, star, retries, timeout = message
+            _, fn_bytes, star, retries, timeout, is_async = message
             try:
                 fn, load_error = cloudpickle.loads(fn_bytes), None
             except Exception as e:  # e.g. a module the function needs isn't installed in the worker
@@ -273,7 +313,7 @@ def main(fd: int) -> None:
             sys.path[:] = path
             if cwd and os.path.isdir(cwd):
                 os.chdir(cwd)
-            conn.send_bytes(b"I")
+            send(b"I")
         elif kind == "exit":
             return
 

@@ -56,6 +56,8 @@ class BatchResult:
     errors: list[tuple[int, str, str, str, int, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0  # compute time where the rows ran, for sizing the next batches
     lost: BaseException | None = None
+    # lost along with other batches that were running beside it (so maybe not because of its rows)
+    lost_with_others: bool = False
     requeue: bool = False  # the batch never started (its worker went away first): send it again as is
 
 

@@ -20,9 +20,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from multiprocessing.connection import Connection, wait
+from collections import deque
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 
@@ -62,7 +63,9 @@ class _Worker:
         self.conn = Connection(parent_sock.detach())
         self.conn.send_bytes(pickle.dumps(("init", list(sys.path), os.getcwd())))
         self.fn_token: int | None = None
-        self.batches: deque[Batch] = deque()  # the running one first, then one queued behind it
+        # by id, in the order sent: for plain functions the running one first, then one queued
+        # behind it; an async function's batches all run at once and come back in any order
+        self.batches: dict[int, Batch] = {}
         self.deadline = float("inf")  # for the running batch
 
     def send(self, message: tuple) -> None:
@@ -153,14 +156,24 @@ class ProcessBackend(Backend):
             self._pool = _POOL
         else:  # another run (another thread) has the warm pool: this one gets workers of its own
             self._pool, self._own_pool = _Pool(), True
-        self._fn_bytes = cloudpickle.dumps(task.fn, protocol=5)
+        self._fn_bytes = cloudpickle.dumps(self._shipped(task), protocol=5)
         # a worker keeps the last function it was sent; anything that changes how it runs rows is part of the token
-        self._token = hash((self._fn_bytes, task.star, task.options.retries, task.options.timeout))
-        self._workers = self._pool.ensure(task.options.workers())
+        self._token = hash((self._fn_bytes, task.star, task.options.retries, task.options.timeout, task.is_async))
+        self._workers = self._pool.ensure(self._worker_count(task))
+
+    def _worker_count(self, task: Task) -> int:
+        return task.options.workers()
+
+    def _shipped(self, task: Task) -> Any:
+        """What goes to the workers: the function itself."""
+        return task.fn
+
+    #: batches a worker holds at once
+    _per_worker = _PER_WORKER
 
     @property
     def capacity(self) -> int:
-        return _PER_WORKER * len(self._workers)
+        return self._per_worker * len(self._workers)
 
     @property
     def parallelism(self) -> int:
@@ -175,14 +188,19 @@ class ProcessBackend(Backend):
 
     def submit(self, batch: Batch) -> None:
         worker = min(self._workers, key=lambda w: len(w.batches))
-        assert len(worker.batches) < _PER_WORKER, "the engine keeps within capacity"
-        opts = self._task.options  # type: ignore[union-attr]
+        assert len(worker.batches) < self._per_worker, "the engine keeps within capacity"
+        self._send_to(worker, batch)
+
+    def _send_to(self, worker: _Worker, batch: Batch) -> None:
+        task = self._task
+        assert task is not None
         if not worker.batches:
             worker.deadline = time.monotonic() + self._budget(batch)
-        worker.batches.append(batch)
+        worker.batches[batch.id] = batch
         try:
             if worker.fn_token != self._token:
-                worker.send(("fn", self._fn_bytes, self._task.star, opts.retries, opts.timeout))  # type: ignore[union-attr]
+                opts = task.options
+                worker.send(("fn", self._fn_bytes, task.star, opts.retries, opts.timeout, task.is_async))
                 worker.fn_token = self._token
             worker.send(("batch", batch.id, len(batch.args), dumps(batch.args)))
         except OSError:
@@ -192,7 +210,7 @@ class ProcessBackend(Backend):
 
     def _lost(self, worker: _Worker, cause: BaseException) -> list[BatchResult]:
         """A worker is gone: its running batch is lost with ``cause``; the one queued behind never ran."""
-        batches = list(worker.batches)
+        batches = list(worker.batches.values())
         worker.batches.clear()
         self._swap(worker)
         return [BatchResult(batches[0], lost=cause)] + [BatchResult(b, requeue=True) for b in batches[1:]]
@@ -220,21 +238,23 @@ class ProcessBackend(Backend):
         return out
 
     def _receive(self, worker: _Worker) -> list[BatchResult]:
+        """Read what the worker has sent: every finished batch already waiting, or its death."""
+        out: list[BatchResult] = []
         while True:
             try:
                 data = worker.conn.recv_bytes()
             except (EOFError, OSError):
                 worker.proc.wait(timeout=5)
                 code = worker.proc.returncode
-                return self._lost(worker, WorkerCrashed(f"the worker process running this row {_describe_exit(code)}"))
-            if data == b"I":  # the init acknowledgement, read here to keep start-up off the critical path
-                continue
-            break
-        batch = worker.batches.popleft()
-        if worker.batches:  # the queued batch starts now
-            worker.deadline = time.monotonic() + self._budget(worker.batches[0])
-        values, errors, elapsed = pickle.loads(memoryview(data)[9:])
-        return [BatchResult(batch, values, errors, elapsed)]
+                return out + self._lost(worker, WorkerCrashed(f"the worker process running this row {_describe_exit(code)}"))
+            if data != b"I":  # (the init acknowledgement, read here to keep start-up off the critical path)
+                batch = worker.batches.pop(int.from_bytes(data[1:9], "little"))
+                if worker.batches:  # the queued batch starts now
+                    worker.deadline = time.monotonic() + self._budget(next(iter(worker.batches.values())))
+                values, errors, elapsed = pickle.loads(memoryview(data)[9:])
+                out.append(BatchResult(batch, values, errors, elapsed))
+            if out and not worker.conn.poll(0):
+                return out
 
     def _swap(self, worker: _Worker) -> None:
         assert self._pool is not None
@@ -255,3 +275,90 @@ class ProcessBackend(Backend):
         else:
             self._pool.lock.release()
         self._pool = None
+
+
+class AsyncProcessBackend(ProcessBackend):
+    """An ``async def`` function's rows spread over worker processes, each awaiting its share at once.
+
+    One process's CPU caps how many requests a second it can send (about 1,500 through the
+    ``openai`` client on a 2-core machine), so a function whose rows are fast requests can ask for
+    more processes: it carries ``modal_magic_processes`` (how many) and ``modal_magic_for_workers()``
+    (what to send them instead of itself, e.g. an LLM row with its API key). ``max_containers`` rows
+    are in flight in all, split evenly; each worker runs every batch it holds at once on an event
+    loop of its own. Functions that don't ask run on the asyncio backend, in the kernel's process.
+
+    A worker that dies takes every batch it held with it, and which one killed it is unknown: each
+    is reported lost *with others*, so the engine gives its rows a try of their own, and a try of
+    their own is what they get here: a batch sent again (``attempt > 1``) waits for a worker with
+    nothing else to run and has it to itself, so a row that kills its worker then is the culprit.
+    """
+
+    inline_when_tiny = False
+
+    def start(self, task: Task) -> None:
+        processes = self._worker_count(task)
+        self._per_worker = max(1, -(-(task.options.max_containers or processes) // processes))
+        self._pending: deque[Batch] = deque()  # batches no worker can take yet
+        self._alone: set[int] = set()  # ids of workers running a batch sent again, by itself
+        self._draining: _Worker | None = None  # emptied for the next batch sent again
+        super().start(task)
+        # Each run starts its workers' function afresh: its state (an LLM run's client, rate limits
+        # and budget) belongs to one run, even when the next run's function pickles the same.
+        self._token = hash((self._token, time.monotonic_ns()))
+
+    def _worker_count(self, task: Task) -> int:
+        return int(task.fn.modal_magic_processes)
+
+    def _shipped(self, task: Task) -> Any:
+        return task.fn.modal_magic_for_workers()
+
+    @property
+    def parallelism(self) -> int:
+        return self.capacity
+
+    def submit(self, batch: Batch) -> None:
+        self._pending.append(batch)
+        self._place()
+
+    def _place(self) -> None:
+        """Send the waiting batches, in order, to the workers that may take them."""
+        while self._pending:
+            batch = self._pending[0]
+            if batch.attempt > 1:  # a try of its own: an empty worker, kept for it
+                worker = next((w for w in self._workers if not w.batches), None)
+                if worker is None:
+                    if self._draining is None or self._draining not in self._workers:
+                        self._draining = min(self._workers, key=lambda w: len(w.batches))
+                    return
+                self._draining = None
+                self._alone.add(id(worker))
+            else:
+                free = [w for w in self._workers if id(w) not in self._alone and w is not self._draining
+                        and len(w.batches) < self._per_worker]
+                if not free:
+                    return
+                worker = min(free, key=lambda w: len(w.batches))
+            self._pending.popleft()
+            self._send_to(worker, batch)
+
+    def results(self, timeout: float | None) -> list[BatchResult]:
+        out = super().results(timeout)
+        for worker in self._workers:
+            if not worker.batches:
+                self._alone.discard(id(worker))
+        self._place()
+        return out
+
+    def _lost(self, worker: _Worker, cause: BaseException) -> list[BatchResult]:
+        """Every batch the worker held was running: all are lost, with others when there were others."""
+        batches = list(worker.batches.values())
+        worker.batches.clear()
+        self._alone.discard(id(worker))
+        self._swap(worker)
+        with_others = len(batches) > 1
+        return [BatchResult(b, lost=cause, lost_with_others=with_others) for b in batches]
+
+    def cancel(self) -> None:
+        self._pending.clear()
+        self._alone.clear()
+        super().cancel()
