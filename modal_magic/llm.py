@@ -7,12 +7,14 @@ template's columns: each row becomes one chat completion through the real ``open
 client against any OpenAI-compatible endpoint, and its answer (or one column per ``schema=`` field),
 tokens in and out and cost come back as columns. How a row is sent (rate limits shared by every
 request, retries honouring ``Retry-After``, the budget, the running token and cost totals on the
-progress bar) is in :mod:`modal_magic._llm_row`, which also runs inside Modal containers.
+progress bar) is in :mod:`modal_magic._llm_row`, which also runs inside Modal containers and, with
+``processes=``, in the kernel's own worker processes.
 
 The API key is looked up in ``api_key=``, then ``OPENAI_API_KEY``, then a ``.env`` file (read, not
 loaded into the environment); with ``backend="modal"`` it comes from a Modal secret inside the
 container and never leaves this machine. It is kept off the row function itself (see
-:class:`LLMRowFunction`), so it is in no pickle, no cache key, no repr and no error message.
+:class:`LLMRowFunction`), so it is in no cache key, no repr and no error message; the one pickle
+that carries it is the :class:`~modal_magic._llm_row.WorkerRow` sent over a socket to a worker process.
 
 Prices: :data:`PRICES` (USD per million tokens, as of :data:`PRICES_AS_OF`); pass ``prices=`` for a
 model it lacks or to correct it, or change the dict itself.
