@@ -36,8 +36,8 @@ def main() -> int:
     summary = modal_magic.last_run()
     assert summary is not None
     print(
-        f"\nSummary: {summary.total:,} rows, {summary.succeeded:,} succeeded, {summary.failed:,} failed "
-        f"in {elapsed:.2f}s ({summary.total / elapsed:,.0f} rows/s)"
+        f"\nSummary: {summary.total:,} rows, {summary.succeeded:,} succeeded, {summary.failed:,} failed, "
+        f"{summary.cached:,} from the cache (run before) in {elapsed:.2f}s ({summary.total / elapsed:,.0f} rows/s)"
     )
     notebook = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
     if notebook.exists():  # a source checkout: the same job as a notebook, run headless by a real kernel
