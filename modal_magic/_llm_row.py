@@ -84,6 +84,20 @@ class Limits:
     max_retries: int = 5
     request_timeout_s: float = 120.0
 
+    def share(self, ways: int) -> Limits:
+        """One of ``ways`` equal shares, for each of that many processes or containers.
+
+        Examples
+        --------
+        >>> Limits(rpm=600, budget_usd=2.0).share(4)
+        Limits(rpm=150.0, tpm=None, budget_usd=0.5, max_retries=5, request_timeout_s=120.0)
+        """
+        return Limits(
+            rpm=self.rpm / ways if self.rpm else None, tpm=self.tpm / ways if self.tpm else None,
+            budget_usd=self.budget_usd / ways if self.budget_usd else None, max_retries=self.max_retries,
+            request_timeout_s=self.request_timeout_s,
+        )
+
 
 # --- errors a row can end with ---------------------------------------------------------------------
 

@@ -219,6 +219,7 @@ class _Runtime:
     processes: int = 1  # local worker processes sending the requests (1: the kernel's own event loop)
     worker_limits: Limits | None = None  # each worker process's share of the limits
 
+
 # Each row function's session (API key, client, limiter, budget) lives here, off the function: the
 # cache fingerprints a function by its attributes, and what decides an answer is the Request alone;
 # the key must never be part of a fingerprint, and raising budget_usd or rpm must not make finished
@@ -444,15 +445,8 @@ def llm_frame(
         base_url=url, price=price, extra_body=tuple((extra_body or {}).items()),
     )
     limits = Limits(rpm=rpm, tpm=tpm, budget_usd=budget_usd, max_retries=max_retries)
-    share = options.max_containers or 1
-    container_limits = Limits(
-        rpm=rpm / share if rpm else None, tpm=tpm / share if tpm else None,
-        budget_usd=budget_usd / share if budget_usd else None, max_retries=max_retries,
-    )
-    worker_limits = Limits(
-        rpm=rpm / processes if rpm else None, tpm=tpm / processes if tpm else None,
-        budget_usd=budget_usd / processes if budget_usd else None, max_retries=max_retries,
-    )
+    container_limits = limits.share(options.max_containers or 1)
+    worker_limits = limits.share(processes)
     session = Session(request, limits, Meter(price is not None), api_key=key, base_url=url)
     row = LLMRowFunction(request, session, container_limits, on_modal=on_modal, processes=processes,
                          worker_limits=worker_limits)
