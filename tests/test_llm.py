@@ -348,9 +348,10 @@ def test_an_unreachable_endpoint_fails_every_row_with_a_connection_error(monkeyp
     assert str(out["answer_tokens_in"].dtype) == "Int64"
 
 
-def test_a_slow_request_meets_the_row_timeout(openai_server):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_slow_request_meets_the_row_timeout(openai_server, processes):
     df = pd.DataFrame({"text": ["[[latency=2]] slow", "fast"]})
-    out = df.modal.llm("Say {text}", timeout=0.5, **FAST)
+    out = df.modal.llm("Say {text}", timeout=0.5, processes=processes, **FAST)
     assert out["answer_error"].iloc[0] == "TimeoutError: the row ran longer than timeout=0.5s"
     assert out["answer"].iloc[1] == "Say fast"
 
@@ -553,9 +554,10 @@ def test_one_request_at_a_time_keeps_one_connection_for_the_whole_run(openai_ser
     assert len({r.connection for r in openai_server.requests}) == 1
 
 
-def test_retry_failed_runs_the_failed_rows_again(openai_server):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_retry_failed_runs_the_failed_rows_again(openai_server, processes):
     df = pd.DataFrame({"text": ["[[fail=500 times=1]] a", "b"]})
-    out = df.modal.llm("Say {text}", max_retries=0, **FAST)
+    out = df.modal.llm("Say {text}", max_retries=0, processes=processes, **FAST)
     assert out["answer_error"].iloc[0].startswith("InternalServerError: 500")
     again = out.modal.retry_failed(into="answer", progress=False)
     assert again["answer_error"].isna().all()
