@@ -127,7 +127,13 @@ def thread_pool(texts: list[str], url: str, concurrency: int) -> list[str]:
         client.close()
 
 
-def asyncio_gather(texts: list[str], url: str, concurrency: int, *, aiohttp_transport: bool = False) -> list[str]:
+def _gather_over_async_client(texts: list[str], url: str, concurrency: int, *, aiohttp_transport: bool,
+                              lightest: bool) -> list[str]:
+    """``asyncio.gather`` over one ``openai.AsyncOpenAI``, ``concurrency`` requests at a time.
+
+    ``lightest`` sends each request with ``client.post`` to a plain dict (no typed request or
+    response models), as modal_magic does, instead of ``client.chat.completions.create``.
+    """
     import openai
 
     async def main() -> list[str]:
@@ -136,9 +142,13 @@ def asyncio_gather(texts: list[str], url: str, concurrency: int, *, aiohttp_tran
         limit = asyncio.Semaphore(concurrency)
 
         async def classify(text: str) -> str:
+            messages = [{"role": "user", "content": PROMPT.format(text=text)}]
             async with limit:
-                response = await client.chat.completions.create(
-                    model=MODEL, messages=[{"role": "user", "content": PROMPT.format(text=text)}], max_tokens=10)
+                if lightest:
+                    body = {"model": MODEL, "max_tokens": 10, "messages": messages}
+                    data = await client.post("/chat/completions", cast_to=object, body=body)
+                    return data["choices"][0]["message"]["content"].strip()
+                response = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10)
                 return response.choices[0].message.content.strip()
 
         try:
@@ -149,31 +159,18 @@ def asyncio_gather(texts: list[str], url: str, concurrency: int, *, aiohttp_tran
     return asyncio.run(main())
 
 
+def asyncio_gather(texts: list[str], url: str, concurrency: int) -> list[str]:
+    return _gather_over_async_client(texts, url, concurrency, aiohttp_transport=False, lightest=False)
+
+
 def asyncio_gather_aiohttp(texts: list[str], url: str, concurrency: int) -> list[str]:
-    return asyncio_gather(texts, url, concurrency, aiohttp_transport=True)
+    return _gather_over_async_client(texts, url, concurrency, aiohttp_transport=True, lightest=False)
 
 
 def lightest_client_call(texts: list[str], url: str, concurrency: int) -> list[str]:
-    """The least work a request through the openai client can be: ``client.post`` to a plain dict
-    (no typed request or response models), aiohttp transport. modal_magic sends its requests this way."""
-    import openai
-
-    async def main() -> list[str]:
-        client = openai.AsyncOpenAI(base_url=url, api_key=KEY, max_retries=0, http_client=openai.DefaultAioHttpClient())
-        limit = asyncio.Semaphore(concurrency)
-
-        async def classify(text: str) -> str:
-            body = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": PROMPT.format(text=text)}]}
-            async with limit:
-                data = await client.post("/chat/completions", cast_to=object, body=body)
-                return data["choices"][0]["message"]["content"].strip()
-
-        try:
-            return await asyncio.gather(*(classify(t) for t in texts))
-        finally:
-            await client.close()
-
-    return asyncio.run(main())
+    """The least work a request through the openai client can be: ``client.post`` to a plain dict,
+    aiohttp transport, no engine around it. modal_magic sends its requests this way."""
+    return _gather_over_async_client(texts, url, concurrency, aiohttp_transport=True, lightest=True)
 
 
 def raw_aiohttp(texts: list[str], url: str, concurrency: int) -> list[str]:
