@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 demo: $(STAMP)
 	$(PY) -m modal_magic.demo
+	$(PY) -m tests.notebook_runner notebooks/quickstart.ipynb
 
 test: $(STAMP)
 	bash tests/browser/setup.sh

@@ -17,6 +17,9 @@ from . import cache
 from .engine import last_result, last_run
 from .errors import Cancelled, MapInterrupted, ModalSetupError, RowError, RowFailed, UnpicklableResult, WorkerCrashed
 from .options import MapOptions, OptionsError
+from .versions import warn_if_untested_modal as _warn_if_untested_modal
+
+_warn_if_untested_modal()
 
 __version__ = "0.1.0"
 

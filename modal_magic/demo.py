@@ -1,14 +1,14 @@
 """``make demo``: classify the shipped product reviews as POSITIVE / NEGATIVE / NEUTRAL on local processes.
 
 The seed use case, offline: the vaderSentiment lexicon stands in for an LLM. Prints the joined
-DataFrame's head, the failed rows, and a summary (rows, failures, time).
+DataFrame's head, the failed rows, and a summary (rows, failures, time). ``make demo`` then runs
+``notebooks/quickstart.ipynb`` headless with ``tests/notebook_runner.py`` (a source checkout's tool).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 
@@ -39,14 +39,6 @@ def main() -> int:
         f"\nSummary: {summary.total:,} rows, {summary.succeeded:,} succeeded, {summary.failed:,} failed, "
         f"{summary.cached:,} from the cache (run before) in {elapsed:.2f}s ({summary.total / elapsed:,.0f} rows/s)"
     )
-    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
-    if notebook.exists():  # a source checkout: the same job as a notebook, run headless by a real kernel
-        from modal_magic._notebook import execute_notebook
-
-        print("\nRunning notebooks/quickstart.ipynb headless with a real kernel...", flush=True)
-        executed, notebook_summary = execute_notebook(notebook)
-        print(notebook_summary)
-        print(f"Executed notebook: {executed}")
     return 0
 
 

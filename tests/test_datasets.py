@@ -174,7 +174,7 @@ def test_stars_correlate_with_sentiment(labelled: pd.DataFrame) -> None:
 def test_generator_reproduces_shipped_file(tmp_path: Path) -> None:
     out = tmp_path / "reviews.csv.gz"
     subprocess.run(
-        [sys.executable, "-m", "modal_magic.datasets._make_reviews", "--out", str(out)],
+        [sys.executable, "-m", "tests.make_reviews", "--out", str(out)],
         check=True,
         cwd=REPO_ROOT,
         capture_output=True,

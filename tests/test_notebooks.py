@@ -16,7 +16,7 @@ from typing import Any
 import nbformat
 import pytest
 
-from modal_magic._notebook import WIDGET_STATE_KEY, execute_notebook, progress_runs
+from tests.notebook_runner import WIDGET_STATE_KEY, execute_notebook, progress_runs
 from modal_magic.datasets import load_reviews
 from modal_magic.datasets.sentiment import classify_sentiment
 from tests.modal_server.server import client_env

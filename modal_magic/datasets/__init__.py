@@ -2,7 +2,7 @@
 about 3,000 synthetic short English product reviews (ids, product names, review text and 1-5
 star ratings) shipped inside the package as ``reviews.csv.gz``, so demos work without network
 access; ``modal_magic.datasets.sentiment`` holds a matching offline sentiment classifier, and
-``modal_magic.datasets._make_reviews`` regenerates the file deterministically.
+``python -m tests.make_reviews`` (in a source checkout) regenerates the file deterministically.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ running this module twice produces byte-identical output. It uses only the stand
 (no pandas), and writes the gzip container by hand (fixed header, no timestamp, no file name) so
 the bytes do not depend on the Python version either; only the deflate stream comes from zlib.
 
-Run ``python -m modal_magic.datasets._make_reviews`` to rewrite the shipped file, or pass
+Run ``python -m tests.make_reviews`` to rewrite the shipped file, or pass
 ``--out PATH`` to write somewhere else (the tests do that and compare the bytes).
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 SEED = 20240611
 N_REVIEWS = 3000
-DEFAULT_OUT = Path(__file__).with_name("reviews.csv.gz")
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "modal_magic" / "datasets" / "reviews.csv.gz"
 COLUMNS = ("review_id", "product", "text", "stars")
 
 

@@ -1,9 +1,11 @@
 """Run a notebook headless with a real IPython kernel and say what its modal_magic runs did.
 
-``make demo`` and the notebook tests both go through :func:`execute_notebook`: nbclient executes
-every cell in a kernel started from this interpreter (never whatever ``python3`` kernelspec a user
-directory happens to hold), stores the widget state the progress bars left, writes the executed
-notebook next to the source, and reads each run's summary line back out of that widget state.
+A development tool, not part of the package (it needs nbclient, a test dependency). ``make demo``
+(``python -m tests.notebook_runner notebooks/quickstart.ipynb``) and the notebook tests both go
+through :func:`execute_notebook`: nbclient executes every cell in a kernel started from this
+interpreter (never whatever ``python3`` kernelspec a user directory happens to hold), stores the
+widget state the progress bars left, writes the executed notebook next to the source, and reads each
+run's summary line back out of that widget state.
 """
 
 from __future__ import annotations
@@ -122,3 +124,21 @@ def _parts_by_class(state: dict[str, Any], root: dict[str, Any]) -> dict[str, di
 def _summary_line(value: str) -> str:
     match = re.search(r'<div class="modal-magic-summary-line">(.*?)</div>', value)
     return html.unescape(match.group(1)) if match else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.notebook_runner NOTEBOOK...``: execute each notebook, print what it ran."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("notebooks", nargs="+", type=Path)
+    for notebook in parser.parse_args(argv).notebooks:
+        print(f"\nRunning {notebook} headless with a real kernel...", flush=True)
+        executed, summary = execute_notebook(notebook)
+        print(summary)
+        print(f"Executed notebook: {executed}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
