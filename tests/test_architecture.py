@@ -60,8 +60,10 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
             visit(child)
 
     visit(ast.parse(path.read_text(), str(path)))
-    # "from . import x" names a module x when one exists, else an attribute of the package
-    return {m for m in found if m in modules and m != name}
+    # "from . import x" names a module x when one exists, else an attribute of the package; a
+    # module's own parent packages are always initialised before it, so they are no dependency
+    ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+    return {m for m in found if m in modules and m != name and m not in ancestors}
 
 
 def import_graph() -> dict[str, set[str]]:
