@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import cloudpickle
 
+from .shipping import dumps_function
+
 __all__ = ["FunctionError", "check_function", "check_picklable", "default_into"]
 
 
@@ -80,10 +82,11 @@ def _referenced_names(code: types.CodeType) -> set[str]:
 def check_picklable(fn: Callable[..., Any], *, where: str) -> bytes:
     """Pickle ``fn`` with cloudpickle, or name the global or closure variable that can't be.
 
-    ``where`` says where the function was going (for the message). Returns the pickled bytes.
+    ``where`` says where the function was going (for the message). Returns the pickled bytes, the
+    user's own modules by value (:func:`modal_magic.shipping.dumps_function`).
     """
     try:
-        return cloudpickle.dumps(fn)
+        return dumps_function(fn)
     except Exception as error:
         culprit = _find_unpicklable(fn)
         detail = f" it uses {culprit}, which can't be pickled" if culprit else f" {type(error).__name__}: {error}"

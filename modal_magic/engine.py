@@ -171,6 +171,14 @@ def check_columns(frame: pd.DataFrame, columns: Sequence[Any]) -> None:
     if missing:
         available = ", ".join(map(repr, frame.columns.tolist()))
         raise KeyError(f"column {missing[0]!r} not found; the DataFrame has: {available}")
+    if not frame.columns.is_unique:
+        repeated = [c for c in dict.fromkeys(columns) if (frame.columns == c).sum() > 1]
+        if repeated:
+            raise OptionsError(
+                f"the DataFrame has {(frame.columns == repeated[0]).sum()} columns named {repeated[0]!r}, so "
+                "which one to use is ambiguous; rename them first, e.g. "
+                "df.columns = [f'{c}_{i}' for i, c in enumerate(df.columns)]"
+            )
 
 
 def map_frame(

@@ -3,7 +3,8 @@
 Outcomes arrive in completion order; the engine files each one under its row's position, and this
 module turns the filled-in lists into columns on a copy of the frame. The result column gets the
 dtype pandas would infer for the values, with nullable dtypes (``Int64``, ``boolean``) where failed
-rows leave holes, so a column of ints with one failure doesn't silently become floats.
+rows leave holes, so a column of ints with one failure doesn't silently become floats; values no
+nullable dtype can hold (ints past 64 bits) fall back to ``object``, so a join never loses a run.
 """
 
 from __future__ import annotations
@@ -37,13 +38,30 @@ def result_series(values: list[Any], failed: set[int], index: pd.Index) -> pd.Se
             return pd.Series(fast, index=index)
         return pd.Series(values, index=index)
     ok = pd.Series([v for i, v in enumerate(values) if i not in failed])
-    if ptypes.is_bool_dtype(ok.dtype):
-        return pd.Series(pd.array(values, dtype="boolean"), index=index)
-    if ptypes.is_integer_dtype(ok.dtype):
-        return pd.Series(pd.array(values, dtype="Int64"), index=index)
-    if ptypes.is_float_dtype(ok.dtype):
-        return pd.Series(values, index=index, dtype="float64")
-    return pd.Series(values, index=index)
+    candidates = _nullable_dtypes(ok.dtype)
+    for dtype in candidates:
+        try:
+            return pd.Series(pd.array(values, dtype=dtype), index=index)
+        except (OverflowError, TypeError, ValueError):
+            # e.g. ints past int64: a dtype that can't hold every value must never lose the run
+            continue
+    return pd.Series(values, index=index, dtype=object if candidates else None)
+
+
+def _nullable_dtypes(inferred: Any) -> tuple[str, ...]:
+    """The dtypes to try, in order, for a column whose succeeded values pandas infers as ``inferred``.
+
+    ``uint64`` is what pandas infers for ints past int64's range; object is the fallback after these.
+    """
+    if ptypes.is_bool_dtype(inferred):
+        return ("boolean",)
+    if ptypes.is_unsigned_integer_dtype(inferred):
+        return ("UInt64",)
+    if ptypes.is_integer_dtype(inferred):
+        return ("Int64", "UInt64")
+    if ptypes.is_float_dtype(inferred):
+        return ("float64",)
+    return ()
 
 
 def error_series(errors: dict[int, RowError], n: int, index: pd.Index) -> pd.Series:

@@ -8,6 +8,7 @@ import modal
 import modal.exception
 import pytest
 
+from modal_magic.shipping import by_value
 from tests.modal_server import running_modal_server
 
 # The fixtures (`modal_server`, `modal_server_session`) live in tests/modal_server/fixture.py.
@@ -16,6 +17,14 @@ pytest_plugins = ["tests.modal_server.fixture"]
 
 class BoomError(Exception):
     """Raised remotely; must come back to the client as this type."""
+
+
+@pytest.fixture(autouse=True)
+def _this_module_by_value():
+    """Serialized functions here use this module's classes, which a container doesn't have: send them
+    by value, as a user of a real Modal app must for code that isn't in the image."""
+    with by_value([__name__]):
+        yield
 
 
 module_app = modal.App("test-module-level")

@@ -31,6 +31,7 @@ import cloudpickle
 from ..errors import ModalSetupError, WorkerCrashed
 from ..options import MapOptions
 from . import _worker
+from ..shipping import by_value, by_value_packages
 from .base import Backend, BackendFailed, Batch, BatchResult, LoopThread, Task, drain
 
 #: Modal inlines arguments up to 2 MiB; keep batches well under it so most inputs avoid a blob round trip
@@ -274,32 +275,32 @@ class ModalBackend(Backend):
         from modal._output.manager import OutputManager
 
         opts = task.options
-        # Ship the row runner by value: the container needs no copy of modal_magic.
-        cloudpickle.register_pickle_by_value(_worker)
-        previous_output = OutputManager.get()
-        OutputManager._set(_capturing_output(self._sink, self._set_containers))
-        try:
-            self._inputs = asyncio.Queue()
-            runner = _worker.batch_runner(task.fn, task.star, opts.retries, opts.timeout, task.is_async)
-            app = modal.App(f"modal-magic-{runner.__name__.removeprefix('modal_magic_')}"[:60])
-            batch_rows = opts.batch_size or 1
-            remote = app.function(**function_kwargs(opts, batch_rows))(runner)
-            async with app.run():
-                ready.set_result(None)
-                async for output in remote.map.aio(self._feed(), order_outputs=False, return_exceptions=True):
-                    self._outbox.put(output)
-            self._outbox.put(_DONE)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:
-            if not ready.done():
-                ready.set_exception(_setup_error(e))
-            else:
-                self._outbox.put(BackendFailed(f"the Modal run failed: {type(e).__name__}: {e}"))
-        finally:
-            OutputManager._set(previous_output)
-            cloudpickle.unregister_pickle_by_value(_worker)
-            self._closed.set()
+        # Ship the row runner by value (the container needs no copy of modal_magic), and the user's
+        # own modules too, so module state the notebook changed is what the containers see.
+        with by_value([*by_value_packages(task.fn), _worker.__name__]):
+            previous_output = OutputManager.get()
+            OutputManager._set(_capturing_output(self._sink, self._set_containers))
+            try:
+                self._inputs = asyncio.Queue()
+                runner = _worker.batch_runner(task.fn, task.star, opts.retries, opts.timeout, task.is_async)
+                app = modal.App(f"modal-magic-{runner.__name__.removeprefix('modal_magic_')}"[:60])
+                batch_rows = opts.batch_size or 1
+                remote = app.function(**function_kwargs(opts, batch_rows))(runner)
+                async with app.run():
+                    ready.set_result(None)
+                    async for output in remote.map.aio(self._feed(), order_outputs=False, return_exceptions=True):
+                        self._outbox.put(output)
+                self._outbox.put(_DONE)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:
+                if not ready.done():
+                    ready.set_exception(_setup_error(e))
+                else:
+                    self._outbox.put(BackendFailed(f"the Modal run failed: {type(e).__name__}: {e}"))
+            finally:
+                OutputManager._set(previous_output)
+                self._closed.set()
 
     def submit(self, batch: Batch) -> None:
         assert self._loop is not None and self._inputs is not None

@@ -28,6 +28,7 @@ from typing import Any
 import cloudpickle
 
 from ..errors import WorkerCrashed
+from ..shipping import dumps_function
 from ._worker import dumps
 from .base import Backend, Batch, BatchResult, Task
 
@@ -156,7 +157,7 @@ class ProcessBackend(Backend):
             self._pool = _POOL
         else:  # another run (another thread) has the warm pool: this one gets workers of its own
             self._pool, self._own_pool = _Pool(), True
-        self._fn_bytes = cloudpickle.dumps(self._shipped(task), protocol=5)
+        self._fn_bytes = dumps_function(self._shipped(task))
         # a worker keeps the last function it was sent; anything that changes how it runs rows is part of the token
         self._token = hash((self._fn_bytes, task.star, task.options.retries, task.options.timeout, task.is_async))
         self._workers = self._pool.ensure(self._worker_count(task))

@@ -117,8 +117,39 @@ def _unwrap_modal_function(obj):
     return obj
 
 
+class _NotInTheImage:
+    """Import hook: what a real container lacks (modal_magic itself, the user's local modules).
+
+    A Modal container has only its image: code that isn't installed there must arrive pickled by
+    value. Refusing these imports here makes a client that ships by reference fail as it would on
+    Modal, instead of quietly importing the kernel's copy from the same disk.
+    """
+
+    blocked = ("modal_magic",)
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in self.blocked:
+            raise ModuleNotFoundError(f"No module named {name!r} (it is not installed in the container image)",
+                                      name=name)
+        return None
+
+
+def _installed_paths(paths):
+    """The kernel's sys.path entries that a container's image would have too: installed packages."""
+    keep = []
+    for p in paths:
+        if p and ("site-packages" in p or "dist-packages" in p or p.startswith(sys.base_prefix)):
+            keep.append(p)
+    return keep
+
+
 def _load_function(spec):
-    for p in reversed(spec.get("sys_path") or []):
+    paths = spec.get("sys_path") or []
+    if spec["kind"] == "serialized":  # a client's function: only what pickling sent, plus the image
+        sys.meta_path.insert(0, _NotInTheImage())
+        paths = _installed_paths(paths)
+    # (a function deployed through the test server stands for an app whose code is in its image)
+    for p in reversed(paths):
         if p not in sys.path:
             sys.path.insert(0, p)
     if spec.get("cwd"):
