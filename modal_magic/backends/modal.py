@@ -275,9 +275,11 @@ class ModalBackend(Backend):
         from modal._output.manager import OutputManager
 
         opts = task.options
-        # Ship the row runner by value (the container needs no copy of modal_magic), and the user's
-        # own modules too, so module state the notebook changed is what the containers see.
-        with by_value([*by_value_packages(task.fn), _worker.__name__]):
+        # Ship the row runner by value (the container needs no copy of modal_magic), the user's own
+        # modules too, so module state the notebook changed is what the containers see, and whatever
+        # the caller registered by value (the LLM row code): Modal pickles with a cloudpickle of its own.
+        shipped = [*by_value_packages(task.fn), _worker.__name__, *cloudpickle.list_registry_pickle_by_value()]
+        with by_value(shipped):
             previous_output = OutputManager.get()
             OutputManager._set(_capturing_output(self._sink, self._set_containers))
             try:
