@@ -101,14 +101,9 @@ def classify_sentiment(text: str) -> str:
 
     Raises
     ------
-    ValueError
-        If ``text`` is empty or whitespace only (message ``"empty review"``). In
-        ``df.modal.map(classify_sentiment, column="text")`` such rows end up in the error
-        column instead of stopping the whole run.
-    TypeError
-        If ``text`` is not a string.
-    ImportError
-        If vaderSentiment is not installed.
+    ValueError, TypeError, ImportError
+        As :func:`sentiment_scores`. In ``df.modal.map(classify_sentiment, column="text")`` an
+        empty review ends up in the error column instead of stopping the whole run.
 
     Examples
     --------
