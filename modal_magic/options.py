@@ -4,6 +4,12 @@ Every entry point (``df.modal.map``, ``df.modal.starmap``, ``series.modal.map``,
 turns its keyword arguments or flags into a :class:`MapOptions` through :meth:`MapOptions.create`,
 which checks names, types and ranges before any work starts and says what to do when something is
 wrong. The names mirror Modal's own words (``gpu``, ``secrets``, ``max_containers``, ``timeout``...).
+
+Each option is declared once, as a field of :class:`MapOptions` made by :func:`option`: its name,
+type, default, check, help, how it is spelled on a magic's line (:class:`Flag`) and what kind of
+``%config`` traitlet it is. :data:`OPTIONS` reads those declarations back as :class:`Option`
+records, from which the validation here, the accessors' signatures and, on the IPython side, the
+``ModalMagic`` traitlets, the ``%%modal_map`` flags and their help are all generated.
 """
 
 from __future__ import annotations
@@ -13,9 +19,22 @@ import difflib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
-__all__ = ["MapOptions", "OptionsError", "OPTION_NAMES", "DEFAULT_BACKEND", "check_option"]
+from .errors import OptionsError
+
+__all__ = [
+    "DEFAULT_BACKEND",
+    "OPTIONS",
+    "OPTION_NAMES",
+    "Flag",
+    "MapOptions",
+    "Option",
+    "OptionsError",
+    "check_option",
+    "declared_options",
+    "option",
+]
 
 DEFAULT_BACKEND = "local"
 LOCAL_BACKENDS = ("local", "threads", "sequential")
@@ -23,96 +42,103 @@ LOCAL_BACKENDS = ("local", "threads", "sequential")
 OnError = Literal["capture", "raise"]
 CacheMode = bool | Literal["refresh"]
 
-
-class OptionsError(ValueError):
-    """An option has a wrong name, type or value; raised before any work starts."""
+#: What kind of ``%config`` traitlet an option is (the IPython side maps each to a traitlet type):
+#: "text", "number", "whole" (``None`` allowed when that is the default), "switch", "texts" (a list
+#: of strings), "pairs" (a dict of strings), "choice", "gpu" (a string or a list of them), "cache"
+#: (True, False or "refresh"), "name" (the name of a notebook variable, looked up at each run).
+TraitKind = Literal["text", "number", "whole", "switch", "texts", "pairs", "choice", "gpu", "cache", "name"]
 
 
 @dataclass(frozen=True)
-class MapOptions:
-    """How to run one map: where, with what resources, and what to do on failure.
+class Flag:
+    """How an option is written on a magic's line.
 
-    Build it with :meth:`create`, which validates; the dataclass itself is frozen so a run can't
-    change its options half-way.
+    ``form`` says how argparse reads it: ``"value"`` (``--retries 2``), ``"many"`` (``--pip a b``),
+    ``"repeat"`` (``--secret a --secret b``), ``"pairs"`` (``--env K=V``, repeatable, read into a
+    dict), ``"switch"`` (``--progress`` / ``--no-progress``) or ``"cache"`` (``--cache``,
+    ``--no-cache``, ``--cache-refresh``).
 
     Examples
     --------
-    >>> opts = MapOptions.create(backend="threads", max_containers=16, retries=2)
-    >>> opts.max_containers, opts.retries
-    (16, 2)
-    >>> opts.replace(retries=5).retries
-    5
+    >>> Flag("value", type=int, metavar="N").form
+    'value'
     """
 
-    backend: str = DEFAULT_BACKEND
-    # Modal resources and image (ignored by the local backends).
-    gpu: str | list[str] | None = None
-    cpu: float | None = None
-    memory: int | None = None
-    image: Any = None
-    pip: tuple[str, ...] = ()
-    apt: tuple[str, ...] = ()
-    python_version: str | None = None
-    secrets: tuple[Any, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-    volumes: Mapping[str, Any] = field(default_factory=dict)
-    # Execution.
-    timeout: float | None = None
-    retries: int = 0
-    max_containers: int | None = None
-    batch_size: int | None = None
-    order_outputs: bool = False
-    on_error: OnError = "capture"
-    cache: CacheMode = True
-    progress: bool = True
-    sample: int | None = None
-    # Result shape.
-    expand: bool = False
-    overwrite: bool = False
+    form: Literal["value", "many", "repeat", "pairs", "switch", "cache"] = "value"
+    spelling: str | None = None  # default: "--" + the name with dashes
+    type: Callable[[str], Any] | None = None  # float or int for numbers; None reads the text
+    metavar: str | None = None
+    group: str = "How rows run"  # the help section the flag is listed under
 
-    @classmethod
-    def create(cls, base: MapOptions | None = None, **kwargs: Any) -> MapOptions:
-        """Validate keyword options (over ``base``'s values, or the defaults) into an options object.
 
-        Raises
-        ------
-        OptionsError
-            For an unknown option (with the closest known name) or a value of the wrong type or range.
+@dataclass(frozen=True)
+class Option:
+    """One option as declared: everything the validation, traitlets, flags and help are made from.
 
-        Examples
-        --------
-        >>> MapOptions.create(backend="threads").backend
-        'threads'
-        >>> MapOptions.create(max_container=4)
-        Traceback (most recent call last):
-        ...
-        modal_magic.options.OptionsError: unknown option 'max_container'; did you mean 'max_containers'?
-        """
-        unknown = [k for k in kwargs if k not in OPTION_NAMES]
-        if unknown:
-            name = unknown[0]
-            close = difflib.get_close_matches(name, OPTION_NAMES, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; options are: {', '.join(OPTION_NAMES)}"
-            raise OptionsError(f"unknown option {name!r}{hint}")
-        start = base if base is not None else cls()
-        values = {f.name: getattr(start, f.name) for f in dataclasses.fields(cls)}
-        for name, value in kwargs.items():
-            values[name] = _CHECKS[name](name, value)
-        _check_combination(values)
-        return cls(**values)
+    Examples
+    --------
+    >>> retries = next(o for o in OPTIONS if o.name == "retries")
+    >>> retries.default, retries.flag_spelling, retries.check("retries", 2)
+    (0, '--retries', 2)
+    """
 
-    def replace(self, **kwargs: Any) -> MapOptions:
-        """Return a validated copy with some options changed."""
-        return MapOptions.create(self, **kwargs)
+    name: str
+    annotation: str  # the field's type, as written (shown in the accessors' signatures)
+    default: Any
+    check: Callable[[str, Any], Any]  # (name, value) -> the normalised value, or raise OptionsError
+    help: str
+    trait: TraitKind
+    flag: Flag | None = None  # None: not a flag (a keyword argument only)
+    choices: tuple[Any, ...] = ()
 
     @property
-    def is_modal(self) -> bool:
-        """True when the run goes to Modal (an ephemeral app or a deployed function)."""
-        return self.backend == "modal" or self.backend.startswith("modal:")
+    def flag_spelling(self) -> str:
+        """The flag as typed, e.g. ``--max-containers``."""
+        if self.flag is not None and self.flag.spelling:
+            return self.flag.spelling
+        return "--" + self.name.replace("_", "-")
 
-    def workers(self) -> int:
-        """How many rows may run at once on a local backend (``max_containers`` or the core count)."""
-        return self.max_containers or (os.cpu_count() or 1)
+    def fresh_default(self) -> Any:
+        """The default value (a new dict for a dict default, so no two runs share one)."""
+        return dict(self.default) if isinstance(self.default, dict) else self.default
+
+
+def option(default: Any, check: Callable[[str, Any], Any], help: str, *, trait: TraitKind,
+           flag: Flag | None = Flag(), choices: tuple[Any, ...] = ()) -> Any:
+    """Declare an option as a dataclass field: its default, check, help, flag and traitlet kind.
+
+    The field's name and type annotation complete the declaration; :func:`declared_options` reads
+    them back. ``flag=None`` makes a keyword-only option that no magic line spells.
+
+    Examples
+    --------
+    >>> @dataclass(frozen=True)
+    ... class Knobs:
+    ...     speed: int = option(1, lambda name, value: value, "How fast.", trait="whole")
+    >>> [(o.name, o.annotation, o.default) for o in declared_options(Knobs)]
+    [('speed', 'int', 1)]
+    """
+    metadata = {"option": (check, help, trait, flag, choices)}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def declared_options(cls: type) -> tuple[Option, ...]:
+    """The :class:`Option` records of a dataclass whose fields were declared with :func:`option`."""
+    declared = []
+    for f in dataclasses.fields(cls):
+        check, help, trait, flag, choices = f.metadata["option"]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        declared.append(Option(f.name, str(f.type), default, check, help, trait, flag, choices))
+    return tuple(declared)
+
+
+def unknown_option(name: str, known: tuple[str, ...]) -> OptionsError:
+    """The error for an option nobody declared, with the closest known name."""
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; options are: {', '.join(known)}"
+    return OptionsError(f"unknown option {name!r}{hint}")
 
 
 # --- per-option checks: each takes (name, value) and returns the normalised value or raises ----------
@@ -268,33 +294,148 @@ def _check_on_error(name: str, value: Any) -> OnError:
     return value
 
 
-_CHECKS = {
-    "backend": _check_backend,
-    "gpu": _check_gpu,
-    "cpu": _check_cpu,
-    "memory": _check_memory,
-    "image": _check_image,
-    "pip": _strings,
-    "apt": _strings,
-    "python_version": _check_python_version,
-    "secrets": _check_secrets,
-    "env": _check_env,
-    "volumes": _check_volumes,
-    "timeout": _positive_number,
-    "retries": _non_negative_int,
-    "max_containers": _positive_int,
-    "batch_size": _positive_int,
-    "order_outputs": _flag,
-    "on_error": _check_on_error,
-    "cache": _check_cache,
-    "progress": _flag,
-    "sample": _positive_int,
-    "expand": _flag,
-    "overwrite": _flag,
-}
+_PLACE = "Where rows run"
+_RESULT = "Result"
 
-OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MapOptions))
-assert set(OPTION_NAMES) == set(_CHECKS), "every option needs a check"
+
+@dataclass(frozen=True)
+class MapOptions:
+    """How to run one map: where, with what resources, and what to do on failure.
+
+    Build it with :meth:`create`, which validates; the dataclass itself is frozen so a run can't
+    change its options half-way. Each field is an option's one declaration (see :func:`option`).
+
+    Examples
+    --------
+    >>> opts = MapOptions.create(backend="threads", max_containers=16, retries=2)
+    >>> opts.max_containers, opts.retries
+    (16, 2)
+    >>> opts.replace(retries=5).retries
+    5
+    """
+
+    backend: str = option(
+        DEFAULT_BACKEND, _check_backend,
+        "Where rows run: 'local' (worker processes), 'threads', 'sequential', 'modal', "
+        "or 'modal:APP/FUNCTION' for a deployed Modal function.",
+        trait="text", flag=Flag(group=_PLACE))
+    # Modal resources and image (ignored by the local backends).
+    gpu: str | list[str] | None = option(
+        None, _check_gpu,
+        "GPU for each Modal container: 'T4', 'A100-80GB', 'H100:2'...; several are fallbacks, in order.",
+        trait="gpu", flag=Flag("many", metavar="GPU", group=_PLACE))
+    cpu: float | None = option(
+        None, _check_cpu, "CPU cores reserved for each Modal container.",
+        trait="number", flag=Flag(type=float, metavar="CORES", group=_PLACE))
+    memory: int | None = option(
+        None, _check_memory, "Memory for each Modal container, in MiB.",
+        trait="whole", flag=Flag(type=int, metavar="MIB", group=_PLACE))
+    image: Any = option(
+        None, _check_image, "A modal.Image for the containers to run (on a magic's line: the name of a "
+        "modal.Image variable in the notebook).",
+        trait="name", flag=Flag(metavar="NAME", group=_PLACE))
+    pip: tuple[str, ...] = option(
+        (), _strings, "Packages to pip-install into the Modal image.",
+        trait="texts", flag=Flag("many", metavar="PACKAGE", group=_PLACE))
+    apt: tuple[str, ...] = option(
+        (), _strings, "Debian packages to apt-install into the Modal image.",
+        trait="texts", flag=Flag("many", metavar="PACKAGE", group=_PLACE))
+    python_version: str | None = option(
+        None, _check_python_version, "Python version of the Modal image, e.g. 3.11.",
+        trait="text", flag=Flag(metavar="X.Y", group=_PLACE))
+    secrets: tuple[Any, ...] = option(
+        (), _check_secrets, "Modal secrets whose variables the function sees (names or modal.Secret objects).",
+        trait="texts", flag=Flag("repeat", spelling="--secret", metavar="NAME", group=_PLACE))
+    env: Mapping[str, str] = option(
+        {}, _check_env, "Environment variables the function sees, KEY=VALUE.",
+        trait="pairs", flag=Flag("pairs", metavar="KEY=VALUE", group=_PLACE))
+    volumes: Mapping[str, Any] = option(
+        {}, _check_volumes, "Modal volumes to mount, /PATH=VOLUME_NAME.",
+        trait="pairs", flag=Flag("pairs", spelling="--volume", metavar="/PATH=NAME", group=_PLACE))
+    # Execution.
+    timeout: float | None = option(
+        None, _positive_number, "Seconds one row may run before it fails.",
+        trait="number", flag=Flag(type=float, metavar="SECONDS"))
+    retries: int = option(
+        0, _non_negative_int, "Extra tries for a row that raises or whose worker was lost.",
+        trait="whole", flag=Flag(type=int, metavar="N"))
+    max_containers: int | None = option(
+        None, _positive_int,
+        "Rows running at once: Modal containers, or local workers (default: the core count).",
+        trait="whole", flag=Flag(type=int, metavar="N"))
+    batch_size: int | None = option(
+        None, _positive_int,
+        "Rows sent to a worker or container at a time (default: sized from measured row times).",
+        trait="whole", flag=Flag(type=int, metavar="N"))
+    order_outputs: bool = option(
+        False, _flag, "Have the backend return rows in order; results join back by position either way.",
+        trait="switch", flag=Flag("switch"))
+    on_error: OnError = option(
+        "capture", _check_on_error,
+        "'capture': a failed row gets an error in <into>_error; 'raise': stop at the first failed row.",
+        trait="choice", choices=("capture", "raise"))
+    cache: CacheMode = option(
+        True, _check_cache,
+        "Reuse stored results of rows that already ran; 'refresh' recomputes and stores them again.",
+        trait="cache", flag=Flag("cache"))
+    progress: bool = option(True, _flag, "Show a progress bar.", trait="switch", flag=Flag("switch"))
+    sample: int | None = option(
+        None, _positive_int, "Run on the first N rows only, to try the function out.",
+        trait="whole", flag=Flag(type=int, metavar="N"))
+    # Result shape.
+    expand: bool = option(
+        False, _flag, "Spread dict results into one column per key.",
+        trait="switch", flag=Flag("switch", group=_RESULT))
+    overwrite: bool = option(
+        False, _flag, "Replace columns of the DataFrame that the result would overwrite.",
+        trait="switch", flag=Flag("switch", group=_RESULT))
+
+    @classmethod
+    def create(cls, base: MapOptions | None = None, **kwargs: Any) -> MapOptions:
+        """Validate keyword options (over ``base``'s values, or the defaults) into an options object.
+
+        Raises
+        ------
+        OptionsError
+            For an unknown option (with the closest known name) or a value of the wrong type or range.
+
+        Examples
+        --------
+        >>> MapOptions.create(backend="threads").backend
+        'threads'
+        >>> MapOptions.create(max_container=4)
+        Traceback (most recent call last):
+        ...
+        modal_magic.errors.OptionsError: unknown option 'max_container'; did you mean 'max_containers'?
+        """
+        unknown = [k for k in kwargs if k not in _BY_NAME]
+        if unknown:
+            raise unknown_option(unknown[0], OPTION_NAMES)
+        start = base if base is not None else cls()
+        values = {name: getattr(start, name) for name in OPTION_NAMES}
+        for name, value in kwargs.items():
+            values[name] = _BY_NAME[name].check(name, value)
+        _check_combination(values)
+        return cls(**values)
+
+    def replace(self, **kwargs: Any) -> MapOptions:
+        """Return a validated copy with some options changed."""
+        return MapOptions.create(self, **kwargs)
+
+    @property
+    def is_modal(self) -> bool:
+        """True when the run goes to Modal (an ephemeral app or a deployed function)."""
+        return self.backend == "modal" or self.backend.startswith("modal:")
+
+    def workers(self) -> int:
+        """How many rows may run at once on a local backend (``max_containers`` or the core count)."""
+        return self.max_containers or (os.cpu_count() or 1)
+
+
+#: Every option of a map, in declaration order.
+OPTIONS: tuple[Option, ...] = declared_options(MapOptions)
+OPTION_NAMES: tuple[str, ...] = tuple(o.name for o in OPTIONS)
+_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 
 
 def check_option(name: str, value: Any) -> Any:
@@ -309,11 +450,11 @@ def check_option(name: str, value: Any) -> Any:
     >>> check_option("retries", -1)
     Traceback (most recent call last):
     ...
-    modal_magic.options.OptionsError: retries=-1 is not valid: expected a whole number of at least 0
+    modal_magic.errors.OptionsError: retries=-1 is not valid: expected a whole number of at least 0
     """
-    if name not in _CHECKS:
-        raise OptionsError(f"unknown option {name!r}")
-    return _CHECKS[name](name, value)
+    if name not in _BY_NAME:
+        raise unknown_option(name, OPTION_NAMES)
+    return _BY_NAME[name].check(name, value)
 
 
 def _check_combination(values: dict[str, Any]) -> None:
