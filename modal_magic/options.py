@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,7 +34,13 @@ __all__ = [
     "OptionsError",
     "check_option",
     "declared_options",
+    "invalid",
+    "non_negative_int",
     "option",
+    "positive_int",
+    "positive_number",
+    "strings",
+    "true_or_false",
 ]
 
 DEFAULT_BACKEND = "local"
@@ -142,19 +149,21 @@ def unknown_option(name: str, known: tuple[str, ...]) -> OptionsError:
 
 
 # --- per-option checks: each takes (name, value) and returns the normalised value or raises ----------
+# The public ones are shared with other option sets (modal_magic.llm.options) so a rule and its
+# message live in one place.
 
 
-def _fail(name: str, value: Any, expected: str) -> OptionsError:
+def invalid(name: str, value: Any, expected: str) -> OptionsError:
     return OptionsError(f"{name}={value!r} is not valid: expected {expected}")
 
 
 def _check_backend(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise _fail(name, value, "a backend name such as 'local', 'threads' or 'modal'")
+        raise invalid(name, value, "a backend name such as 'local', 'threads' or 'modal'")
     if value.startswith("modal:"):
         target = value.removeprefix("modal:")
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", target):
-            raise _fail(name, value, "'modal:APP_NAME/FUNCTION_NAME' for a deployed Modal function")
+            raise invalid(name, value, "'modal:APP_NAME/FUNCTION_NAME' for a deployed Modal function")
         return value
     from .backends import backend_names
 
@@ -169,48 +178,58 @@ def _check_backend(name: str, value: Any) -> str:
     return value
 
 
-def _positive_int(name: str, value: Any) -> int | None:
+def positive_int(name: str, value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _fail(name, value, "a whole number of at least 1, or None")
+        raise invalid(name, value, "a whole number of at least 1, or None")
     return value
 
 
-def _non_negative_int(name: str, value: Any) -> int:
+def non_negative_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _fail(name, value, "a whole number of at least 0")
+        raise invalid(name, value, "a whole number of at least 0")
     return value
 
 
-def _positive_number(name: str, value: Any) -> float | None:
+def positive_number(name: str, value: Any) -> float | None:
+    """A finite number greater than 0 (as a float), or None."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise _fail(name, value, "a number of seconds greater than 0, or None")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+            or not math.isfinite(value)):
+        raise invalid(name, value, "a number greater than 0, or None")
     return float(value)
 
 
-def _flag(name: str, value: Any) -> bool:
+def positive_seconds(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise invalid(name, value, "a number of seconds greater than 0, or None")
+    return float(value)
+
+
+def true_or_false(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise _fail(name, value, "True or False")
+        raise invalid(name, value, "True or False")
     return value
 
 
 def _check_cache(name: str, value: Any) -> CacheMode:
     if value is True or value is False or value == "refresh":
         return value
-    raise _fail(name, value, "True, False or 'refresh'")
+    raise invalid(name, value, "True, False or 'refresh'")
 
 
-def _strings(name: str, value: Any) -> tuple[str, ...]:
+def strings(name: str, value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
         value = [value]
     items = tuple(value)
     if not all(isinstance(v, str) and v for v in items):
-        raise _fail(name, value, "a list of non-empty strings")
+        raise invalid(name, value, "a list of non-empty strings")
     return items
 
 
@@ -226,22 +245,22 @@ def _check_gpu(name: str, value: Any) -> str | list[str] | None:
         for v in value:
             parse_gpu(v)
         return list(value)
-    raise _fail(name, value, "a GPU type such as 'T4', 'A100-80GB' or 'H100:2', or a list of them as fallbacks")
+    raise invalid(name, value, "a GPU type such as 'T4', 'A100-80GB' or 'H100:2', or a list of them as fallbacks")
 
 
 def _check_cpu(name: str, value: Any) -> float | None:
-    return _positive_number(name, value)
+    return positive_number(name, value)
 
 
 def _check_memory(name: str, value: Any) -> int | None:
-    return _positive_int(name, value)
+    return positive_int(name, value)
 
 
 def _check_python_version(name: str, value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not re.fullmatch(r"3\.\d{1,2}", value):
-        raise _fail(name, value, "a Python version such as '3.11'")
+        raise invalid(name, value, "a Python version such as '3.11'")
     return value
 
 
@@ -253,9 +272,9 @@ def _check_secrets(name: str, value: Any) -> tuple[Any, ...]:
     for v in value:
         if isinstance(v, str):
             if not v:
-                raise _fail(name, value, "secret names (non-empty strings) or modal.Secret objects")
+                raise invalid(name, value, "secret names (non-empty strings) or modal.Secret objects")
         elif type(v).__name__ != "Secret":
-            raise _fail(name, value, "secret names (strings) or modal.Secret objects")
+            raise invalid(name, value, "secret names (strings) or modal.Secret objects")
     return tuple(value)
 
 
@@ -265,7 +284,7 @@ def _check_env(name: str, value: Any) -> Mapping[str, str]:
     if not isinstance(value, Mapping) or not all(
         isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()
     ):
-        raise _fail(name, value, "a dict of environment variable names to string values")
+        raise invalid(name, value, "a dict of environment variable names to string values")
     return dict(value)
 
 
@@ -273,24 +292,24 @@ def _check_volumes(name: str, value: Any) -> Mapping[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise _fail(name, value, "a dict of mount paths to volume names, e.g. {'/data': 'my-volume'}")
+        raise invalid(name, value, "a dict of mount paths to volume names, e.g. {'/data': 'my-volume'}")
     for path, vol in value.items():
         if not isinstance(path, str) or not path.startswith("/"):
-            raise _fail(name, value, "absolute mount paths as keys, e.g. {'/data': 'my-volume'}")
+            raise invalid(name, value, "absolute mount paths as keys, e.g. {'/data': 'my-volume'}")
         if not (isinstance(vol, str) and vol) and type(vol).__name__ != "Volume":
-            raise _fail(name, value, "volume names or modal.Volume objects as values")
+            raise invalid(name, value, "volume names or modal.Volume objects as values")
     return dict(value)
 
 
 def _check_image(name: str, value: Any) -> Any:
     if value is None or type(value).__name__ == "Image":
         return value
-    raise _fail(name, value, "a modal.Image (or use pip=/apt=/python_version= to describe one)")
+    raise invalid(name, value, "a modal.Image (or use pip=/apt=/python_version= to describe one)")
 
 
 def _check_on_error(name: str, value: Any) -> OnError:
     if value not in ("capture", "raise"):
-        raise _fail(name, value, "'capture' (errors become a column) or 'raise' (stop at the first error)")
+        raise invalid(name, value, "'capture' (errors become a column) or 'raise' (stop at the first error)")
     return value
 
 
@@ -335,10 +354,10 @@ class MapOptions:
         "modal.Image variable in the notebook).",
         trait="name", flag=Flag(metavar="NAME", group=_PLACE))
     pip: tuple[str, ...] = option(
-        (), _strings, "Packages to pip-install into the Modal image.",
+        (), strings, "Packages to pip-install into the Modal image.",
         trait="texts", flag=Flag("many", metavar="PACKAGE", group=_PLACE))
     apt: tuple[str, ...] = option(
-        (), _strings, "Debian packages to apt-install into the Modal image.",
+        (), strings, "Debian packages to apt-install into the Modal image.",
         trait="texts", flag=Flag("many", metavar="PACKAGE", group=_PLACE))
     python_version: str | None = option(
         None, _check_python_version, "Python version of the Modal image, e.g. 3.11.",
@@ -354,21 +373,21 @@ class MapOptions:
         trait="pairs", flag=Flag("pairs", spelling="--volume", metavar="/PATH=NAME", group=_PLACE))
     # Execution.
     timeout: float | None = option(
-        None, _positive_number, "Seconds one row may run before it fails.",
+        None, positive_seconds, "Seconds one row may run before it fails.",
         trait="number", flag=Flag(type=float, metavar="SECONDS"))
     retries: int = option(
-        0, _non_negative_int, "Extra tries for a row that raises or whose worker was lost.",
+        0, non_negative_int, "Extra tries for a row that raises or whose worker was lost.",
         trait="whole", flag=Flag(type=int, metavar="N"))
     max_containers: int | None = option(
-        None, _positive_int,
+        None, positive_int,
         "Rows running at once: Modal containers, or local workers (default: the core count).",
         trait="whole", flag=Flag(type=int, metavar="N"))
     batch_size: int | None = option(
-        None, _positive_int,
+        None, positive_int,
         "Rows sent to a worker or container at a time (default: sized from measured row times).",
         trait="whole", flag=Flag(type=int, metavar="N"))
     order_outputs: bool = option(
-        False, _flag, "Have the backend return rows in order; results join back by position either way.",
+        False, true_or_false, "Have the backend return rows in order; results join back by position either way.",
         trait="switch", flag=Flag("switch"))
     on_error: OnError = option(
         "capture", _check_on_error,
@@ -378,16 +397,16 @@ class MapOptions:
         True, _check_cache,
         "Reuse stored results of rows that already ran; 'refresh' recomputes and stores them again.",
         trait="cache", flag=Flag("cache"))
-    progress: bool = option(True, _flag, "Show a progress bar.", trait="switch", flag=Flag("switch"))
+    progress: bool = option(True, true_or_false, "Show a progress bar.", trait="switch", flag=Flag("switch"))
     sample: int | None = option(
-        None, _positive_int, "Run on the first N rows only, to try the function out.",
+        None, positive_int, "Run on the first N rows only, to try the function out.",
         trait="whole", flag=Flag(type=int, metavar="N"))
     # Result shape.
     expand: bool = option(
-        False, _flag, "Spread dict results into one column per key.",
+        False, true_or_false, "Spread dict results into one column per key.",
         trait="switch", flag=Flag("switch", group=_RESULT))
     overwrite: bool = option(
-        False, _flag, "Replace columns of the DataFrame that the result would overwrite.",
+        False, true_or_false, "Replace columns of the DataFrame that the result would overwrite.",
         trait="switch", flag=Flag("switch", group=_RESULT))
 
     @classmethod
