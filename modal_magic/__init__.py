@@ -54,13 +54,13 @@ def shutdown() -> None:
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext modal_magic``: register the magics (the accessors are registered on import)."""
-    from .magics import load
+    from .ipython import load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     """``%unload_ext modal_magic``: remove the magics again."""
-    from .magics import unload
+    from .ipython import unload
 
     unload(ipython)

@@ -14,9 +14,9 @@ from traitlets import TraitError
 from traitlets.config import Config
 
 import modal_magic
-import modal_magic.magics
+from modal_magic.ipython import map_magic
 from modal_magic.errors import MapInterrupted, RowError
-from modal_magic.magics import ModalMagic, parse_line
+from modal_magic.ipython.map_magic import ModalMagic, parse_line
 from modal_magic.options import OPTION_NAMES, MapOptions
 
 CLASSIFY = """\
@@ -58,7 +58,7 @@ def calls(monkeypatch):
         into = into or fn.__name__
         return frame.assign(**{into: 1, f"{into}_error": pd.Series(None, index=frame.index, dtype=object)})
 
-    monkeypatch.setattr(modal_magic.magics, "map_frame", fake_map_frame)
+    monkeypatch.setattr(map_magic, "map_frame", fake_map_frame)
     return seen
 
 
@@ -248,7 +248,7 @@ def test_config_sets_the_default_and_a_flag_overrides_it(ip, calls):
     ip.run_line_magic("load_ext", "modal_magic")
 
     ip.run_cell_magic("modal_map", "df.x", CLASSIFY)
-    ip.run_cell_magic("modal_map", "df.x --retries 1 --backend threads --no-order --into again", CLASSIFY)
+    ip.run_cell_magic("modal_map", "df.x --retries 1 --backend threads --no-order-outputs --into again", CLASSIFY)
     ip.run_line_magic("config", "ModalMagic.max_containers = 2")
     ip.run_cell_magic("modal_map", "df.x --into third", CLASSIFY)
 
