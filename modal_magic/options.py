@@ -370,7 +370,7 @@ class MapOptions:
         trait="pairs", flag=Flag("pairs", metavar="KEY=VALUE", group=_PLACE))
     volumes: Mapping[str, Any] = option(
         {}, _check_volumes, "Modal volumes to mount, /PATH=VOLUME_NAME.",
-        trait="pairs", flag=Flag("pairs", spelling="--volume", metavar="/PATH=NAME", group=_PLACE))
+        trait="pairs", flag=Flag("pairs", spelling="--volume", metavar="/PATH=VOLUME_NAME", group=_PLACE))
     # Execution.
     timeout: float | None = option(
         None, positive_seconds, "Seconds one row may run before it fails.",

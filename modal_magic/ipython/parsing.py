@@ -174,7 +174,7 @@ def option_flags(given: Mapping[str, Any], options: Iterable[Option] = OPTIONS) 
     Examples
     --------
     >>> option_flags({"env": ["KEY=v"], "gpu": ["T4"], "into": "x"})
-    {'env': {'KEY': 'v'}, 'gpu': 'T4'}
+    {'gpu': 'T4', 'env': {'KEY': 'v'}}
     """
     values = {}
     for o in options:
