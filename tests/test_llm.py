@@ -24,7 +24,7 @@ import pytest
 from pydantic import BaseModel
 
 import modal_magic
-import modal_magic.llm.limits as llm_row
+import modal_magic.llm.row as llm_row
 from modal_magic import llm
 from modal_magic.ipython import llm_magic
 from modal_magic.fingerprint import function_fingerprint
@@ -309,7 +309,7 @@ def test_a_429_is_retried_after_the_wait_it_asks_for_and_the_row_succeeds(openai
 
 
 def test_server_errors_are_retried(openai_server, monkeypatch):
-    monkeypatch.setattr(llm_row, "BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(llm_row.limits, "BACKOFF_FIRST_S", 0.01)
     df = pd.DataFrame({"text": ["[[fail=500 times=2]] a", "[[fail=503 times=1 retry_after=0.05]] b"]})
     out = df.modal.llm("Say {text}", **FAST)
     assert out["answer_error"].isna().all()
@@ -318,7 +318,7 @@ def test_server_errors_are_retried(openai_server, monkeypatch):
 
 
 def test_a_request_that_keeps_failing_is_its_rows_error_and_no_row_is_lost(openai_server, monkeypatch):
-    monkeypatch.setattr(llm_row, "BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(llm_row.limits, "BACKOFF_FIRST_S", 0.01)
     df = pd.DataFrame({"text": ["[[fail=429 retry_after=0.01]] a", "[[fail=500]] b", "[[fail=400]] c",
                                 "[[fail=429 code=insufficient_quota]] d", "e"]})
     out = df.modal.llm("Say {text}", max_retries=2, **FAST)
@@ -338,7 +338,7 @@ def test_a_request_that_keeps_failing_is_its_rows_error_and_no_row_is_lost(opena
 
 
 def test_an_unreachable_endpoint_fails_every_row_with_a_connection_error(monkeypatch):
-    monkeypatch.setattr(llm_row, "BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(llm_row.limits, "BACKOFF_FIRST_S", 0.01)
     out = pd.DataFrame({"text": ["a", "b"]}).modal.llm("Say {text}", base_url="http://127.0.0.1:9/v1",
                                                        api_key="sk-x", max_retries=1, **FAST)
     assert out["answer"].isna().all()

@@ -11,15 +11,15 @@ tokens in and out and cost come back as columns. The package, one module per ide
 - :mod:`~modal_magic.llm.templates`, :mod:`~modal_magic.llm.prices`, :mod:`~modal_magic.llm.keys`:
   the template's fields, what tokens cost, where the API key comes from;
 - :mod:`~modal_magic.llm.function`: the row function the engine maps, and the runtime it needs;
-- the row runtime, which also runs inside Modal containers and worker processes (pickled by
-  value, standard library only): :mod:`~modal_magic.llm.session` (one request per row, retries),
-  :mod:`~modal_magic.llm.limits` (request, rate limits, budget, meter) and
-  :mod:`~modal_magic.llm.failures` (the errors a row ends with).
+- :mod:`~modal_magic.llm.row`, the row runtime, which also runs inside Modal containers and worker
+  processes (pickled by value, standard library only): :mod:`~modal_magic.llm.row.session` (one
+  request per row, retries), :mod:`~modal_magic.llm.row.limits` (request, rate limits, budget,
+  meter) and :mod:`~modal_magic.llm.row.failures` (the errors a row ends with).
 
 The API key is looked up in ``api_key=``, then ``OPENAI_API_KEY``, then a ``.env`` file; with
 ``backend="modal"`` it comes from a Modal secret inside the container and never leaves this
 machine. It is kept off the row function, so it is in no cache key, no repr and no error message;
-the one pickle that carries it is the :class:`~modal_magic.llm.session.WorkerRow` sent over a socket
+the one pickle that carries it is the :class:`~modal_magic.llm.row.session.WorkerRow` sent over a socket
 to a worker process. The ``%%modal_llm`` magic is on the IPython side, in
 :mod:`modal_magic.ipython.llm_magic`.
 """
@@ -35,10 +35,10 @@ from ..engine import map_frame
 from ..options import MapOptions, OptionsError
 from .function import _RUNTIMES, LLMRowFunction  # noqa: F401  (_RUNTIMES: tests look inside a run's session)
 from .keys import MissingAPIKey, resolve_api_key, resolve_base_url
-from .limits import Limits, Meter, Request
+from .row.limits import Limits, Meter, Request
 from .options import DEFAULT_CONCURRENCY, DEFAULT_INTO, DEFAULT_MODEL, LLM_OPTION_NAMES, LLM_OPTIONS, LLMOptions, schema_parts
 from .prices import PRICES, PRICES_AS_OF, price_for
-from .session import Session
+from .row.session import Session
 from .templates import TemplateError, check_template_columns, template_fields
 
 __all__ = [
@@ -181,47 +181,15 @@ def _map_shipped(frame: pd.DataFrame, row: LLMRowFunction, fields: tuple[str, ..
     processes needn't import it (and pandas with it) to send requests."""
     import cloudpickle
 
-    from . import failures, limits, session
+    from . import row as row_runtime
 
-    shipped = (failures, limits, session)
-    for module in shipped:
-        cloudpickle.register_pickle_by_value(module)
+    # Registering the package covers its modules (session, limits, failures).
+    cloudpickle.register_pickle_by_value(row_runtime)
     try:
         return map_frame(frame, row, columns=list(fields), star=True, into=into, options=options,
                          errors_call=errors_call, runtime=row.runtime())
     finally:
-        for module in shipped:
-            cloudpickle.unregister_pickle_by_value(module)
-
-
-def _with_every_column(out: pd.DataFrame, frame: pd.DataFrame, columns: list[str], into: str) -> pd.DataFrame:
-    """Add result columns no row filled (every row failed, or no rows), typed, before ``<into>_error``."""
-    missing = [c for c in columns if c not in out.columns]
-    if not missing:
-        return out
-    out = out.copy()
-    for name in missing:
-        dtype = "Int64" if name.endswith(("_tokens_in", "_tokens_out")) else "float64" if name.endswith("_cost_usd") else object
-        out[name] = pd.Series(pd.NA if dtype == "Int64" else None, index=out.index, dtype=dtype)
-    error = f"{into}_error"
-    order = [c for c in frame.columns if c not in columns and c != error] + columns + [error]
-    return out[order]
-
-
-def _map_shipped(frame: pd.DataFrame, row: LLMRowFunction, fields: tuple[str, ...], into: str,
-                 options: MapOptions, errors_call: str) -> pd.DataFrame:
-    """Map with the row code pickled by value: Modal containers have no modal_magic, and worker
-    processes needn't import it (and pandas with it) to send requests."""
-    import cloudpickle
-
-    from . import _llm_row
-
-    cloudpickle.register_pickle_by_value(_llm_row)
-    try:
-        return map_frame(frame, row, columns=list(fields), star=True, into=into, options=options,
-                         errors_call=errors_call)
-    finally:
-        cloudpickle.unregister_pickle_by_value(_llm_row)
+        cloudpickle.unregister_pickle_by_value(row_runtime)
 
 
 def _with_every_column(out: pd.DataFrame, frame: pd.DataFrame, columns: list[str], into: str) -> pd.DataFrame:

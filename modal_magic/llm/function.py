@@ -1,7 +1,7 @@
 """The row function an LLM run hands the engine, and the :class:`~modal_magic.backends.base.Runtime` it needs.
 
 :class:`LLMRowFunction` is what the cache fingerprints and what a Modal container receives (as a
-:class:`~modal_magic.llm.session.ContainerRow`, without the key); its session (API key, client,
+:class:`~modal_magic.llm.row.session.ContainerRow`, without the key); its session (API key, client,
 limiter, budget) is kept off it, in a side table. :meth:`LLMRowFunction.runtime` says what the
 backend needs beyond the function: the meter the progress bar reads, the worker processes, what
 those processes run, and how the run closes its HTTP client.
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..backends.base import Runtime
-from .limits import Limits, Meter, Request
-from .session import ContainerRow, Session, WorkerRow
+from .row.limits import Limits, Meter, Request
+from .row.session import ContainerRow, Session, WorkerRow
 
 __all__ = ["LLMRowFunction"]
 
@@ -41,13 +41,13 @@ class LLMRowFunction:
     """The ``async`` function :func:`~modal_magic.llm.llm_frame` maps: one chat completion per row.
 
     It returns a dict (answer or schema fields, tokens in and out, cost), which the engine spreads
-    into columns. Pickled for Modal it becomes a :class:`~modal_magic.llm.session.ContainerRow` that
+    into columns. Pickled for Modal it becomes a :class:`~modal_magic.llm.row.session.ContainerRow` that
     carries the request and the container's share of the limits, and never the key.
 
     Examples
     --------
-    >>> from modal_magic.llm.limits import Limits, Meter, Request
-    >>> from modal_magic.llm.session import Session
+    >>> from modal_magic.llm.row.limits import Limits, Meter, Request
+    >>> from modal_magic.llm.row.session import Session
     >>> request = Request(template="Say {text}", fields=("text",), model="m", into="answer")
     >>> row = LLMRowFunction(request, Session(request, Limits(), Meter(False), api_key="k", base_url=None),
     ...                      Limits(), on_modal=False)

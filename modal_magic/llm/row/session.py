@@ -2,15 +2,15 @@
 
 This is the heart of the row runtime, which runs where the rows run: on the asyncio backend's
 event loop in the kernel, in the kernel's worker processes (``processes=``), or inside a Modal
-container, where it arrives pickled by value (cloudpickle) together with
-:mod:`~modal_magic.llm.limits` and :mod:`~modal_magic.llm.failures`, and modal_magic is not
-installed. So these three modules import only the standard library at the top; ``openai`` (and
+container, where it arrives pickled by value (cloudpickle, the whole
+:mod:`modal_magic.llm.row` package), and modal_magic is not installed. So the package imports only
+the standard library at the top; ``openai`` (and
 ``jsonschema`` for a dict ``schema=``) are imported where they are used.
 
 Everything one process shares across its rows lives in a :class:`Session`: the ``openai.AsyncOpenAI``
 client (created on the loop that uses it, closed when no row is running), the
-:class:`~modal_magic.llm.limits.RateLimiter` every request goes through (every retry included), the
-:class:`~modal_magic.llm.limits.Budget` and the :class:`~modal_magic.llm.limits.Meter` the progress
+:class:`~modal_magic.llm.row.limits.RateLimiter` every request goes through (every retry included), the
+:class:`~modal_magic.llm.row.limits.Budget` and the :class:`~modal_magic.llm.row.limits.Meter` the progress
 bar reads. Requests are sent with the client's own retries off (``max_retries=0``): the retries are
 done here, so that each try passes the rate limiter, a ``Retry-After`` holds back every row (not
 just the one that got the 429), and the row's error says how many tries it took.

@@ -1,6 +1,6 @@
 """How one LLM row can fail: the exceptions a row ends with, and keeping the API key out of them.
 
-Part of the row runtime (see :mod:`modal_magic.llm.session`): it runs inside Modal containers and
+Part of the row runtime (see :mod:`modal_magic.llm.row`): it runs inside Modal containers and
 worker processes pickled by value, so it imports only the standard library. Every request error
 says how many HTTP tries it took (``row_attempts``) and an answer paid for but unusable says what
 it cost (``row_usage``): the :class:`~modal_magic.errors.RowReport` contract the engine reads.

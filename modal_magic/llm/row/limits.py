@@ -1,6 +1,6 @@
 """What an LLM row asks, and how fast and how far a process may go: request, limits, rate limiter, budget, meter.
 
-Part of the row runtime (see :mod:`modal_magic.llm.session`): pickled by value into Modal
+Part of the row runtime (see :mod:`modal_magic.llm.row`): pickled by value into Modal
 containers and worker processes, so only the standard library is imported here. A
 :class:`Request` is what decides a row's answer (the cache fingerprints it); :class:`Limits` are
 one process's share of ``rpm=``, ``tpm=`` and ``budget_usd=``; :class:`RateLimiter` and
@@ -166,7 +166,7 @@ class Budget:
     >>> budget.reserve(0.06)
     Traceback (most recent call last):
     ...
-    modal_magic.llm.failures.BudgetExceeded: budget_usd=0.10 reached after $0.05: the next request would cost about $0.06, ...
+    modal_magic.llm.row.failures.BudgetExceeded: budget_usd=0.10 reached after $0.05: the next request would cost about $0.06, ...
     """
 
     def __init__(self, limit_usd: float | None) -> None:
