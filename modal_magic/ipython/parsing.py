@@ -161,7 +161,9 @@ def parse_known(parser: argparse.ArgumentParser, argv: list[str], *, stray: str)
         if not first.startswith("-"):
             raise UsageError(f"unexpected {first!r} on the line: {stray}")
         known = [s for action in parser._actions for s in action.option_strings]
-        close = difflib.get_close_matches(first.split("=")[0], known, n=1)
+        word = first.split("=")[0]
+        # An abbreviation means the flag it starts; otherwise the closest spelling.
+        close = [k for k in known if k.startswith(word)][:1] or difflib.get_close_matches(word, known, n=1)
         magic = parser.prog.lstrip("%")
         raise UsageError(f"unknown flag {first}"
                          + (f"; did you mean {close[0]}?" if close else f"; see %%{magic}? for the flags"))
