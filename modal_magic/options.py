@@ -154,6 +154,7 @@ def unknown_option(name: str, known: tuple[str, ...]) -> OptionsError:
 
 
 def invalid(name: str, value: Any, expected: str) -> OptionsError:
+    """The error for ``name=value``, saying what was expected."""
     return OptionsError(f"{name}={value!r} is not valid: expected {expected}")
 
 
@@ -179,6 +180,7 @@ def _check_backend(name: str, value: Any) -> str:
 
 
 def positive_int(name: str, value: Any) -> int | None:
+    """A whole number of at least 1, or None."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -187,6 +189,7 @@ def positive_int(name: str, value: Any) -> int | None:
 
 
 def non_negative_int(name: str, value: Any) -> int:
+    """A whole number of at least 0."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise invalid(name, value, "a whole number of at least 0")
     return value
@@ -203,6 +206,7 @@ def positive_number(name: str, value: Any) -> float | None:
 
 
 def positive_seconds(name: str, value: Any) -> float | None:
+    """A number of seconds greater than 0 (as a float), or None."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -211,6 +215,7 @@ def positive_seconds(name: str, value: Any) -> float | None:
 
 
 def true_or_false(name: str, value: Any) -> bool:
+    """Exactly True or False (not 0, 1 or "yes")."""
     if not isinstance(value, bool):
         raise invalid(name, value, "True or False")
     return value
@@ -223,6 +228,7 @@ def _check_cache(name: str, value: Any) -> CacheMode:
 
 
 def strings(name: str, value: Any) -> tuple[str, ...]:
+    """One non-empty string or a list of them, as a tuple; None is empty."""
     if value is None:
         return ()
     if isinstance(value, str):

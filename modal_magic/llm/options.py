@@ -85,7 +85,7 @@ class LLMOptions:
     modal_magic.errors.OptionsError: rpm=0 is not valid: expected a number greater than 0, or None
     """
 
-    model: str = option(DEFAULT_MODEL, _text, f"The chat model (default {DEFAULT_MODEL!r}).",
+    model: str = option(DEFAULT_MODEL, _text, "The chat model.",
                         trait="text", flag=Flag(group=_MODEL))
     system: str | None = option(None, _optional_text, "A system prompt.",
                                 trait="text", flag=Flag(metavar="TEXT", group=_MODEL))
@@ -115,12 +115,11 @@ class LLMOptions:
         None, _mapping, "{model: (input, output)} in USD per million tokens, over modal_magic.llm.PRICES.",
         trait="pairs", flag=None)
     max_retries: int = option(
-        5, non_negative_int, "Retries of one request on 429, 5xx and connection errors (default 5), honouring "
-        "Retry-After.", trait="whole", flag=Flag(type=int, metavar="N", group=_LIMITS))
+        5, non_negative_int, "Retries of one request on 429, 5xx and connection errors, honouring Retry-After.", trait="whole", flag=Flag(type=int, metavar="N", group=_LIMITS))
     extra_body: Mapping[str, Any] | None = option(
         None, _mapping, "More fields for the request body, e.g. {'top_p': 0.9, 'seed': 1}.", trait="pairs", flag=None)
     processes: int = option(
-        1, _processes, "Send the requests from N local worker processes (default 1: the kernel's event loop); "
+        1, _processes, "Send the requests from N local worker processes (1: from the kernel's own event loop); "
         "the limits are split between them.", trait="whole", flag=Flag(type=int, metavar="N", group=_LIMITS))
 
     @classmethod
