@@ -14,10 +14,11 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import pandas as pd
 
+from .declarations import Option, unknown_option
 from .engine import map_frame, retry_failed
 from .errors import RowError
 from .llm import LLM_OPTION_NAMES, LLM_OPTIONS, LLMOptions, llm_frame
-from .options import OPTION_NAMES, OPTIONS, MapOptions, Option, unknown_option
+from .options import OPTION_NAMES, OPTIONS, MapOptions
 
 __all__ = ["ModalFrameAccessor", "ModalSeriesAccessor", "errors_frame"]
 

@@ -5,23 +5,23 @@ turns its keyword arguments or flags into a :class:`MapOptions` through :meth:`M
 which checks names, types and ranges before any work starts and says what to do when something is
 wrong. The names mirror Modal's own words (``gpu``, ``secrets``, ``max_containers``, ``timeout``...).
 
-Each option is declared once, as a field of :class:`MapOptions` made by :func:`option`: its name,
-type, default, check, help, how it is spelled on a magic's line (:class:`Flag`) and what kind of
-``%config`` traitlet it is. :data:`OPTIONS` reads those declarations back as :class:`Option`
-records, from which the validation here, the accessors' signatures and, on the IPython side, the
-``ModalMagic`` traitlets, the ``%%modal_map`` flags and their help are all generated.
+Each option is declared once, as a field of :class:`MapOptions` made by
+:func:`~modal_magic.declarations.option`: its name, type, default, check, help, how it is spelled on
+a magic's line and what kind of ``%config`` traitlet it is. :data:`OPTIONS` reads those
+declarations back, from which the validation here, the accessors' signatures and, on the IPython
+side, the ``ModalMagic`` traitlets, the ``%%modal_map`` flags and their help are all generated.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import math
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
 
+from .declarations import Flag, Option, declared_options, option, unknown_option
 from .errors import OptionsError
 
 __all__ = [
@@ -48,105 +48,6 @@ LOCAL_BACKENDS = ("local", "threads", "sequential")
 
 OnError = Literal["capture", "raise"]
 CacheMode = bool | Literal["refresh"]
-
-#: What kind of ``%config`` traitlet an option is (the IPython side maps each to a traitlet type):
-#: "text", "number", "whole" (``None`` allowed when that is the default), "switch", "texts" (a list
-#: of strings), "pairs" (a dict of strings), "choice", "gpu" (a string or a list of them), "cache"
-#: (True, False or "refresh"), "name" (the name of a notebook variable, looked up at each run).
-TraitKind = Literal["text", "number", "whole", "switch", "texts", "pairs", "choice", "gpu", "cache", "name"]
-
-
-@dataclass(frozen=True)
-class Flag:
-    """How an option is written on a magic's line.
-
-    ``form`` says how argparse reads it: ``"value"`` (``--retries 2``), ``"many"`` (``--pip a b``),
-    ``"repeat"`` (``--secret a --secret b``), ``"pairs"`` (``--env K=V``, repeatable, read into a
-    dict), ``"switch"`` (``--progress`` / ``--no-progress``) or ``"cache"`` (``--cache``,
-    ``--no-cache``, ``--cache-refresh``).
-
-    Examples
-    --------
-    >>> Flag("value", type=int, metavar="N").form
-    'value'
-    """
-
-    form: Literal["value", "many", "repeat", "pairs", "switch", "cache"] = "value"
-    spelling: str | None = None  # default: "--" + the name with dashes
-    type: Callable[[str], Any] | None = None  # float or int for numbers; None reads the text
-    metavar: str | None = None
-    group: str = "How rows run"  # the help section the flag is listed under
-
-
-@dataclass(frozen=True)
-class Option:
-    """One option as declared: everything the validation, traitlets, flags and help are made from.
-
-    Examples
-    --------
-    >>> retries = next(o for o in OPTIONS if o.name == "retries")
-    >>> retries.default, retries.flag_spelling, retries.check("retries", 2)
-    (0, '--retries', 2)
-    """
-
-    name: str
-    annotation: str  # the field's type, as written (shown in the accessors' signatures)
-    default: Any
-    check: Callable[[str, Any], Any]  # (name, value) -> the normalised value, or raise OptionsError
-    help: str
-    trait: TraitKind
-    flag: Flag | None = None  # None: not a flag (a keyword argument only)
-    choices: tuple[Any, ...] = ()
-
-    @property
-    def flag_spelling(self) -> str:
-        """The flag as typed, e.g. ``--max-containers``."""
-        if self.flag is not None and self.flag.spelling:
-            return self.flag.spelling
-        return "--" + self.name.replace("_", "-")
-
-    def fresh_default(self) -> Any:
-        """The default value (a new dict for a dict default, so no two runs share one)."""
-        return dict(self.default) if isinstance(self.default, dict) else self.default
-
-
-def option(default: Any, check: Callable[[str, Any], Any], help: str, *, trait: TraitKind,
-           flag: Flag | None = Flag(), choices: tuple[Any, ...] = ()) -> Any:
-    """Declare an option as a dataclass field: its default, check, help, flag and traitlet kind.
-
-    The field's name and type annotation complete the declaration; :func:`declared_options` reads
-    them back. ``flag=None`` makes a keyword-only option that no magic line spells.
-
-    Examples
-    --------
-    >>> @dataclass(frozen=True)
-    ... class Knobs:
-    ...     speed: int = option(1, lambda name, value: value, "How fast.", trait="whole")
-    >>> [(o.name, o.annotation, o.default) for o in declared_options(Knobs)]
-    [('speed', 'int', 1)]
-    """
-    metadata = {"option": (check, help, trait, flag, choices)}
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def declared_options(cls: type) -> tuple[Option, ...]:
-    """The :class:`Option` records of a dataclass whose fields were declared with :func:`option`."""
-    declared = []
-    for f in dataclasses.fields(cls):
-        check, help, trait, flag, choices = f.metadata["option"]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        declared.append(Option(f.name, str(f.type), default, check, help, trait, flag, choices))
-    return tuple(declared)
-
-
-def unknown_option(name: str, known: tuple[str, ...]) -> OptionsError:
-    """The error for an option nobody declared, with the closest known name."""
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; options are: {', '.join(known)}"
-    return OptionsError(f"unknown option {name!r}{hint}")
-
 
 # --- per-option checks: each takes (name, value) and returns the normalised value or raises ----------
 # The public ones are shared with other option sets (modal_magic.llm.options) so a rule and its

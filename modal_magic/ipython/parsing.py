@@ -3,7 +3,7 @@
 The magics (:mod:`~modal_magic.ipython.map_magic`, :mod:`~modal_magic.ipython.llm_magic`) are thin
 adapters; everything they have in common lives here. Flags, traitlets and help are generated from
 the options' declarations (:data:`modal_magic.options.OPTIONS`, :data:`modal_magic.llm.LLM_OPTIONS`):
-:func:`add_option_flags` turns each :class:`~modal_magic.options.Option` into its argparse flag,
+:func:`add_option_flags` turns each :class:`~modal_magic.declarations.Option` into its argparse flag,
 :func:`option_traits` into its ``%config`` traitlet, and :func:`option_flags` reads the parsed
 flags back into the options' own shapes. Names on the line are resolved in the user namespace with
 did-you-mean hints (:func:`lookup`, :func:`resolve_frame`), results are put back where the line
@@ -26,10 +26,11 @@ from IPython.core.error import UsageError
 from IPython.core.magic_arguments import MagicArgumentParser
 from traitlets import Bool, Dict, Enum, Float, Int, List, TraitType, Unicode, Union
 
+from ..declarations import Option
 from ..engine import RunSpec
 from ..errors import OptionsError
 from ..llm.options import LLM_OPTIONS
-from ..options import OPTIONS, MapOptions, Option
+from ..options import OPTIONS, MapOptions
 
 __all__ = [
     "CellArgs",

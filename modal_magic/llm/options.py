@@ -2,7 +2,7 @@
 
 ``df.modal.llm(...)``, :func:`modal_magic.llm.llm_frame` and the ``%%modal_llm`` flags all take
 their LLM parameters (model, limits, schema...) from the declarations here, made with
-:func:`modal_magic.options.option` as :class:`~modal_magic.options.MapOptions`'s are, and checked
+:func:`modal_magic.declarations.option` as :class:`~modal_magic.options.MapOptions`'s are, and checked
 with the same check functions. What depends on the map options too (``processes=`` needs the local
 backend, Modal needs a secret...) is checked by :meth:`LLMOptions.check_with`.
 """
@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ..declarations import Flag, Option, declared_options, option, unknown_option
 from ..errors import OptionsError
-from ..options import (Flag, MapOptions, Option, declared_options, invalid, non_negative_int, option, positive_int,
-                       positive_number, unknown_option)
+from ..options import MapOptions, invalid, non_negative_int, positive_int, positive_number
 from .prices import PRICES_AS_OF, price_for
 
 __all__ = ["DEFAULT_CONCURRENCY", "DEFAULT_INTO", "DEFAULT_MODEL", "LLM_OPTIONS", "LLM_OPTION_NAMES", "LLMOptions",
