@@ -10,15 +10,18 @@ show) list every option by name, type and default, generated from the options' d
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import pandas as pd
 
-from .declarations import Option, unknown_option
+from .declarations import unknown_option
 from .engine import map_frame, retry_failed
 from .errors import RowError
 from .llm import LLM_OPTION_NAMES, LLM_OPTIONS, LLMOptions, llm_frame
 from .options import OPTION_NAMES, OPTIONS, MapOptions
+
+if TYPE_CHECKING:
+    from .declarations import Option
 
 __all__ = ["ModalFrameAccessor", "ModalSeriesAccessor", "errors_frame"]
 

@@ -19,18 +19,20 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import pandas as pd
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import MagicArgumentParser
 from traitlets import Bool, Dict, Enum, Float, Int, List, TraitType, Unicode, Union
 
-from ..declarations import Option
 from ..engine import RunSpec
 from ..errors import OptionsError
 from ..llm.options import LLM_OPTIONS
 from ..options import OPTIONS, MapOptions
+
+if TYPE_CHECKING:
+    from ..declarations import Option
 
 __all__ = [
     "CellArgs",

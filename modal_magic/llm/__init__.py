@@ -27,12 +27,12 @@ to a worker process. The ``%%modal_llm`` magic is on the IPython side, in
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import pandas as pd
 
 from ..engine import map_frame
-from ..options import MapOptions, OptionsError
+from ..errors import OptionsError
 from .function import _RUNTIMES, LLMRowFunction  # noqa: F401  (_RUNTIMES: tests look inside a run's session)
 from .keys import MissingAPIKey, resolve_api_key, resolve_base_url
 from .row.limits import Limits, Meter, Request
@@ -40,6 +40,9 @@ from .options import DEFAULT_CONCURRENCY, DEFAULT_INTO, DEFAULT_MODEL, LLM_OPTIO
 from .prices import PRICES, PRICES_AS_OF, price_for
 from .row.session import Session
 from .templates import TemplateError, check_template_columns, template_fields
+
+if TYPE_CHECKING:
+    from ..options import MapOptions
 
 __all__ = [
     "DEFAULT_CONCURRENCY",

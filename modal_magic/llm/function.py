@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Runtime
-from .row.limits import Limits, Meter, Request
-from .row.session import ContainerRow, Session, WorkerRow
+from .row.limits import Limits, Meter
+from .row.session import ContainerRow
+
+if TYPE_CHECKING:
+    from .row.limits import Request
+    from .row.session import Session, WorkerRow
 
 __all__ = ["LLMRowFunction"]
 

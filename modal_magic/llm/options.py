@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from ..declarations import Flag, Option, declared_options, option, unknown_option
+from ..declarations import Flag, declared_options, option, unknown_option
 from ..errors import OptionsError
-from ..options import MapOptions, invalid, non_negative_int, positive_int, positive_number
+from ..options import invalid, non_negative_int, positive_int, positive_number
 from .prices import PRICES_AS_OF, price_for
+
+if TYPE_CHECKING:
+    from ..declarations import Option
+    from ..options import MapOptions
 
 __all__ = ["DEFAULT_CONCURRENCY", "DEFAULT_INTO", "DEFAULT_MODEL", "LLM_OPTIONS", "LLM_OPTION_NAMES", "LLMOptions",
            "schema_parts"]
