@@ -160,6 +160,7 @@ class LLMOptions:
 
         Examples
         --------
+        >>> from modal_magic.options import MapOptions
         >>> LLMOptions.create(processes=2).check_with(MapOptions.create(backend="threads"))
         Traceback (most recent call last):
         ...
