@@ -76,14 +76,14 @@ def _parser() -> Any:
 #: The ``%%modal_map`` parser, generated once from the option declarations.
 PARSER = _parser()
 
-# The traitlets live on a base class made from the declarations; ``ModalMagic`` is the class
-# users configure (``%config ModalMagic.x``): traitlets reads a class's section for every
-# configurable class in its MRO, so inherited traits are configured under the subclass's name.
-_MapOptionTraits = type("_MapOptionTraits", (Magics,), option_traits(OPTIONS))
+#: One ``%config`` traitlet per map option, made from the declarations. ``ModalMagic`` is the class
+#: users configure (``%config ModalMagic.x``): traitlets reads a class's section for every
+#: configurable class in its MRO, so inherited traits are configured under the subclass's name.
+MapOptionTraits = type("MapOptionTraits", (Magics,), option_traits(OPTIONS))
 
 
 @magics_class
-class ModalMagic(_MapOptionTraits):  # type: ignore[misc,valid-type]
+class ModalMagic(MapOptionTraits):  # type: ignore[misc,valid-type]
     """``%%modal_map``; every traitlet is the default of the option (and flag) of the same name."""
 
     @validate(*OPTION_NAMES)
