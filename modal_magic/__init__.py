@@ -5,7 +5,8 @@
     out = df.modal.map(classify, column="text", into="label")          # local processes
     out = df.modal.map(embed, column="text", backend="modal", gpu="T4")  # Modal containers
 
-``%load_ext modal_magic`` does the same in IPython and adds the ``%%modal_map`` cell magic.
+``%load_ext modal_magic`` does the same in IPython and adds the ``%%modal_map`` and ``%%modal_llm``
+cell magics (the IPython side lives in :mod:`modal_magic.ipython`, which the library never imports).
 """
 
 from __future__ import annotations
@@ -56,14 +57,14 @@ def shutdown() -> None:
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """``%load_ext modal_magic``: register the magics (the accessors are registered on import)."""
-    from .magics import load
+    """``%load_ext modal_magic``: register ``%%modal_map`` and ``%%modal_llm`` (the accessors are registered on import)."""
+    from .ipython import load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    """``%unload_ext modal_magic``: remove the magics again."""
-    from .magics import unload
+    """``%unload_ext modal_magic``: remove both magics and their ``%config`` entries."""
+    from .ipython import unload
 
     unload(ipython)

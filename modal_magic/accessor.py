@@ -1,22 +1,61 @@
 """The pandas accessors: ``df.modal.map``, ``df.modal.starmap``, ``series.modal.map``, ``out.modal.errors()``.
 
 They hold no state (pandas builds a new accessor object on every ``df.modal``): each method
-validates its options and makes one call into :func:`modal_magic.engine.map_frame`.
+validates its options and makes one call into :func:`modal_magic.engine.map_frame`. The methods
+take their options as ``**options``, but their signatures (what ``help()`` and Jupyter's Shift-Tab
+show) list every option by name, type and default, generated from the options' declarations
+(:data:`modal_magic.options.OPTIONS`, :data:`modal_magic.llm.LLM_OPTIONS`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import pandas as pd
 
+from .declarations import unknown_option
 from .engine import map_frame, retry_failed
 from .errors import RowError
-from .options import MapOptions
+from .llm import LLM_OPTION_NAMES, LLM_OPTIONS, LLMOptions, llm_frame
+from .options import OPTION_NAMES, OPTIONS, MapOptions
+
+if TYPE_CHECKING:
+    from .declarations import Option
 
 __all__ = ["ModalFrameAccessor", "ModalSeriesAccessor", "errors_frame"]
 
 ERROR_COLUMNS = ["column", "error", "type", "message", "traceback", "attempts", "exception"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class _Unchanged:
+    """The default shown for ``retry_failed``'s options: a left-out option keeps the first run's value."""
+
+    def __repr__(self) -> str:
+        return "<as the first run>"
+
+
+def _with_options(*declared: tuple[Option, ...], unchanged: bool = False) -> Callable[[_F], _F]:
+    """Give a method taking ``**options`` a signature that lists every declared option, keyword-only.
+
+    The body still receives ``**options`` (validated by the options object); only what
+    ``inspect.signature`` reports changes, so one declaration per option stays the only list.
+    """
+    def decorate(method: _F) -> _F:
+        signature = inspect.signature(method)
+        fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        given = {p.name for p in fixed}
+        added = [
+            inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY,
+                              default=_Unchanged() if unchanged else o.fresh_default(), annotation=o.annotation)
+            for options in declared for o in options if o.name not in given
+        ]
+        method.__signature__ = signature.replace(parameters=[*fixed, *added])  # type: ignore[attr-defined]
+        return method
+
+    return decorate
 
 
 def errors_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -63,6 +102,7 @@ class ModalFrameAccessor:
     def __init__(self, frame: pd.DataFrame) -> None:
         self._frame = frame
 
+    @_with_options(OPTIONS)
     def map(
         self,
         fn: Callable[[Any], Any],
@@ -114,6 +154,7 @@ class ModalFrameAccessor:
         opts = MapOptions.create(**options)
         return map_frame(self._frame, fn, columns=[column], star=False, into=into, options=opts)
 
+    @_with_options(OPTIONS)
     def starmap(
         self,
         fn: Callable[..., Any],
@@ -137,27 +178,8 @@ class ModalFrameAccessor:
         opts = MapOptions.create(**options)
         return map_frame(self._frame, fn, columns=list(columns), star=True, into=into, options=opts)
 
-    def llm(
-        self,
-        template: str,
-        *,
-        into: str = "answer",
-        model: str = "gpt-4o-mini",
-        system: str | None = None,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        schema: Any = None,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        rpm: float | None = None,
-        tpm: float | None = None,
-        budget_usd: float | None = None,
-        prices: Mapping[str, Any] | None = None,
-        max_retries: int = 5,
-        extra_body: Mapping[str, Any] | None = None,
-        processes: int = 1,
-        **options: Any,
-    ) -> pd.DataFrame:
+    @_with_options(LLM_OPTIONS, OPTIONS)
+    def llm(self, template: str, *, into: str = "answer", **options: Any) -> pd.DataFrame:
         """Fill ``template``'s ``{column}`` fields from each row, ask a chat model, add the answers as columns.
 
         Works with any OpenAI-compatible endpoint, through the ``openai`` client. The new columns:
@@ -211,14 +233,14 @@ class ModalFrameAccessor:
         ...                         into="label", max_tokens=10)                       # doctest: +SKIP
         >>> out[["text", "label", "label_tokens_in", "label_cost_usd"]]              # doctest: +SKIP
         """
-        from .llm import llm_frame
+        unknown = [k for k in options if k not in LLM_OPTION_NAMES and k not in OPTION_NAMES]
+        if unknown:
+            raise unknown_option(unknown[0], (*LLM_OPTION_NAMES, *OPTION_NAMES))
+        llm = LLMOptions.create(**{k: v for k, v in options.items() if k in LLM_OPTION_NAMES})
+        opts = MapOptions.create(**{k: v for k, v in options.items() if k not in LLM_OPTION_NAMES})
+        return llm_frame(self._frame, template, into=into, llm=llm, options=opts)
 
-        opts = MapOptions.create(**options)
-        return llm_frame(self._frame, template, into=into, model=model, system=system, temperature=temperature,
-                         max_tokens=max_tokens, schema=schema, base_url=base_url, api_key=api_key, rpm=rpm,
-                         tpm=tpm, budget_usd=budget_usd, prices=prices, max_retries=max_retries,
-                         extra_body=extra_body, processes=processes, options=opts)
-
+    @_with_options(OPTIONS, unchanged=True)
     def retry_failed(self, into: str | None = None, **options: Any) -> pd.DataFrame:
         """Run again only the rows that failed, with new options if given; return the completed frame.
 
@@ -254,6 +276,7 @@ class ModalSeriesAccessor:
     def __init__(self, series: pd.Series) -> None:
         self._series = series
 
+    @_with_options(OPTIONS)
     def map(self, fn: Callable[[Any], Any], *, into: str | None = None, **options: Any) -> pd.DataFrame:
         """Call ``fn`` on every value; return a DataFrame of the values, ``<into>`` and ``<into>_error``.
 

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from . import join
-from .backends import Backend, BackendFailed, Batch, BatchResult, Task, create_backend
+from .backends import Backend, BackendFailed, Batch, BatchResult, Runtime, Task, create_backend
 from .backends._worker import backoff_delay, run_rows
 from .checks import check_function, check_picklable, default_into
 from .errors import Cancelled, MapInterrupted, RowError, RowFailed
@@ -190,11 +190,14 @@ def map_frame(
     into: str | None,
     options: MapOptions,
     errors_call: str = "out.modal.errors()",
+    runtime: Runtime | None = None,
 ) -> pd.DataFrame:
     """Run ``fn`` once per row of ``frame[columns]`` and return a new frame with result and error columns.
 
     This is what ``df.modal.map``, ``df.modal.starmap``, ``series.modal.map`` and ``%%modal_map``
-    call after parsing their arguments into ``options``.
+    call after parsing their arguments into ``options``. ``runtime`` is what the backend needs
+    beyond ``fn`` (a meter, worker processes, a close hook), given by a layer that builds its own
+    row function, such as :func:`modal_magic.llm.llm_frame`; a re-run of failed rows gets it again.
 
     Examples
     --------
@@ -232,7 +235,8 @@ def map_frame(
             f"the DataFrame already has a column {clashes[0]!r}; pass overwrite=True to replace it, "
             "or into='another_name'"
         )
-    task = Task(fn=fn, star=star, is_async=is_async, options=options)
+    runtime = runtime if runtime is not None else Runtime()
+    task = Task(fn=fn, star=star, is_async=is_async, options=options, runtime=runtime)
     if options.backend == "modal":
         check_picklable(fn, where="Modal")
     elif options.backend == "local" and not is_async:
@@ -240,7 +244,8 @@ def map_frame(
 
     args = _arguments(frame, columns, star)
     stored = _RowStore.open(task, args) if options.cache is not False and not deployed else None
-    spec = RunSpec(fn=fn, columns=tuple(columns), star=star, options=options, error_column=error_column)
+    spec = RunSpec(fn=fn, columns=tuple(columns), star=star, options=options, error_column=error_column,
+                   runtime=runtime)
     try:
         outcomes = _execute(task, args, frame.index, into, errors_call, stored)
     except _Stopped as stopped:
@@ -264,6 +269,7 @@ class RunSpec:
     options: MapOptions
     error_column: str
     result_columns: tuple[str, ...] = ()
+    runtime: Runtime = Runtime()
 
     #: the key under ``DataFrame.attrs`` holding ``{into: run id}``: plain strings, so a frame still
     #: pickles, deep-copies and writes to Parquet (which stores attrs as JSON) like any other
@@ -473,9 +479,9 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
            progress: Progress, index: pd.Index, logs: list[str], stored: _RowStore | None) -> None:
     opts = task.options
     n = len(todo)
-    # A function may carry a meter (``.tokens``, ``.cost_usd``) that the bar shows as it runs; it
-    # sees every batch that comes back (an LLM run on Modal adds up the rows' usage from them).
-    meter = getattr(task.fn, "modal_magic_meter", None)
+    # A run may have a meter (``.tokens``, ``.cost_usd``) that the bar shows as it runs; it sees
+    # every batch that comes back (an LLM run on Modal adds up the rows' usage from them).
+    meter = task.runtime.meter
     single = backend.timeout_needs_single_rows and opts.timeout is not None
     sizer = BatchSizer(
         backend.parallelism,
@@ -684,7 +690,7 @@ def rerun_failed(frame: pd.DataFrame, into: str, spec: RunSpec, overrides: dict[
     options = spec.options.replace(**{"sample": None, **overrides, "overwrite": True})
     subset = frame.iloc[failed]
     redo = map_frame(subset, spec.fn, columns=list(spec.columns), star=spec.star, into=into, options=options,
-                     errors_call="out.modal.errors()")
+                     errors_call="out.modal.errors()", runtime=spec.runtime)
     columns: dict[str, pd.Series] = {}
     new_errors = redo[spec.error_column].tolist()
     merged_errors = errors.tolist()

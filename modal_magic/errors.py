@@ -9,9 +9,44 @@ so ``out.modal.errors()`` can show everything without a side table that a copy o
 from __future__ import annotations
 
 import pickle
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["ModalSetupError", "RowError", "WorkerCrashed", "RowFailed", "MapInterrupted", "Cancelled", "UnpicklableResult"]
+__all__ = ["OptionsError", "RowReport", "ModalSetupError", "RowError", "WorkerCrashed", "RowFailed", "MapInterrupted", "Cancelled", "UnpicklableResult"]
+
+
+class OptionsError(ValueError):
+    """An option has a wrong name, type or value; raised before any work starts."""
+
+
+@runtime_checkable
+class RowReport(Protocol):
+    """What a row's exception may tell the run beyond its type and message.
+
+    A row function that does its own retries or pays for work (an LLM request) raises exceptions
+    with these two attributes; the generic layers read them off the *exception* (never off the
+    user's function). It is a structural protocol rather than a base class because the exception
+    may be raised where modal_magic isn't installed (a Modal container running code pickled by
+    value), so it can't inherit from anything here.
+
+    Attributes
+    ----------
+    row_attempts : int
+        Tries the row already made inside one call (e.g. HTTP retries); the row's ``attempts``
+        counts them.
+    row_usage : tuple[int, float | None] | None
+        ``(tokens, cost_usd)`` paid for although the row failed, which the run's meter adds up.
+
+    Examples
+    --------
+    >>> class Refused(ValueError):
+    ...     row_attempts = 3
+    ...     row_usage = (12, 0.001)
+    >>> isinstance(Refused("no"), RowReport), isinstance(ValueError("no"), RowReport)
+    (True, False)
+    """
+
+    row_attempts: int
+    row_usage: tuple[int, float | None] | None
 
 
 class ModalSetupError(RuntimeError):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 
+from .errors import OptionsError
+
 __all__ = ["GPU_TYPES", "parse_gpu"]
 
 # Modal's GPU types (upper-case, as the client sends them) and the most of each one container gets.
@@ -35,7 +37,7 @@ def parse_gpu(value: str) -> tuple[str, int]:
 
     Raises
     ------
-    modal_magic.options.OptionsError
+    modal_magic.errors.OptionsError
         For an unknown type (naming the closest one) or a count out of range.
 
     Examples
@@ -45,8 +47,6 @@ def parse_gpu(value: str) -> tuple[str, int]:
     >>> parse_gpu("T4")
     ('T4', 1)
     """
-    from .options import OptionsError
-
     name, _, count_text = value.strip().partition(":")
     gpu_type = name.upper()
     if gpu_type not in GPU_TYPES:

@@ -4,18 +4,44 @@ Every entry point (``df.modal.map``, ``df.modal.starmap``, ``series.modal.map``,
 turns its keyword arguments or flags into a :class:`MapOptions` through :meth:`MapOptions.create`,
 which checks names, types and ranges before any work starts and says what to do when something is
 wrong. The names mirror Modal's own words (``gpu``, ``secrets``, ``max_containers``, ``timeout``...).
+
+Each option is declared once, as a field of :class:`MapOptions` made by
+:func:`~modal_magic.declarations.option`: its name, type, default, check, help, how it is spelled on
+a magic's line and what kind of ``%config`` traitlet it is. :data:`OPTIONS` reads those
+declarations back, from which the validation here, the accessors' signatures and, on the IPython
+side, the ``ModalMagic`` traitlets, the ``%%modal_map`` flags and their help are all generated.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
-__all__ = ["MapOptions", "OptionsError", "OPTION_NAMES", "DEFAULT_BACKEND", "check_option"]
+from .declarations import Flag, Option, declared_options, option, unknown_option
+from .errors import OptionsError
+
+__all__ = [
+    "DEFAULT_BACKEND",
+    "OPTIONS",
+    "OPTION_NAMES",
+    "Flag",
+    "MapOptions",
+    "Option",
+    "OptionsError",
+    "check_option",
+    "declared_options",
+    "invalid",
+    "non_negative_int",
+    "option",
+    "positive_int",
+    "positive_number",
+    "strings",
+    "true_or_false",
+]
 
 DEFAULT_BACKEND = "local"
 LOCAL_BACKENDS = ("local", "threads", "sequential")
@@ -23,9 +49,179 @@ LOCAL_BACKENDS = ("local", "threads", "sequential")
 OnError = Literal["capture", "raise"]
 CacheMode = bool | Literal["refresh"]
 
+# --- per-option checks: each takes (name, value) and returns the normalised value or raises ----------
+# The public ones are shared with other option sets (modal_magic.llm.options) so a rule and its
+# message live in one place.
 
-class OptionsError(ValueError):
-    """An option has a wrong name, type or value; raised before any work starts."""
+
+def invalid(name: str, value: Any, expected: str) -> OptionsError:
+    """The error for ``name=value``, saying what was expected."""
+    return OptionsError(f"{name}={value!r} is not valid: expected {expected}")
+
+
+def _check_backend(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise invalid(name, value, "a backend name such as 'local', 'threads' or 'modal'")
+    if value.startswith("modal:"):
+        target = value.removeprefix("modal:")
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", target):
+            raise invalid(name, value, "'modal:APP_NAME/FUNCTION_NAME' for a deployed Modal function")
+        return value
+    from .backends import backend_names
+
+    known = backend_names()
+    if value not in known:
+        close = difflib.get_close_matches(value, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise OptionsError(
+            f"unknown backend {value!r}: {hint}choose one of {', '.join(map(repr, known))} "
+            "or 'modal:APP/FUNCTION' for a deployed function"
+        )
+    return value
+
+
+def positive_int(name: str, value: Any) -> int | None:
+    """A whole number of at least 1, or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise invalid(name, value, "a whole number of at least 1, or None")
+    return value
+
+
+def non_negative_int(name: str, value: Any) -> int:
+    """A whole number of at least 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise invalid(name, value, "a whole number of at least 0")
+    return value
+
+
+def positive_number(name: str, value: Any) -> float | None:
+    """A finite number greater than 0 (as a float), or None."""
+    if value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+            or not math.isfinite(value)):
+        raise invalid(name, value, "a number greater than 0, or None")
+    return float(value)
+
+
+def positive_seconds(name: str, value: Any) -> float | None:
+    """A number of seconds greater than 0 (as a float), or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise invalid(name, value, "a number of seconds greater than 0, or None")
+    return float(value)
+
+
+def true_or_false(name: str, value: Any) -> bool:
+    """Exactly True or False (not 0, 1 or "yes")."""
+    if not isinstance(value, bool):
+        raise invalid(name, value, "True or False")
+    return value
+
+
+def _check_cache(name: str, value: Any) -> CacheMode:
+    if value is True or value is False or value == "refresh":
+        return value
+    raise invalid(name, value, "True, False or 'refresh'")
+
+
+def strings(name: str, value: Any) -> tuple[str, ...]:
+    """One non-empty string or a list of them, as a tuple; None is empty."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    items = tuple(value)
+    if not all(isinstance(v, str) and v for v in items):
+        raise invalid(name, value, "a list of non-empty strings")
+    return items
+
+
+def _check_gpu(name: str, value: Any) -> str | list[str] | None:
+    if value is None:
+        return None
+    from .gpu import parse_gpu
+
+    if isinstance(value, str):
+        parse_gpu(value)
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        for v in value:
+            parse_gpu(v)
+        return list(value)
+    raise invalid(name, value, "a GPU type such as 'T4', 'A100-80GB' or 'H100:2', or a list of them as fallbacks")
+
+
+def _check_cpu(name: str, value: Any) -> float | None:
+    return positive_number(name, value)
+
+
+def _check_memory(name: str, value: Any) -> int | None:
+    return positive_int(name, value)
+
+
+def _check_python_version(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"3\.\d{1,2}", value):
+        raise invalid(name, value, "a Python version such as '3.11'")
+    return value
+
+
+def _check_secrets(name: str, value: Any) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        value = [value]
+    for v in value:
+        if isinstance(v, str):
+            if not v:
+                raise invalid(name, value, "secret names (non-empty strings) or modal.Secret objects")
+        elif type(v).__name__ != "Secret":
+            raise invalid(name, value, "secret names (strings) or modal.Secret objects")
+    return tuple(value)
+
+
+def _check_env(name: str, value: Any) -> Mapping[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()
+    ):
+        raise invalid(name, value, "a dict of environment variable names to string values")
+    return dict(value)
+
+
+def _check_volumes(name: str, value: Any) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise invalid(name, value, "a dict of mount paths to volume names, e.g. {'/data': 'my-volume'}")
+    for path, vol in value.items():
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise invalid(name, value, "absolute mount paths as keys, e.g. {'/data': 'my-volume'}")
+        if not (isinstance(vol, str) and vol) and type(vol).__name__ != "Volume":
+            raise invalid(name, value, "volume names or modal.Volume objects as values")
+    return dict(value)
+
+
+def _check_image(name: str, value: Any) -> Any:
+    if value is None or type(value).__name__ == "Image":
+        return value
+    raise invalid(name, value, "a modal.Image (or use pip=/apt=/python_version= to describe one)")
+
+
+def _check_on_error(name: str, value: Any) -> OnError:
+    if value not in ("capture", "raise"):
+        raise invalid(name, value, "'capture' (errors become a column) or 'raise' (stop at the first error)")
+    return value
+
+
+_PLACE = "Where rows run"
+_RESULT = "Result"
 
 
 @dataclass(frozen=True)
@@ -33,7 +229,7 @@ class MapOptions:
     """How to run one map: where, with what resources, and what to do on failure.
 
     Build it with :meth:`create`, which validates; the dataclass itself is frozen so a run can't
-    change its options half-way.
+    change its options half-way. Each field is an option's one declaration (see :func:`option`).
 
     Examples
     --------
@@ -44,31 +240,81 @@ class MapOptions:
     5
     """
 
-    backend: str = DEFAULT_BACKEND
+    backend: str = option(
+        DEFAULT_BACKEND, _check_backend,
+        "Where rows run: 'local' (worker processes), 'threads', 'sequential', 'modal', "
+        "or 'modal:APP/FUNCTION' for a deployed Modal function.",
+        trait="text", flag=Flag(group=_PLACE))
     # Modal resources and image (ignored by the local backends).
-    gpu: str | list[str] | None = None
-    cpu: float | None = None
-    memory: int | None = None
-    image: Any = None
-    pip: tuple[str, ...] = ()
-    apt: tuple[str, ...] = ()
-    python_version: str | None = None
-    secrets: tuple[Any, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-    volumes: Mapping[str, Any] = field(default_factory=dict)
+    gpu: str | list[str] | None = option(
+        None, _check_gpu,
+        "GPU for each Modal container: 'T4', 'A100-80GB', 'H100:2'...; several are fallbacks, in order.",
+        trait="gpu", flag=Flag("many", metavar="GPU", group=_PLACE))
+    cpu: float | None = option(
+        None, _check_cpu, "CPU cores reserved for each Modal container.",
+        trait="number", flag=Flag(type=float, metavar="CORES", group=_PLACE))
+    memory: int | None = option(
+        None, _check_memory, "Memory for each Modal container, in MiB.",
+        trait="whole", flag=Flag(type=int, metavar="MIB", group=_PLACE))
+    image: Any = option(
+        None, _check_image, "A modal.Image for the containers to run (on a magic's line: the name of a "
+        "modal.Image variable in the notebook).",
+        trait="name", flag=Flag(metavar="NAME", group=_PLACE))
+    pip: tuple[str, ...] = option(
+        (), strings, "Packages to pip-install into the Modal image.",
+        trait="texts", flag=Flag("many", metavar="PACKAGE", group=_PLACE))
+    apt: tuple[str, ...] = option(
+        (), strings, "Debian packages to apt-install into the Modal image.",
+        trait="texts", flag=Flag("many", metavar="PACKAGE", group=_PLACE))
+    python_version: str | None = option(
+        None, _check_python_version, "Python version of the Modal image, e.g. 3.11.",
+        trait="text", flag=Flag(metavar="X.Y", group=_PLACE))
+    secrets: tuple[Any, ...] = option(
+        (), _check_secrets, "Modal secrets whose variables the function sees (names or modal.Secret objects).",
+        trait="texts", flag=Flag("repeat", spelling="--secret", metavar="NAME", group=_PLACE))
+    env: Mapping[str, str] = option(
+        {}, _check_env, "Environment variables the function sees, KEY=VALUE.",
+        trait="pairs", flag=Flag("pairs", metavar="KEY=VALUE", group=_PLACE))
+    volumes: Mapping[str, Any] = option(
+        {}, _check_volumes, "Modal volumes to mount, /PATH=VOLUME_NAME.",
+        trait="pairs", flag=Flag("pairs", spelling="--volume", metavar="/PATH=VOLUME_NAME", group=_PLACE))
     # Execution.
-    timeout: float | None = None
-    retries: int = 0
-    max_containers: int | None = None
-    batch_size: int | None = None
-    order_outputs: bool = False
-    on_error: OnError = "capture"
-    cache: CacheMode = True
-    progress: bool = True
-    sample: int | None = None
+    timeout: float | None = option(
+        None, positive_seconds, "Seconds one row may run before it fails.",
+        trait="number", flag=Flag(type=float, metavar="SECONDS"))
+    retries: int = option(
+        0, non_negative_int, "Extra tries for a row that raises or whose worker was lost.",
+        trait="whole", flag=Flag(type=int, metavar="N"))
+    max_containers: int | None = option(
+        None, positive_int,
+        "Rows running at once: Modal containers, or local workers (default: the core count).",
+        trait="whole", flag=Flag(type=int, metavar="N"))
+    batch_size: int | None = option(
+        None, positive_int,
+        "Rows sent to a worker or container at a time (default: sized from measured row times).",
+        trait="whole", flag=Flag(type=int, metavar="N"))
+    order_outputs: bool = option(
+        False, true_or_false, "Have the backend return rows in order; results join back by position either way.",
+        trait="switch", flag=Flag("switch"))
+    on_error: OnError = option(
+        "capture", _check_on_error,
+        "'capture': a failed row gets an error in <into>_error; 'raise': stop at the first failed row.",
+        trait="choice", choices=("capture", "raise"))
+    cache: CacheMode = option(
+        True, _check_cache,
+        "Reuse stored results of rows that already ran; 'refresh' recomputes and stores them again.",
+        trait="cache", flag=Flag("cache"))
+    progress: bool = option(True, true_or_false, "Show a progress bar.", trait="switch", flag=Flag("switch"))
+    sample: int | None = option(
+        None, positive_int, "Run on the first N rows only, to try the function out.",
+        trait="whole", flag=Flag(type=int, metavar="N"))
     # Result shape.
-    expand: bool = False
-    overwrite: bool = False
+    expand: bool = option(
+        False, true_or_false, "Spread dict results into one column per key.",
+        trait="switch", flag=Flag("switch", group=_RESULT))
+    overwrite: bool = option(
+        False, true_or_false, "Replace columns of the DataFrame that the result would overwrite.",
+        trait="switch", flag=Flag("switch", group=_RESULT))
 
     @classmethod
     def create(cls, base: MapOptions | None = None, **kwargs: Any) -> MapOptions:
@@ -86,18 +332,15 @@ class MapOptions:
         >>> MapOptions.create(max_container=4)
         Traceback (most recent call last):
         ...
-        modal_magic.options.OptionsError: unknown option 'max_container'; did you mean 'max_containers'?
+        modal_magic.errors.OptionsError: unknown option 'max_container'; did you mean 'max_containers'?
         """
-        unknown = [k for k in kwargs if k not in OPTION_NAMES]
+        unknown = [k for k in kwargs if k not in _BY_NAME]
         if unknown:
-            name = unknown[0]
-            close = difflib.get_close_matches(name, OPTION_NAMES, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; options are: {', '.join(OPTION_NAMES)}"
-            raise OptionsError(f"unknown option {name!r}{hint}")
+            raise unknown_option(unknown[0], OPTION_NAMES)
         start = base if base is not None else cls()
-        values = {f.name: getattr(start, f.name) for f in dataclasses.fields(cls)}
+        values = {name: getattr(start, name) for name in OPTION_NAMES}
         for name, value in kwargs.items():
-            values[name] = _CHECKS[name](name, value)
+            values[name] = _BY_NAME[name].check(name, value)
         _check_combination(values)
         return cls(**values)
 
@@ -115,186 +358,10 @@ class MapOptions:
         return self.max_containers or (os.cpu_count() or 1)
 
 
-# --- per-option checks: each takes (name, value) and returns the normalised value or raises ----------
-
-
-def _fail(name: str, value: Any, expected: str) -> OptionsError:
-    return OptionsError(f"{name}={value!r} is not valid: expected {expected}")
-
-
-def _check_backend(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise _fail(name, value, "a backend name such as 'local', 'threads' or 'modal'")
-    if value.startswith("modal:"):
-        target = value.removeprefix("modal:")
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", target):
-            raise _fail(name, value, "'modal:APP_NAME/FUNCTION_NAME' for a deployed Modal function")
-        return value
-    from .backends import backend_names
-
-    known = backend_names()
-    if value not in known:
-        close = difflib.get_close_matches(value, known, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise OptionsError(
-            f"unknown backend {value!r}: {hint}choose one of {', '.join(map(repr, known))} "
-            "or 'modal:APP/FUNCTION' for a deployed function"
-        )
-    return value
-
-
-def _positive_int(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _fail(name, value, "a whole number of at least 1, or None")
-    return value
-
-
-def _non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _fail(name, value, "a whole number of at least 0")
-    return value
-
-
-def _positive_number(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise _fail(name, value, "a number of seconds greater than 0, or None")
-    return float(value)
-
-
-def _flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(name, value, "True or False")
-    return value
-
-
-def _check_cache(name: str, value: Any) -> CacheMode:
-    if value is True or value is False or value == "refresh":
-        return value
-    raise _fail(name, value, "True, False or 'refresh'")
-
-
-def _strings(name: str, value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    items = tuple(value)
-    if not all(isinstance(v, str) and v for v in items):
-        raise _fail(name, value, "a list of non-empty strings")
-    return items
-
-
-def _check_gpu(name: str, value: Any) -> str | list[str] | None:
-    if value is None:
-        return None
-    from .gpu import parse_gpu
-
-    if isinstance(value, str):
-        parse_gpu(value)
-        return value
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        for v in value:
-            parse_gpu(v)
-        return list(value)
-    raise _fail(name, value, "a GPU type such as 'T4', 'A100-80GB' or 'H100:2', or a list of them as fallbacks")
-
-
-def _check_cpu(name: str, value: Any) -> float | None:
-    return _positive_number(name, value)
-
-
-def _check_memory(name: str, value: Any) -> int | None:
-    return _positive_int(name, value)
-
-
-def _check_python_version(name: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not re.fullmatch(r"3\.\d{1,2}", value):
-        raise _fail(name, value, "a Python version such as '3.11'")
-    return value
-
-
-def _check_secrets(name: str, value: Any) -> tuple[Any, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        value = [value]
-    for v in value:
-        if isinstance(v, str):
-            if not v:
-                raise _fail(name, value, "secret names (non-empty strings) or modal.Secret objects")
-        elif type(v).__name__ != "Secret":
-            raise _fail(name, value, "secret names (strings) or modal.Secret objects")
-    return tuple(value)
-
-
-def _check_env(name: str, value: Any) -> Mapping[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping) or not all(
-        isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()
-    ):
-        raise _fail(name, value, "a dict of environment variable names to string values")
-    return dict(value)
-
-
-def _check_volumes(name: str, value: Any) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _fail(name, value, "a dict of mount paths to volume names, e.g. {'/data': 'my-volume'}")
-    for path, vol in value.items():
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise _fail(name, value, "absolute mount paths as keys, e.g. {'/data': 'my-volume'}")
-        if not (isinstance(vol, str) and vol) and type(vol).__name__ != "Volume":
-            raise _fail(name, value, "volume names or modal.Volume objects as values")
-    return dict(value)
-
-
-def _check_image(name: str, value: Any) -> Any:
-    if value is None or type(value).__name__ == "Image":
-        return value
-    raise _fail(name, value, "a modal.Image (or use pip=/apt=/python_version= to describe one)")
-
-
-def _check_on_error(name: str, value: Any) -> OnError:
-    if value not in ("capture", "raise"):
-        raise _fail(name, value, "'capture' (errors become a column) or 'raise' (stop at the first error)")
-    return value
-
-
-_CHECKS = {
-    "backend": _check_backend,
-    "gpu": _check_gpu,
-    "cpu": _check_cpu,
-    "memory": _check_memory,
-    "image": _check_image,
-    "pip": _strings,
-    "apt": _strings,
-    "python_version": _check_python_version,
-    "secrets": _check_secrets,
-    "env": _check_env,
-    "volumes": _check_volumes,
-    "timeout": _positive_number,
-    "retries": _non_negative_int,
-    "max_containers": _positive_int,
-    "batch_size": _positive_int,
-    "order_outputs": _flag,
-    "on_error": _check_on_error,
-    "cache": _check_cache,
-    "progress": _flag,
-    "sample": _positive_int,
-    "expand": _flag,
-    "overwrite": _flag,
-}
-
-OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MapOptions))
-assert set(OPTION_NAMES) == set(_CHECKS), "every option needs a check"
+#: Every option of a map, in declaration order.
+OPTIONS: tuple[Option, ...] = declared_options(MapOptions)
+OPTION_NAMES: tuple[str, ...] = tuple(o.name for o in OPTIONS)
+_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 
 
 def check_option(name: str, value: Any) -> Any:
@@ -309,11 +376,11 @@ def check_option(name: str, value: Any) -> Any:
     >>> check_option("retries", -1)
     Traceback (most recent call last):
     ...
-    modal_magic.options.OptionsError: retries=-1 is not valid: expected a whole number of at least 0
+    modal_magic.errors.OptionsError: retries=-1 is not valid: expected a whole number of at least 0
     """
-    if name not in _CHECKS:
-        raise OptionsError(f"unknown option {name!r}")
-    return _CHECKS[name](name, value)
+    if name not in _BY_NAME:
+        raise unknown_option(name, OPTION_NAMES)
+    return _BY_NAME[name].check(name, value)
 
 
 def _check_combination(values: dict[str, Any]) -> None:

@@ -15,6 +15,9 @@ import pytest
 
 import modal_magic
 from modal_magic import MapInterrupted
+from modal_magic.backends import Runtime
+from modal_magic.engine import map_frame
+from modal_magic.options import MapOptions
 
 
 def die_on_13(x):
@@ -61,13 +64,9 @@ def _worker_pids() -> set[int]:
 
 
 class InTwoProcesses:
-    """An ``async`` row function that asks to run in two worker processes, as an LLM run with processes=2 does."""
+    """An ``async`` row function run in two worker processes, as an LLM run with processes=2 asks for."""
 
     __name__ = "where"
-    modal_magic_processes = 2
-
-    def modal_magic_for_workers(self) -> InTwoProcesses:
-        return self
 
     async def __call__(self, x: int) -> int:
         if x == 7:
@@ -76,9 +75,15 @@ class InTwoProcesses:
         return os.getpid()
 
 
+def in_two_processes(df: pd.DataFrame, **options) -> pd.DataFrame:
+    """Map InTwoProcesses with a runtime asking for two worker processes, as llm_frame does."""
+    return map_frame(df, InTwoProcesses(), columns=["x"], star=False, into=None,
+                     options=MapOptions.create(**options), runtime=Runtime(worker_processes=2))
+
+
 def test_an_async_function_that_asks_for_processes_runs_in_them_and_a_dying_one_costs_only_its_row():
     df = pd.DataFrame({"x": range(40)})
-    out = df.modal.map(InTwoProcesses(), column="x", max_containers=8, progress=False)
+    out = in_two_processes(df, max_containers=8, progress=False)
     pids = set(out["where"].dropna())
     # Two worker processes, then the one that replaced the worker row 7 killed; never the kernel.
     assert len(pids) == 3 and os.getpid() not in pids
@@ -93,7 +98,7 @@ def test_rows_in_flight_on_worker_processes_are_cancelled_by_stop():
     timer.start()
     started = time.monotonic()
     with pytest.raises(MapInterrupted) as info:
-        df.modal.map(InTwoProcesses(), column="x", max_containers=2, progress=False)
+        in_two_processes(df, max_containers=2, progress=False)
     assert time.monotonic() - started < 3.0
     out = info.value.result
     done = out["where"].notna()

@@ -24,8 +24,9 @@ import pytest
 from pydantic import BaseModel
 
 import modal_magic
-import modal_magic._llm_row as llm_row
+import modal_magic.llm.row as llm_row
 from modal_magic import llm
+from modal_magic.ipython import llm_magic
 from modal_magic.fingerprint import function_fingerprint
 from modal_magic.options import MapOptions, OptionsError
 from tests.openai_server.fixture import TEST_KEY, openai_env
@@ -308,7 +309,7 @@ def test_a_429_is_retried_after_the_wait_it_asks_for_and_the_row_succeeds(openai
 
 
 def test_server_errors_are_retried(openai_server, monkeypatch):
-    monkeypatch.setattr(llm_row, "BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(llm_row.limits, "BACKOFF_FIRST_S", 0.01)
     df = pd.DataFrame({"text": ["[[fail=500 times=2]] a", "[[fail=503 times=1 retry_after=0.05]] b"]})
     out = df.modal.llm("Say {text}", **FAST)
     assert out["answer_error"].isna().all()
@@ -317,7 +318,7 @@ def test_server_errors_are_retried(openai_server, monkeypatch):
 
 
 def test_a_request_that_keeps_failing_is_its_rows_error_and_no_row_is_lost(openai_server, monkeypatch):
-    monkeypatch.setattr(llm_row, "BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(llm_row.limits, "BACKOFF_FIRST_S", 0.01)
     df = pd.DataFrame({"text": ["[[fail=429 retry_after=0.01]] a", "[[fail=500]] b", "[[fail=400]] c",
                                 "[[fail=429 code=insufficient_quota]] d", "e"]})
     out = df.modal.llm("Say {text}", max_retries=2, **FAST)
@@ -337,7 +338,7 @@ def test_a_request_that_keeps_failing_is_its_rows_error_and_no_row_is_lost(opena
 
 
 def test_an_unreachable_endpoint_fails_every_row_with_a_connection_error(monkeypatch):
-    monkeypatch.setattr(llm_row, "BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(llm_row.limits, "BACKOFF_FIRST_S", 0.01)
     out = pd.DataFrame({"text": ["a", "b"]}).modal.llm("Say {text}", base_url="http://127.0.0.1:9/v1",
                                                        api_key="sk-x", max_retries=1, **FAST)
     assert out["answer"].isna().all()
@@ -411,7 +412,7 @@ def test_with_processes_the_budget_is_shared_out_and_no_row_is_lost(openai_serve
     assert len(openai_server.requests) == 6
     assert out["answer_error"].dropna().str.startswith("BudgetExceeded: budget_usd=35.00 reached after $30.00").all()
     assert out["answer_error"].notna().sum() == 6
-    worker_row = seen[0].modal_magic_for_workers()
+    worker_row = seen[0].for_workers()
     assert TEST_KEY not in repr(worker_row) and TEST_KEY.encode() not in cloudpickle.dumps(seen[0])
 
 
@@ -585,7 +586,7 @@ def ip():
 
 def test_the_modal_llm_cell_adapter_adds_columns_in_place(openai_server, ip):
     magic = ip.magics_manager.registry["ModalMagic"]
-    llm.run_llm_cell(magic, "reviews --into label --max-tokens 10 --max-containers 4", CLASSIFY + "\n")
+    llm_magic.run_llm_cell(magic, "reviews --into label --max-tokens 10 --max-containers 4", CLASSIFY + "\n")
     reviews = ip.user_ns["reviews"]
     assert reviews.columns.tolist() == ["text", "label", "label_tokens_in", "label_tokens_out", "label_cost_usd",
                                         "label_error"]
@@ -593,7 +594,7 @@ def test_the_modal_llm_cell_adapter_adds_columns_in_place(openai_server, ip):
     assert openai_server.requests[0].body["max_tokens"] == 10
 
     ip.user_ns["Complaint"] = Complaint
-    llm.run_llm_cell(magic, "reviews --schema Complaint -o facts --budget-usd 1 --processes 2", "Extract from: {text}")
+    llm_magic.run_llm_cell(magic, "reviews --schema Complaint -o facts --budget-usd 1 --processes 2", "Extract from: {text}")
     assert ip.user_ns["facts"]["severity"].tolist() == ["low", "low", "low"]
     assert "severity" not in ip.user_ns["reviews"].columns
 
@@ -613,7 +614,7 @@ def test_modal_llm_mistakes_are_one_line_usage_errors(openai_server, ip, line, c
 
     magic = ip.magics_manager.registry["ModalMagic"]
     with pytest.raises(UsageError, match=message.replace("?", r"\?")):
-        llm.run_llm_cell(magic, line, cell)
+        llm_magic.run_llm_cell(magic, line, cell)
     assert openai_server.requests == []
 
 

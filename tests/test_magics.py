@@ -14,9 +14,9 @@ from traitlets import TraitError
 from traitlets.config import Config
 
 import modal_magic
-import modal_magic.magics
+from modal_magic.ipython import map_magic
 from modal_magic.errors import MapInterrupted, RowError
-from modal_magic.magics import ModalMagic, parse_line
+from modal_magic.ipython.map_magic import ModalMagic, parse_line
 from modal_magic.options import OPTION_NAMES, MapOptions
 
 CLASSIFY = """\
@@ -58,7 +58,7 @@ def calls(monkeypatch):
         into = into or fn.__name__
         return frame.assign(**{into: 1, f"{into}_error": pd.Series(None, index=frame.index, dtype=object)})
 
-    monkeypatch.setattr(modal_magic.magics, "map_frame", fake_map_frame)
+    monkeypatch.setattr(map_magic, "map_frame", fake_map_frame)
     return seen
 
 
@@ -248,7 +248,7 @@ def test_config_sets_the_default_and_a_flag_overrides_it(ip, calls):
     ip.run_line_magic("load_ext", "modal_magic")
 
     ip.run_cell_magic("modal_map", "df.x", CLASSIFY)
-    ip.run_cell_magic("modal_map", "df.x --retries 1 --backend threads --no-order --into again", CLASSIFY)
+    ip.run_cell_magic("modal_map", "df.x --retries 1 --backend threads --no-order-outputs --into again", CLASSIFY)
     ip.run_line_magic("config", "ModalMagic.max_containers = 2")
     ip.run_cell_magic("modal_map", "df.x --into third", CLASSIFY)
 
@@ -440,3 +440,70 @@ def test_retry_failed_needs_a_previous_run(loaded):
     ip.user_ns["df"] = pd.DataFrame({"x": [1]})
     with pytest.raises(UsageError, match=r"--retry-failed: df has no column 'inv_error' yet"):
         ip.run_cell_magic("modal_map", "df.x --into inv --retry-failed", "def inv(x):\n    return x\n")
+
+
+# --- one declaration per option: flags, help, and nothing abbreviated ------------------------------------
+
+
+@pytest.mark.parametrize(("magic", "line", "closest"), [
+    ("modal_map", "df.x --max-container 4", "--max-containers"),
+    ("modal_map", "df.x --batch 8", "--batch-size"),
+    ("modal_llm", "df --max-container 4", "--max-containers"),
+    ("modal_llm", "df --max-token 10", "--max-tokens"),
+])
+def test_an_abbreviated_flag_is_refused_with_the_flag_it_may_mean(loaded, calls, magic, line, closest):
+    with pytest.raises(UsageError, match=rf"^unknown flag --\S+; did you mean {closest}\?$"):
+        loaded.run_cell_magic(magic, line, CLASSIFY if magic == "modal_map" else "Say {x}")
+    assert calls == []  # refused before anything ran
+
+
+@pytest.mark.parametrize("magic", ["modal_map", "modal_llm"])
+def test_help_shows_the_cell_magic_usage_line(loaded, magic):
+    doc = loaded.magics_manager.magics["cell"][magic].__doc__
+    usage = doc.split("::", 1)[1].strip().splitlines()[0]
+    assert usage.startswith(f"%%{magic} "), usage
+
+
+def test_the_llm_flags_and_help_come_from_the_llm_option_declarations(loaded):
+    from modal_magic.llm import LLM_OPTIONS
+
+    doc = loaded.magics_manager.magics["cell"]["modal_llm"].__doc__
+    flagged = [o for o in LLM_OPTIONS if o.flag is not None]
+    assert {o.name for o in flagged} >= {"model", "max_tokens", "schema", "rpm", "tpm", "budget_usd", "processes"}
+    for o in flagged:
+        assert re.search(rf"(?<![\w-]){o.flag_spelling}(?![\w-])", doc), o.name
+        assert o.help.split(" (")[0].split(",")[0][:30] in " ".join(doc.split()), o.name
+    assert "--max-containers" in doc and "%config ModalMagic.backend" in " ".join(doc.split())  # map flags too
+
+
+def test_the_llm_magic_follows_the_configured_map_defaults(loaded, monkeypatch):
+    from modal_magic.ipython import llm_magic
+
+    seen = []
+    def fake_llm_frame(frame, template, **kw):
+        seen.append(kw)
+        return frame.assign(answer=1, answer_error=pd.Series(None, index=frame.index, dtype=object))
+
+    monkeypatch.setattr(llm_magic, "llm_frame", fake_llm_frame)
+    loaded.run_line_magic("config", "ModalMagic.retries = 4")
+    loaded.run_cell_magic("modal_llm", "df --model m --rpm 60", "Say {x}")
+    assert (seen[0]["options"].retries, seen[0]["options"].backend) == (4, "threads")
+    assert (seen[0]["llm"].model, seen[0]["llm"].rpm) == ("m", 60.0)
+
+
+def test_unload_removes_both_magics(loaded):
+    loaded.run_line_magic("unload_ext", "modal_magic")
+    assert not {"modal_map", "modal_llm"} & set(loaded.magics_manager.magics["cell"])
+    assert not {"ModalMagic", "LLMMagic"} & set(loaded.magics_manager.registry)
+
+
+def test_the_library_never_imports_the_ipython_side():
+    import subprocess
+    import sys
+
+    code = ("import sys, pandas as pd, modal_magic; "
+            "pd.DataFrame({'x': [1]}).modal.map(abs, column='x', backend='sequential', progress=False); "
+            "print(sorted(m for m in sys.modules if m.startswith(('IPython', 'modal_magic.ipython'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

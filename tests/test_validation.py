@@ -142,3 +142,29 @@ def test_gpu_strings_are_checked():
         parse_gpu("T4:9")
     with pytest.raises(OptionsError, match=r"the count after ':' must be a whole number"):
         parse_gpu("T4:x")
+
+
+# --- signatures: every option is a keyword of the accessor methods ---------------------------------------
+
+
+def test_the_accessor_signatures_list_every_option_with_its_default():
+    import inspect
+
+    from modal_magic.llm import LLM_OPTIONS
+    from modal_magic.options import OPTIONS
+
+    for method in (pd.DataFrame.modal.map, pd.DataFrame.modal.starmap, pd.Series.modal.map, pd.DataFrame.modal.llm):
+        parameters = inspect.signature(method).parameters
+        for o in OPTIONS:
+            assert parameters[o.name].kind is inspect.Parameter.KEYWORD_ONLY, (method, o.name)
+            assert parameters[o.name].default == o.default, (method, o.name)
+    llm = inspect.signature(pd.DataFrame.modal.llm).parameters
+    assert [llm[o.name].default for o in LLM_OPTIONS] == [o.default for o in LLM_OPTIONS]
+    assert llm["max_retries"].default == 5 and llm["model"].default == "gpt-4o-mini"
+    retry = inspect.signature(pd.DataFrame.modal.retry_failed).parameters
+    assert set(retry) >= {o.name for o in OPTIONS} and repr(retry["retries"].default) == "<as the first run>"
+
+
+def test_an_unknown_llm_keyword_gets_the_closest_llm_or_map_option():
+    with pytest.raises(OptionsError, match=r"unknown option 'max_token'; did you mean 'max_tokens'\?"):
+        pd.DataFrame({"text": ["a"]}).modal.llm("Say {text}", max_token=3)

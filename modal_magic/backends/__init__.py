@@ -2,8 +2,8 @@
 
 The registry maps a name to a factory and imports each backend only when it is used, so
 ``import modal_magic`` never pays for the Modal client. Add one with :func:`register_backend`.
-``async def`` functions run on the asyncio backend whichever local backend was named, unless they
-ask for worker processes of their own (an LLM run with ``processes=``).
+``async def`` functions run on the asyncio backend whichever local backend was named, unless their
+:class:`~modal_magic.backends.base.Runtime` asks for worker processes (an LLM run with ``processes=``).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from .base import Backend, BackendFailed, Batch, BatchResult, Task
+from .base import Backend, BackendFailed, Batch, BatchResult, Runtime, Task
 
-__all__ = ["Backend", "BackendFailed", "Batch", "BatchResult", "Task", "backend_names", "create_backend", "register_backend"]
+__all__ = ["Backend", "BackendFailed", "Batch", "BatchResult", "Runtime", "Task", "backend_names", "create_backend", "register_backend"]
 
 _FACTORIES: dict[str, str | Callable[[], Backend]] = {
     "local": "modal_magic.backends.processes:ProcessBackend",
@@ -55,7 +55,7 @@ def create_backend(task: Task) -> Backend:
     """A fresh backend for one run of ``task`` (backends may share warm resources between runs)."""
     name = task.options.backend
     if task.is_async and not task.options.is_modal:
-        if name == "local" and getattr(task.fn, "modal_magic_processes", 1) > 1:
+        if name == "local" and task.runtime.worker_processes > 1:
             return _load(_ASYNC_PROCESSES)
         return _load(_ASYNC)
     if name.startswith("modal:"):

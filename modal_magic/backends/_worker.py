@@ -43,8 +43,9 @@ def _on_alarm(signum: int, frame: Any) -> None:
 def _error_tuple(i: int, exc: BaseException, attempts: int) -> ErrorTuple:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     # An exception may say how many tries it already took inside one call of the row (an LLM
-    # request's own HTTP retries): those count as attempts too.
-    inner = getattr(exc, "modal_magic_attempts", None)
+    # request's own HTTP retries): those count as attempts too. The contract is
+    # modal_magic.errors.RowReport, read by name because only the standard library is imported here.
+    inner = getattr(exc, "row_attempts", None)
     if isinstance(inner, int) and not isinstance(inner, bool) and inner > 1:
         attempts += inner - 1
     return (i, type(exc).__name__, str(exc), tb, attempts, exc)

@@ -84,7 +84,7 @@ class AsyncBackend(Backend):
         if self._loop is not None:
             # A function that holds connections (an LLM run's HTTP client) closes them on the loop
             # that opened them, once, here at the end, rather than after every quiet moment.
-            aclose = getattr(self._task.fn, "modal_magic_aclose", None) if self._task is not None else None
+            aclose = self._task.runtime.aclose if self._task is not None else None
             if aclose is not None:
                 try:
                     self._loop.call(aclose()).result(timeout=10)

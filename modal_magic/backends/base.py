@@ -16,19 +16,59 @@ import queue
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, Sequence, TypeVar
 
-from ..options import MapOptions
+if TYPE_CHECKING:
+    from ..options import MapOptions
+
+
+class Meter(Protocol):
+    """Running totals a run shows on its progress bar beside the row counts (an LLM run's tokens and cost).
+
+    ``observe`` sees every batch that comes back, as ``BatchResult.values`` and ``.errors``.
+    """
+
+    tokens: int
+    cost_usd: float | None
+
+    def observe(self, values: list[Any], errors: list[tuple[Any, ...]]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a run needs beyond the user's function, said by the layer that made the function.
+
+    A plain map leaves it at its defaults. The LLM layer fills it in (see
+    :func:`modal_magic.llm.llm_frame`): its row function's meter, how many worker processes send
+    the requests, what those processes run instead of the function itself (the row with its API
+    key, which the cached, fingerprinted function never carries), and how to close the HTTP client
+    at the end of the run.
+
+    Examples
+    --------
+    >>> Runtime().worker_processes, Runtime().meter is None
+    (1, True)
+    """
+
+    #: tokens and cost for the progress bar, fed as batches come back
+    meter: Meter | None = None
+    #: local worker processes for an ``async`` function (more than 1 picks the async process backend)
+    worker_processes: int = 1
+    #: makes what each worker process runs, when it isn't the function itself
+    for_workers: Callable[[], Callable[..., Any]] | None = None
+    #: called (and awaited) once at the end of a run on the event loop that ran the rows
+    aclose: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)
 class Task:
-    """What to run: the user's function, how to call it, and the options of the run."""
+    """What to run: the user's function, how to call it, the options of the run and its runtime needs."""
 
     fn: Callable[..., Any]
     star: bool  # call fn(*args) (starmap) rather than fn(value)
     is_async: bool
     options: MapOptions
+    runtime: Runtime = Runtime()
 
 
 @dataclass

@@ -283,7 +283,7 @@ class AsyncProcessBackend(ProcessBackend):
 
     One process's CPU caps how many requests a second it can send (about 1,500 through the
     ``openai`` client on a 2-core machine), so a function whose rows are fast requests can ask for
-    more processes: it carries ``modal_magic_processes`` (how many) and ``modal_magic_for_workers()``
+    more processes: its task's ``runtime`` says ``worker_processes`` (how many) and ``for_workers()``
     (what to send them instead of itself, e.g. an LLM row with its API key). ``max_containers`` rows
     are in flight in all, split evenly; each worker runs every batch it holds at once on an event
     loop of its own. Functions that don't ask run on the asyncio backend, in the kernel's process.
@@ -308,10 +308,10 @@ class AsyncProcessBackend(ProcessBackend):
         self._token = hash((self._token, time.monotonic_ns()))
 
     def _worker_count(self, task: Task) -> int:
-        return int(task.fn.modal_magic_processes)
+        return task.runtime.worker_processes
 
     def _shipped(self, task: Task) -> Any:
-        return task.fn.modal_magic_for_workers()
+        return task.runtime.for_workers() if task.runtime.for_workers is not None else task.fn
 
     @property
     def parallelism(self) -> int:

@@ -1,0 +1,201 @@
+"""``%%modal_map``: map the function a cell defines over a DataFrame column, with ``%config`` defaults.
+
+``%%modal_map reviews.text --into sentiment`` runs the cell in the user namespace, picks the function
+to map (the last top-level ``def``, or ``--fn NAME``), resolves ``DF.COLUMN`` there, and makes one
+call into :func:`modal_magic.engine.map_frame`; the result and error columns are then added to ``DF``
+in place, or bound to a new name with ``-o NAME``. The magic is a thin adapter: :func:`parse_line`
+turns the line into a frozen :class:`~modal_magic.ipython.parsing.CellArgs`,
+:meth:`ModalMagic.modal_map` resolves names and binds the result. Every option of
+:class:`~modal_magic.options.MapOptions` is both a flag and a traitlet on :class:`ModalMagic`, both
+generated from the option's declaration, so ``%config ModalMagic.backend = "threads"`` (or an
+IPython profile) sets the default a flag overrides. Mistakes a user can fix raise ``UsageError``.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any, Callable
+
+import pandas as pd
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, magics_class
+from traitlets import TraitError, validate
+
+from ..checks import FunctionError, default_into
+from ..engine import RunSpec, map_frame, rerun_failed, runs_columns
+from ..errors import MapInterrupted, ModalSetupError, OptionsError
+from ..options import OPTION_NAMES, OPTIONS, MapOptions, check_option
+from .parsing import (CellArgs, add_option_flags, bind, in_flag_words, lookup, make_parser, map_options,
+                      option_flags, option_traits, parse_known, resolve_frame, split_line, syntax_error_text)
+
+__all__ = ["ModalMagic", "parse_line"]
+
+_DOC = """\
+Map the function this cell defines over a DataFrame column, in parallel.
+
+The cell runs in the notebook's namespace (its functions stay defined); the function mapped is
+the cell's last top-level ``def``, or ``--fn NAME``. The result and error columns (``INTO`` and
+``INTO_error``) are added to DF in place, or to a new DataFrame bound to ``-o NAME``. Failed rows:
+``DF.modal.errors()``.
+
+Every option defaults to its ``ModalMagic`` traitlet, e.g. ``%config ModalMagic.backend = "threads"``.
+"""
+
+_EXAMPLES = """\
+Examples::
+
+    %%modal_map reviews.text --into sentiment --max-containers 8 --retries 2
+    def classify(text):
+        ...
+
+    %%modal_map reviews --columns text lang --into translated -o out
+    def translate(text, lang):
+        ...
+"""
+
+
+def _parser() -> Any:
+    parser = make_parser("modal_map", _DOC)
+    parser.add_argument("target", metavar="DF.COLUMN",
+                        help="The DataFrame and the column to map over (just DF with --columns).")
+    parser.add_argument("--columns", nargs="+", metavar="COLUMN",
+                        help="Starmap: call the function with one argument per column, in this order.")
+    parser.add_argument("--into", metavar="NAME", help="The result column's name (default: the function's name); "
+                                                       "errors go to NAME_error.")
+    parser.add_argument("-o", "--output", metavar="NAME",
+                        help="Bind the result to a new DataFrame NAME and leave DF unchanged.")
+    parser.add_argument("--fn", metavar="NAME",
+                        help="The function to map (default: the last top-level def in the cell).")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="Run only the rows of DF whose INTO_error holds an error (with this cell's function "
+                             "and flags, e.g. more --retries), and fill their results in.")
+    add_option_flags(parser, OPTIONS, config_class="ModalMagic")
+    return parser
+
+
+#: The ``%%modal_map`` parser, generated once from the option declarations.
+PARSER = _parser()
+
+#: One ``%config`` traitlet per map option, made from the declarations. ``ModalMagic`` is the class
+#: users configure (``%config ModalMagic.x``): traitlets reads a class's section for every
+#: configurable class in its MRO, so inherited traits are configured under the subclass's name.
+MapOptionTraits = type("MapOptionTraits", (Magics,), option_traits(OPTIONS))
+
+
+@magics_class
+class ModalMagic(MapOptionTraits):  # type: ignore[misc,valid-type]
+    """``%%modal_map``; every traitlet is the default of the option (and flag) of the same name."""
+
+    @validate(*OPTION_NAMES)
+    def _validate_option(self, proposal: dict[str, Any]) -> Any:
+        """Check a configured default the way MapOptions checks the option, when it is set."""
+        name, value = proposal["trait"].name, proposal["value"]
+        if name == "image":  # a variable's name; the variable itself is looked up at each run
+            if value is not None and not value.isidentifier():
+                raise TraitError(f"ModalMagic.image={value!r}: expected the name of a modal.Image variable")
+            return value
+        try:
+            # Each option alone: combinations (gpu with a local backend...) are checked at run time.
+            check_option(name, value)
+        except OptionsError as error:
+            raise TraitError(f"ModalMagic.{name}: {error}") from None
+        return value
+
+    def option_defaults(self) -> dict[str, Any]:
+        """The options a flag left out takes: this object's traitlets, by option name."""
+        return {name: getattr(self, name) for name in OPTION_NAMES}
+
+    @cell_magic
+    def modal_map(self, line: str, cell: str) -> None:
+        args = parse_line(line)
+        user_ns = self.shell.user_ns
+        frame = resolve_frame(user_ns, args)
+        options = map_options(user_ns, self.option_defaults(), args.options)
+        fn = self._define_function(cell, args.fn)
+        into = args.into if args.into is not None else default_into(fn)
+        try:
+            if args.retry_failed:
+                out = self._retry_failed(frame, fn, args, into, options)
+            else:
+                out = map_frame(frame, fn, columns=list(args.columns), star=args.star, into=into,
+                                options=options, errors_call=args.errors_call)
+        except (OptionsError, FunctionError, ModalSetupError) as error:  # caught before any row ran
+            raise UsageError(in_flag_words(str(error))) from None
+        except MapInterrupted as stopped:  # Stop pressed: keep what finished, then say it stopped
+            bind(user_ns, args, frame, stopped.result, into=into, options=options)
+            raise
+        bind(user_ns, args, frame, out, into=into, options=options)
+
+    modal_map.__doc__ = PARSER.format_help() + "\n" + _EXAMPLES
+
+    def _retry_failed(self, frame: pd.DataFrame, fn: Callable[..., Any], args: CellArgs, into: str,
+                      options: MapOptions) -> pd.DataFrame:
+        error_column = f"{into}_error"
+        if error_column not in frame.columns:
+            raise UsageError(f"--retry-failed: {args.frame} has no column {error_column!r} yet; run the cell "
+                             f"once without --retry-failed (or name the result with --into)")
+        result_columns = runs_columns(frame, into) or (into,)
+        spec = RunSpec(fn=fn, columns=tuple(args.columns), star=args.star, options=options,
+                       error_column=error_column, result_columns=result_columns)
+        return rerun_failed(frame, into, spec)
+
+    def _define_function(self, cell: str, fn_name: str | None) -> Callable[..., Any]:
+        """Run the cell in the user namespace; return the function it names or defines last.
+
+        Running it there makes the functions ``__main__`` functions, which cloudpickle sends by
+        value: worker processes and Modal containers need no copy of the notebook.
+        """
+        source = self.shell.transform_cell(cell)
+        # Cached under a name IPython knows, so tracebacks and syntax errors show the cell's lines.
+        filename = self.shell.compile.cache(source, self.shell.execution_count, raw_code=cell)
+        try:
+            tree = self.shell.compile.ast_parse(source, filename=filename)
+        except SyntaxError as error:  # raised from inside a magic, IPython would show its whole stack
+            raise UsageError(syntax_error_text(error)) from None
+        defined = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        if fn_name is None and not defined:
+            raise UsageError("the cell defines no function: write the function to map in it as a `def` "
+                             "(the last top-level def is used), or name one with --fn NAME")
+        exec(self.shell.compile(tree, filename, "exec"), self.shell.user_global_ns, self.shell.user_ns)
+        if fn_name is None:
+            return self.shell.user_ns[defined[-1]]
+        fn = lookup(self.shell.user_ns, fn_name, flag="--fn", kind="a function", preferred=callable)
+        if not callable(fn):
+            raise UsageError(f"--fn {fn_name}: {fn_name} is a {type(fn).__name__}, not a function")
+        return fn
+
+
+def parse_line(line: str) -> CellArgs:
+    """Parse the ``%%modal_map`` line into :class:`CellArgs`; raise ``UsageError`` for a bad one.
+
+    Examples
+    --------
+    >>> args = parse_line("df --columns a b --gpu T4 A10G --env KEY=v -o out --backend modal:app/fn")
+    >>> args.columns, args.star, args.output, args.options["gpu"], args.options["env"]
+    (('a', 'b'), True, 'out', ['T4', 'A10G'], {'KEY': 'v'})
+    """
+    given = parse_known(PARSER, split_line(line, "modal_map"),
+                        stray="give one DF.COLUMN, and values only after flags that take them")
+    frame, _, column = given.pop("target").partition(".")
+    if not frame.isidentifier():
+        raise UsageError(f"{frame!r} is not a variable name: write DF.COLUMN, e.g. reviews.text")
+    columns = given.pop("columns", None)
+    if columns and column:
+        raise UsageError(f"give the column once: {frame}.{column}, or {frame} --columns {' '.join(columns)}")
+    if not columns and not column:
+        raise UsageError(f"which column? write {frame}.COLUMN, or {frame} --columns A B to pass several")
+    for name, flag in (("output", "-o"), ("fn", "--fn")):
+        if name in given and not given[name].isidentifier():
+            raise UsageError(f"{flag} {given[name]!r}: expected a variable name")
+    return CellArgs(
+        frame=frame,
+        columns=tuple(columns) if columns else (column,),
+        star=bool(columns),
+        into=given.get("into"),
+        output=given.get("output"),
+        fn=given.get("fn"),
+        retry_failed=bool(given.get("retry_failed")),
+        options=option_flags(given, OPTIONS),
+    )
+
+

@@ -1,0 +1,68 @@
+"""What LLM tokens cost: :data:`PRICES` (USD per million tokens) and :func:`price_for`.
+
+The cost columns and ``budget_usd=`` both come from here. The table is dated
+(:data:`PRICES_AS_OF`); pass ``prices=`` for a model it lacks or to correct it, or change the dict
+itself.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from ..errors import OptionsError
+
+__all__ = ["PRICES", "PRICES_AS_OF", "price_for"]
+
+#: When :data:`PRICES` was read off OpenAI's pricing page (standard tier; no cached-input, batch or
+#: flex discounts); rechecked in 2026-11 against copies of that page from March to June 2026, which
+#: agree on every row. Prices change: pass ``prices=`` or edit :data:`PRICES` when they do.
+PRICES_AS_OF = "2026-03"
+#: USD per million tokens, ``model: (input, output)``. A dated snapshot name
+#: (``gpt-4o-mini-2024-07-18``) takes its model's price. Models not here get no cost column values
+#: (and can't run with ``budget_usd=``) unless ``prices=`` names them.
+PRICES: dict[str, tuple[float, float]] = {
+    "gpt-5.4": (2.50, 15.00),
+    "gpt-5.1": (1.25, 10.00),
+    "gpt-5": (1.25, 10.00),
+    "gpt-5-mini": (0.25, 2.00),
+    "gpt-5-nano": (0.05, 0.40),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4o-mini": (0.15, 0.60),
+    "o3": (2.00, 8.00),
+    "o3-mini": (1.10, 4.40),
+    "o4-mini": (1.10, 4.40),
+    "gpt-3.5-turbo": (0.50, 1.50),
+}
+
+_SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|latest)$")
+
+
+def _price(value: Any, model: str) -> tuple[float, float]:
+    if isinstance(value, Mapping):
+        value = (value.get("input"), value.get("output"))
+    if (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)):
+        return float(value[0]), float(value[1])
+    raise OptionsError(f"prices[{model!r}]={value!r} is not valid: expected (input, output) in USD per "
+                       "million tokens, e.g. (0.15, 0.60)")
+
+
+def price_for(model: str, prices: Mapping[str, Any] | None = None) -> tuple[float, float] | None:
+    """USD per million ``(input, output)`` tokens for ``model``: ``prices`` first, then :data:`PRICES`.
+
+    Examples
+    --------
+    >>> price_for("gpt-4o-mini"), price_for("gpt-4o-mini-2024-07-18"), price_for("llama3")
+    ((0.15, 0.6), (0.15, 0.6), None)
+    >>> price_for("llama3", {"llama3": (0, 0)})
+    (0.0, 0.0)
+    """
+    for table in (prices or {}, PRICES):
+        for name in (model, _SNAPSHOT.sub("", model)):
+            if name in table:
+                return _price(table[name], name)
+    return None
