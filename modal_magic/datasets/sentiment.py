@@ -89,15 +89,7 @@ def classify_sentiment(text: str) -> str:
     Uses VADER's compound score with the usual thresholds: ``>= 0.05`` is positive,
     ``<= -0.05`` is negative, anything in between is neutral.
 
-    Parameters
-    ----------
-    text : str
-        The review text.
-
-    Returns
-    -------
-    str
-        ``"POSITIVE"``, ``"NEGATIVE"`` or ``"NEUTRAL"``.
+    ``text`` is the review, as for :func:`sentiment_scores`; the label is returned as a ``str``.
 
     Raises
     ------

@@ -42,9 +42,7 @@ def resolve_api_key(api_key: str | None) -> str | None:
     >>> resolve_api_key("sk-given")
     'sk-given'
     """
-    if api_key:
-        return api_key
-    return os.environ.get("OPENAI_API_KEY") or _dotenv().get("OPENAI_API_KEY") or None
+    return _given_or_configured(api_key, "OPENAI_API_KEY")
 
 
 def resolve_base_url(base_url: str | None) -> str | None:
@@ -55,6 +53,9 @@ def resolve_base_url(base_url: str | None) -> str | None:
     >>> resolve_base_url("http://localhost:8000/v1")
     'http://localhost:8000/v1'
     """
-    if base_url:
-        return base_url
-    return os.environ.get("OPENAI_BASE_URL") or _dotenv().get("OPENAI_BASE_URL") or None
+    return _given_or_configured(base_url, "OPENAI_BASE_URL")
+
+
+def _given_or_configured(given: str | None, variable: str) -> str | None:
+    """``given``, else the environment ``variable``, else that variable from a ``.env`` file."""
+    return given or os.environ.get(variable) or _dotenv().get(variable) or None
