@@ -15,9 +15,19 @@ from typing import Any
 
 from . import accessor as _accessor  # noqa: F401  (registers df.modal and series.modal)
 from . import cache
+from .backends import register_backend
+from .checks import FunctionError
 from .engine import last_result, last_run
 from .errors import Cancelled, MapInterrupted, ModalSetupError, RowError, RowFailed, UnpicklableResult, WorkerCrashed
+from .llm.keys import MissingAPIKey
+from .llm.row.failures import (APIConnectionError, APIError, APIStatusError, AuthenticationError, BudgetExceeded,
+                               EmptyAnswer, InternalServerError, LLMError, MissingValue, RateLimitError,
+                               SchemaValidationError)
+from .llm.templates import TemplateError
 from .options import MapOptions, OptionsError
+from .progress import RunSummary
+from .shipping import ModuleStateWarning
+from .versions import UntestedModalClient
 from .versions import warn_if_untested_modal as _warn_if_untested_modal
 
 _warn_if_untested_modal()
@@ -25,19 +35,41 @@ _warn_if_untested_modal()
 __version__ = "0.1.0"
 
 __all__ = [
+    # what a run raises or records
     "Cancelled",
+    "FunctionError",
     "MapInterrupted",
-    "MapOptions",
     "ModalSetupError",
     "OptionsError",
     "RowError",
     "RowFailed",
     "UnpicklableResult",
     "WorkerCrashed",
+    # an LLM row's errors (df.modal.llm)
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "AuthenticationError",
+    "BudgetExceeded",
+    "EmptyAnswer",
+    "InternalServerError",
+    "LLMError",
+    "MissingAPIKey",
+    "MissingValue",
+    "RateLimitError",
+    "SchemaValidationError",
+    "TemplateError",
+    # warnings
+    "ModuleStateWarning",
+    "UntestedModalClient",
+    # the rest of the public API
+    "MapOptions",
+    "RunSummary",
     "cache",
     "last_result",
     "last_run",
     "load_ipython_extension",
+    "register_backend",
     "shutdown",
     "unload_ipython_extension",
 ]

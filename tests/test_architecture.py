@@ -143,3 +143,15 @@ def test_an_untested_modal_client_warns_once_with_the_tested_versions(monkeypatc
 @pytest.mark.parametrize("version", ["1.6.0", "1.6.4", "1.6.10"])
 def test_every_patch_release_of_a_tested_minor_is_accepted(version):
     assert versions.modal_version_problem(version) is None
+
+
+def test_every_exception_a_user_catches_is_exported_from_the_package():
+    import modal_magic
+
+    for name in ["FunctionError", "TemplateError", "MissingAPIKey", "BudgetExceeded", "RateLimitError",
+                 "SchemaValidationError", "RowFailed", "MapInterrupted", "ModalSetupError", "OptionsError"]:
+        assert issubclass(getattr(modal_magic, name), BaseException), name
+    assert modal_magic.RunSummary.__name__ == "RunSummary"
+    assert callable(modal_magic.register_backend)
+    assert sorted(modal_magic.__all__) == sorted(set(modal_magic.__all__))
+    assert all(hasattr(modal_magic, name) for name in modal_magic.__all__)

@@ -11,7 +11,7 @@ import pytest
 
 import modal_magic  # noqa: F401
 from modal_magic import OptionsError
-from modal_magic.backends.modal import ModalSetupError
+from modal_magic import ModalSetupError
 
 
 def inverse(x):
