@@ -14,7 +14,7 @@ from typing import Any
 
 from . import accessor as _accessor  # noqa: F401  (registers df.modal and series.modal)
 from . import cache
-from .engine import last_result, last_run
+from .runs import last_result, last_run
 from .errors import Cancelled, MapInterrupted, ModalSetupError, RowError, RowFailed, UnpicklableResult, WorkerCrashed
 from .options import MapOptions, OptionsError
 

@@ -10,7 +10,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
-from .engine import map_frame, retry_failed
+from .engine import map_frame
+from .retry import retry_failed
 from .errors import RowError
 from .options import MapOptions
 

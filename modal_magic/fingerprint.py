@@ -78,7 +78,7 @@ def function_fingerprint(fn: Callable[..., Any], *, star: bool, result_options: 
     >>> function_fingerprint(double, star=False, result_options={}) == same
     False
     """
-    hasher = _Hasher(own_packages=_packages_of(fn))
+    hasher = FunctionHasher(own_packages=_packages_of(fn))
     hasher.emit("modal_magic-fingerprint", f"{FINGERPRINT_VERSION}/{sys.version_info[0]}.{sys.version_info[1]}")
     hasher.value(fn, top=True)
     hasher.emit("star", b"1" if star else b"0")
@@ -90,8 +90,12 @@ def function_fingerprint(fn: Callable[..., Any], *, star: bool, result_options: 
     return hasher.hexdigest()
 
 
-class _Hasher:
-    """Feeds a canonical, length-framed description of objects into one BLAKE2b digest."""
+class FunctionHasher:
+    """Hashes what a function computes: walks its code, closure, globals and helpers into one digest.
+
+    Not to be confused with :class:`modal_magic.cache.keys.RowKeyHasher`, which hashes millions of
+    row *inputs* vectorised per value type; this one walks one object graph, depth first.
+    """
 
     def __init__(self, own_packages: frozenset[str]) -> None:
         self._h = blake2b(digest_size=32)
@@ -203,7 +207,7 @@ class _Hasher:
             self.emit(kind.__name__, repr(obj))
 
     def _digest_alone(self, obj: Any) -> bytes:
-        inner = _Hasher(self._own_packages)
+        inner = FunctionHasher(self._own_packages)
         inner.value(obj)
         return inner._h.digest()
 
@@ -337,7 +341,7 @@ def _code_digest(code: types.CodeType, docstring: str | None) -> bytes:
     consts = list(code.co_consts)
     if docstring is not None:
         consts[0] = None
-    h = _Hasher(frozenset())
+    h = FunctionHasher(frozenset())
     h.emit("code", struct.pack("<5q", code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount,
                                code.co_flags, len(consts)))
     h.emit("bytecode", code.co_code)

@@ -30,7 +30,9 @@ from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, U
 from . import options as _options
 from .errors import ModalSetupError
 from .checks import FunctionError, default_into
-from .engine import RunSpec, map_frame, rerun_failed, runs_columns
+from .engine import map_frame
+from .retry import rerun_failed
+from .runs import RunSpec, runs_columns
 from .errors import MapInterrupted
 from .options import DEFAULT_BACKEND, OPTION_NAMES, MapOptions, OptionsError
 

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modal_magic import cache as cache_module
+from modal_magic.cache import chunks as chunks_module, store as store_module
 from modal_magic.cache import DB_NAME, CacheWarning, RowCache, row_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,7 +173,7 @@ def test_unpicklable_and_oversized_values_are_reported_and_the_rest_stored(cache
 
 
 def test_a_large_put_is_split_into_chunks_that_all_come_back(cache, monkeypatch):
-    monkeypatch.setattr(cache_module, "MAX_CHUNK_BYTES", 50_000)
+    monkeypatch.setattr(store_module, "MAX_CHUNK_BYTES", 50_000)
     keys = cache.row_keys("fp", list(range(12)))
     values = [os.urandom(20_000) for _ in keys]
     assert cache.put_many(list(zip(keys, values))) == []
@@ -196,7 +197,7 @@ def _tamper(cache: RowCache, sql: str, *params) -> None:
 
 
 def _valid_checksum(keys_blob: bytes, value_blob: bytes) -> bytes:
-    return cache_module._checksum(keys_blob, value_blob)
+    return chunks_module.chunk_checksum(keys_blob, value_blob)
 
 
 @pytest.mark.parametrize("damage", ["garbage value", "flipped byte", "wrong checksum", "other format",
@@ -284,7 +285,7 @@ def test_the_size_limit_evicts_the_least_recently_used(tmp_path):
         chunk[name] = cache.row_keys(name, list(range(3)))
         cache.put_many([(k, os.urandom(100_000)) for k in chunk[name]])  # ~300 kB each
         now[0] += 100
-    now[0] += 2 * cache_module.ATIME_RESOLUTION_S
+    now[0] += 2 * store_module.ATIME_RESOLUTION_S
     assert len(cache.get_many(chunk["A"])) == 3  # A is now the most recently used
     now[0] += 1
     chunk["D"] = cache.row_keys("D", list(range(3)))
