@@ -196,8 +196,8 @@ def _tamper(cache: RowCache, sql: str, *params) -> None:
         db.execute(sql, params)
 
 
-def _valid_checksum(keys_blob: bytes, value_blob: bytes) -> bytes:
-    return chunks_module.chunk_checksum(keys_blob, value_blob)
+def _valid_checksum(key: bytes, keys_blob: bytes, value_blob: bytes) -> bytes:
+    return chunks_module.chunk_mac(key, keys_blob, value_blob)
 
 
 @pytest.mark.parametrize("damage", ["garbage value", "flipped byte", "wrong checksum", "other format",
@@ -219,7 +219,7 @@ def test_a_damaged_or_foreign_chunk_is_a_miss_and_is_deleted(cache, damage):
         _tamper(cache, "UPDATE chunks SET fmt = 99")
     elif damage == "foreign pickle with a valid checksum":
         foreign = pickle.dumps({"not": "a list"})
-        _tamper(cache, "UPDATE chunks SET value = ?, checksum = ?", foreign, _valid_checksum(keys_blob, foreign))
+        _tamper(cache, "UPDATE chunks SET value = ?, checksum = ?", foreign, _valid_checksum(cache._key, keys_blob, foreign))
     elif damage == "truncated keys":
         _tamper(cache, "UPDATE chunks SET keys = ?", keys_blob[:20])
     assert cache.get_many(keys) == {}

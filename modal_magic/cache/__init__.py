@@ -26,7 +26,8 @@ from ..fingerprint import function_fingerprint
 from .default import clear, default_cache
 from .keys import KEY_BYTES, RowKeyHasher, row_keys
 from .location import CacheWarning, default_cache_dir
-from .store import DB_NAME, RowCache
+from .database import DB_NAME
+from .store import RowCache
 
 __all__ = [
     "RowCache",

@@ -1,4 +1,4 @@
-"""One stored chunk: many rows' keys side by side and their values in one pickle, with a checksum.
+"""One stored chunk: many rows' keys side by side and their values in one pickle, with a keyed MAC.
 
 The store (:mod:`modal_magic.cache.store`) keeps one SQLite row per chunk; this module turns rows
 into chunks and back, and decides which chunk's copy of a key is current.
@@ -6,6 +6,7 @@ into chunks and back, and decides which chunk's copy of a key is current.
 
 from __future__ import annotations
 
+import hmac
 import pickle
 from hashlib import blake2b
 from itertools import repeat
@@ -15,9 +16,10 @@ import numpy as np
 
 from .keys import KEY_BYTES
 
-#: the format of one chunk (checksum framing + pickled list); a chunk of another format is a miss
-CHUNK_FORMAT = 1
-_CHECKSUM_PERSON = b"modal_magic-c1"
+#: the format of one chunk (MAC framing + pickled list); a chunk of another format is a miss.
+#: 1: an unkeyed checksum (anyone could recompute it); 2: a MAC keyed with the user's secret
+CHUNK_FORMAT = 2
+_MAC_PERSON = b"modal_magic-m2"
 
 
 def dumps(obj: Any) -> bytes:
@@ -62,20 +64,35 @@ def part_number(part: bytes) -> int:
     return int.from_bytes(part, "big")
 
 
-def chunk_checksum(keys_blob: bytes, value_blob: bytes) -> bytes:
-    h = blake2b(digest_size=16, person=_CHECKSUM_PERSON)
+def chunk_mac(key: bytes, keys_blob: bytes, value_blob: bytes) -> bytes:
+    """BLAKE2b keyed with the user's secret over a chunk's keys and pickled values.
+
+    Keyed, so that whoever can write the database file but doesn't hold the key (another user, a
+    synced or shared folder, a planted file) can't make a chunk that passes: a recomputed unkeyed
+    checksum let a rewritten value be unpickled, which runs the writer's code.
+
+    Examples
+    --------
+    >>> chunk_mac(b"k" * 32, b"keys", b"values") != chunk_mac(b"K" * 32, b"keys", b"values")
+    True
+    """
+    h = blake2b(digest_size=16, key=key, person=_MAC_PERSON)
     h.update(len(keys_blob).to_bytes(8, "little"))
     h.update(keys_blob)
     h.update(value_blob)
     return h.digest()
 
 
-def unpack(fmt: int, n: int, checksum: bytes, keys_blob: bytes, value_blob: bytes,
-            expected_keys: bytes) -> list[Any] | None:
-    """The chunk's values, or ``None`` when anything about it doesn't hold up."""
+def unpack(fmt: int, n: int, mac: bytes, keys_blob: bytes, value_blob: bytes,
+           expected_keys: bytes, key: bytes) -> list[Any] | None:
+    """The chunk's values, or ``None`` when anything about it doesn't hold up.
+
+    The MAC is checked before anything is unpickled: a chunk this user's key didn't sign is never
+    loaded.
+    """
     if fmt != CHUNK_FORMAT or keys_blob != expected_keys or len(keys_blob) != KEY_BYTES * n:
         return None
-    if not isinstance(checksum, bytes) or chunk_checksum(keys_blob, value_blob) != checksum:
+    if not isinstance(mac, bytes) or not hmac.compare_digest(chunk_mac(key, keys_blob, value_blob), mac):
         return None
     try:
         values = pickle.loads(value_blob)
@@ -84,6 +101,27 @@ def unpack(fmt: int, n: int, checksum: bytes, keys_blob: bytes, value_blob: byte
     if type(values) is not list or len(values) != n:
         return None
     return values
+
+
+#: values that can be handed to several rows as one object: nothing can change them in place
+_IMMUTABLE = frozenset({int, float, bool, str, bytes, complex, type(None)})
+
+
+def own_copy(value: Any) -> Any:
+    """``value`` itself when it is immutable, else a deep copy: one row's object is never another's.
+
+    A copy through pickle, since a stored value is one that pickled in the first place.
+
+    Examples
+    --------
+    >>> shared = [1, 2]
+    >>> own_copy(shared) == shared, own_copy(shared) is shared, own_copy("text") is own_copy("text")
+    (True, False, True)
+    """
+    kind = type(value)
+    if kind in _IMMUTABLE or (kind is tuple and all(type(item) in _IMMUTABLE for item in value)):
+        return value
+    return pickle.loads(dumps(value))
 
 
 Located = tuple[int, bytes, Sequence[int], Sequence[int]]  # (chunk id, keys blob, positions in it, indexes asked)

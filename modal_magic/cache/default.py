@@ -7,7 +7,8 @@ import threading
 from pathlib import Path
 
 from .location import default_cache_dir
-from .store import DB_NAME, RowCache
+from .database import DB_NAME
+from .store import RowCache
 
 __all__ = ["default_cache", "clear"]
 

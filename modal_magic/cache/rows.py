@@ -12,6 +12,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..fingerprint import function_fingerprint
+from .database import warn_once
 from .default import default_cache
 
 if TYPE_CHECKING:
@@ -51,7 +52,9 @@ class RunCache:
         try:
             cache = default_cache()
         except (OSError, ValueError, sqlite3.Error) as e:
-            warnings.warn(f"the result cache can't be opened ({e}); this run is not cached", stacklevel=4)
+            # Once per trouble: an unsafe or broken cache directory doesn't change between cells.
+            warn_once(f"modal_magic's result cache is off: {e}. Runs go on without it (nothing is "
+                      "read from or written to it) until that is fixed", stacklevel=5)
             return None
         fingerprint = function_fingerprint(task.fn, star=task.star, result_options=result_options(task.options))
         return cls(cache, cache.row_keys(fingerprint, args, star=task.star), task.options.cache == "refresh")

@@ -41,18 +41,14 @@ from pathlib import Path
 import numpy as np
 from typing import Any, Sequence
 
-from .chunks import (CHUNK_FORMAT, Located, chunk_checksum, dumps, join_keys, key_parts, newest_wins, part_number,
-                     unpack)
+from .chunks import (CHUNK_FORMAT, Located, chunk_mac, dumps, join_keys, key_parts, newest_wins, own_copy,
+                     part_number, unpack)
+from .database import DB_NAME, move_aside, open_database, rollback, write_failure
 from .keys import KEY_BYTES, row_keys
-from .location import CacheWarning, default_cache_dir, make_private_directory, make_private_file
+from .location import CacheWarning, default_cache_dir, load_key
 
 __all__ = ["RowCache", "DB_NAME"]
 
-#: the database file inside the cache directory; the version in the name changes with the schema,
-#: so two modal_magic versions sharing a directory never read each other's layout
-DB_NAME = "rows-v1.sqlite3"
-SCHEMA_VERSION = 1
-APPLICATION_ID = 0x6D6D6331  # "mmc1": marks the file as ours
 #: a value whose pickle is larger than this is reported and not stored
 MAX_ENTRY_BYTES = 64 * 1024**2
 MAX_CHUNK_BYTES = 64 * 1024**2
@@ -62,27 +58,8 @@ DEFAULT_SIZE_LIMIT = 2 * 1024**3
 ATIME_RESOLUTION_S = 3600
 #: eviction brings the database down to this fraction of the limit, so it doesn't run after every put
 EVICT_TO = 0.8
-BUSY_TIMEOUT_S = 10.0
-#: tries to open a database that may be mid-creation by another process before calling it broken
-OPEN_ATTEMPTS = 6
 #: SQLite's default limit on ``?`` parameters is 999 before 3.32
 _IN_CHUNK = 900
-
-_SCHEMA = f"""
-CREATE TABLE chunks (
-    id INTEGER PRIMARY KEY,   -- grows with time: among chunks holding the same key, the newest wins
-    part INTEGER NOT NULL,    -- the fingerprint's 4-byte tag, the first 4 bytes of every key
-    atime INTEGER NOT NULL,   -- last write or (coarsely) last read, Unix seconds: LRU eviction
-    fmt INTEGER NOT NULL,     -- CHUNK_FORMAT
-    n INTEGER NOT NULL,       -- rows in the chunk
-    checksum BLOB NOT NULL,   -- BLAKE2b over keys and value
-    keys BLOB NOT NULL,       -- n keys of {KEY_BYTES} bytes
-    value BLOB NOT NULL       -- pickled list of the n values
-);
-CREATE INDEX chunks_by_part ON chunks(part);
-PRAGMA application_id = {APPLICATION_ID};
-PRAGMA user_version = {SCHEMA_VERSION};
-"""
 
 # Connections inherited across a fork: closing one in the child could checkpoint and delete the WAL
 # the parent is using, so the child opens its own and never touches these.
@@ -119,8 +96,14 @@ class RowCache:
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
+        self.read_only = False
         with self._lock:
             self._db()
+            try:
+                self._key = load_key(self.directory)  # the secret that signs and checks every chunk
+            except BaseException:
+                self.close()
+                raise
 
     def __repr__(self) -> str:
         return f"RowCache({str(self.directory)!r}, size_limit_bytes={self.size_limit_bytes})"
@@ -185,7 +168,7 @@ class RowCache:
             values = [value for key, value in zip(keys, values) if key is not None]
             keys = [key for key in keys if key is not None]
         joined = join_keys(keys)
-        if joined is None:
+        if joined is None or self.read_only:  # read-only was said once, when the database was opened
             return []
         rejected: list[tuple[bytes, str]] = []
         records: list[tuple[Any, ...]] = []
@@ -207,8 +190,8 @@ class RowCache:
                 packed = self._pack(group_keys[start:stop], group_values[start:stop],
                                     group_blob[KEY_BYTES * start : KEY_BYTES * stop], rejected)
                 for keys_blob, n, value_blob in packed:
-                    checksum = chunk_checksum(keys_blob, value_blob)
-                    records.append((part, now, CHUNK_FORMAT, n, checksum, keys_blob, value_blob))
+                    mac = chunk_mac(self._key, keys_blob, value_blob)
+                    records.append((part, now, CHUNK_FORMAT, n, mac, keys_blob, value_blob))
         if not records:
             return rejected
         try:
@@ -220,12 +203,12 @@ class RowCache:
                                    "VALUES (?, ?, ?, ?, ?, ?, ?)", records)
                     db.execute("COMMIT")
                 except BaseException:
-                    db.execute("ROLLBACK")
+                    rollback(db)
                     raise
         except sqlite3.Error as e:
             self._recover_if_corrupt(e)
             stored = {key for key, _ in rejected}
-            reason = f"the cache at {self.path} couldn't be written: {e}"
+            reason = write_failure(e, self.path)
             return rejected + [(key, reason) for key in keys if key not in stored]
         try:
             with self._lock:
@@ -236,6 +219,10 @@ class RowCache:
 
     def clear(self) -> None:
         """Delete every cached result and give the space back to the file system."""
+        if self.read_only:
+            warnings.warn(f"modal_magic's cache at {self.path} can't be written, so it can't be cleared",
+                          CacheWarning, stacklevel=2)
+            return
         with self._lock:
             db = self._db()
             db.execute("DELETE FROM chunks")
@@ -310,9 +297,9 @@ class RowCache:
                 batch = ids[start : start + _IN_CHUNK]
                 query = ("SELECT id, fmt, n, checksum, keys, value FROM chunks "
                          f"WHERE id IN ({','.join('?' * len(batch))})")
-                for chunk_id, fmt, n, checksum, keys_blob, value_blob in db.execute(query, batch):
+                for chunk_id, fmt, n, mac, keys_blob, value_blob in db.execute(query, batch):
                     expected_keys, positions, indexes = wanted[chunk_id]
-                    values = unpack(fmt, n, checksum, keys_blob, value_blob, expected_keys)
+                    values = unpack(fmt, n, mac, keys_blob, value_blob, expected_keys, self._key)
                     if values is None:
                         broken.append(chunk_id)
                         continue
@@ -323,15 +310,15 @@ class RowCache:
                     if duplicates:
                         for j, i in zip(positions, indexes):
                             for extra in duplicates.get(keys_blob[KEY_BYTES * j : KEY_BYTES * (j + 1)], ()):
-                                out[extra] = values[j]
+                                out[extra] = own_copy(values[j])  # each row its own object
         finally:
             db.execute("COMMIT")
         # A row whose newest chunk is broken stays a miss, even if an older chunk holds it: it reruns.
         self._touch_and_drop([c for c in stale_atime if c not in broken], broken, now)
 
     def _touch_and_drop(self, touch: list[int], drop: list[int], now: int) -> None:
-        """Best effort: refresh last-access times and delete broken chunks; skipped when busy."""
-        if not touch and not drop:
+        """Best effort: refresh last-access times and delete broken chunks; skipped when busy or read-only."""
+        if (not touch and not drop) or self.read_only:
             return
         db = self._db()
         try:
@@ -345,7 +332,7 @@ class RowCache:
             _delete_chunks(db, drop)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            rollback(db)
             raise
 
     # --- writing ----------------------------------------------------------------------------------
@@ -389,6 +376,8 @@ class RowCache:
 
     def _evict_if_needed(self) -> None:
         """Remove least recently used chunks until the database is under ``EVICT_TO`` of the limit."""
+        if self.read_only:
+            return
         for _ in range(4):  # page accounting is approximate; a few rounds settle it
             used = self.size_bytes()
             if used <= self.size_limit_bytes:
@@ -410,7 +399,7 @@ class RowCache:
                 _delete_chunks(db, victims)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
 
     # --- the connection ---------------------------------------------------------------------------
@@ -420,93 +409,17 @@ class RowCache:
             return self._conn
         if self._conn is not None:  # we are a forked child: leave the parent's connection alone
             _inherited.append(self._conn)
-        for attempt in range(OPEN_ATTEMPTS):
-            try:
-                self._conn = self._connect()
-                break
-            except sqlite3.OperationalError as e:
-                # Switching a new database to WAL can report "locked" at once, without waiting out the
-                # busy timeout, while another process sets the same database up: look again.
-                if "locked" not in str(e) or attempt + 1 == OPEN_ATTEMPTS:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-            except sqlite3.DatabaseError as e:
-                if type(e) is not sqlite3.DatabaseError:  # I/O, permissions: not ours to fix by deleting
-                    raise
-                if attempt + 1 < OPEN_ATTEMPTS and self._maybe_being_created():
-                    # Another process may be creating the database this very moment; deleting its
-                    # files now would pull the shared memory from under it (SIGBUS). Look again.
-                    time.sleep(0.05 * (attempt + 1))
-                    continue
-                # Not a database (truncated, overwritten, foreign): it's only a cache, start afresh.
-                self._remove_files(e)
-                self._conn = self._connect()
-                break
+        self._conn, self.read_only = open_database(self.directory, self.path)
         self._pid = os.getpid()
         return self._conn
 
-    def _maybe_being_created(self) -> bool:
-        """An empty file, or one with SQLite's header: possibly a database another process is setting up."""
-        try:
-            with open(self.path, "rb") as f:
-                head = f.read(16)
-        except OSError:
-            return True
-        return head == b"" or head == b"SQLite format 3\x00"
-
     def _recover_if_corrupt(self, error: sqlite3.Error) -> None:
-        """After "file is not a database" / "disk image is malformed", replace the database."""
+        """After "file is not a database" / "disk image is malformed", move the database aside."""
         if type(error) is not sqlite3.DatabaseError:
             return
         with self._lock:
             self.close()
-            self._remove_files(error)
-
-    def _remove_files(self, error: Exception) -> None:
-        warnings.warn(f"modal_magic's cache at {self.path} was unreadable ({error}); starting a new one",
-                      CacheWarning, stacklevel=4)
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                os.remove(f"{self.path}{suffix}")
-            except FileNotFoundError:
-                pass
-
-    def _connect(self) -> sqlite3.Connection:
-        make_private_directory(self.directory)
-        make_private_file(self.path)
-        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-        try:
-            db.execute("PRAGMA journal_mode = WAL")
-            # WAL + NORMAL: a killed process loses nothing committed; a power cut may lose the last commits,
-            # never the database.
-            db.execute("PRAGMA synchronous = NORMAL")
-            db.execute(f"PRAGMA journal_size_limit = {64 * 1024**2}")
-            application_id = db.execute("PRAGMA application_id").fetchone()[0]
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if application_id == 0 and version == 0:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-                    if tables == 0:
-                        for statement in _SCHEMA.split(";"):
-                            if statement.strip():
-                                db.execute(statement)
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                application_id = db.execute("PRAGMA application_id").fetchone()[0]
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-            if (application_id, version) != (APPLICATION_ID, SCHEMA_VERSION):
-                raise sqlite3.DatabaseError(
-                    f"not a modal_magic cache (application_id={application_id:#x}, user_version={version})")
-        except BaseException:
-            db.close()
-            raise
-        for suffix in ("-wal", "-shm"):  # SQLite gives them the database's mode; make sure
-            make_private_file(Path(f"{self.path}{suffix}"), create=False)
-        return db
-
+            move_aside(self.path, error)
 
 
 def _delete_chunks(db: sqlite3.Connection, ids: Sequence[int]) -> None:
