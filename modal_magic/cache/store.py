@@ -1,4 +1,4 @@
-"""Persistent per-row results, so re-running a cell only computes the rows that aren't done yet.
+"""The SQLite store of per-row results: :class:`RowCache`.
 
 A row's key is a hash of the function's fingerprint (:func:`function_fingerprint`) and the row's
 input values (:func:`row_keys`); its value is the function's result, pickled. Results live in one
@@ -8,11 +8,13 @@ call's rows and never corrupts what was committed before.
 
 Rows are stored in *chunks*, one SQLite row per ``put_many`` call (at most ``MAX_CHUNK_ROWS`` rows
 and ``MAX_CHUNK_BYTES`` bytes each): the keys side by side in one blob, the values in one pickled
-list, a format version, and a checksum over both. Writing 200,000 rows is then a few inserts instead
+list, a format version, and a MAC over both keyed with the user's secret (:mod:`.chunks`). Writing 200,000 rows is then a few inserts instead
 of 200,000 B-tree insertions (one SQLite row per result measured ~2 s per 200,000 rows on two cores,
 ten times the cost of computing them), and a lookup reads the chunks of one function (keys start
-with a 4-byte tag of the fingerprint, indexed) and matches keys in memory. A chunk whose checksum,
-format or pickle doesn't hold up is never trusted: its rows count as misses and the chunk is deleted.
+with a 4-byte tag of the fingerprint, indexed) and matches keys in memory. A chunk whose MAC,
+format or pickle doesn't hold up is never trusted (the MAC is checked before anything is unpickled):
+its rows count as misses and the chunk is deleted. Opening the file (and refusing an unsafe one)
+is :mod:`.database`'s job.
 Keys are hashes; raw input values are never stored.
 
 Examples
@@ -123,9 +125,9 @@ class RowCache:
     def get_many(self, keys: Sequence[bytes | None]) -> dict[int, Any]:
         """Return ``{index in keys: cached value}`` for the keys the cache holds.
 
-        ``None`` keys are skipped. A chunk that fails its checksum, has another format, or doesn't
+        ``None`` keys are skipped. A chunk that fails its MAC, has another format, or doesn't
         unpickle to a list of its length is treated as a miss and deleted. Rows with equal keys get
-        the same value object.
+        equal values, each its own object unless immutable.
         """
         out: dict[int, Any] = {}
         joined = join_keys(keys)
