@@ -17,7 +17,7 @@ from . import accessor as _accessor  # noqa: F401  (registers df.modal and serie
 from . import cache
 from .backends import register_backend
 from .checks import FunctionError
-from .engine import last_result, last_run
+from .runs import last_result, last_run
 from .errors import Cancelled, MapInterrupted, ModalSetupError, RowError, RowFailed, UnpicklableResult, WorkerCrashed
 from .llm.keys import MissingAPIKey
 from .llm.row.failures import (APIConnectionError, APIError, APIStatusError, AuthenticationError, BudgetExceeded,

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 import pandas as pd
 
 from .declarations import unknown_option
-from .engine import map_frame, retry_failed
+from .engine import map_frame
+from .retry import retry_failed
 from .errors import RowError
 from .llm import LLM_OPTION_NAMES, LLM_OPTIONS, LLMOptions, llm_frame
 from .options import OPTION_NAMES, OPTIONS, MapOptions

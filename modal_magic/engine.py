@@ -4,7 +4,9 @@
 columns before any work, turns the selected column(s) into position-keyed arguments, sizes batches
 from what it measures as it goes, keeps the backend's slots full, files each outcome under its
 row's position as it arrives (completion order never matters), retries lost batches in isolation,
-and hands the filled-in results to :mod:`modal_magic.join`. It knows nothing of IPython or display:
+and hands the filled-in results to :mod:`modal_magic.join`. The cache is reached through
+:mod:`modal_magic.cache.rows` and the run records through :mod:`modal_magic.runs`: this module is
+the loop only. It knows nothing of IPython or display:
 progress is fed through :mod:`modal_magic.progress`.
 """
 
@@ -14,10 +16,7 @@ import dataclasses
 import heapq
 import itertools
 import math
-import sqlite3
 import time
-import uuid
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -25,15 +24,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import join
+from . import join, runs
 from .backends import Backend, BackendFailed, Batch, BatchResult, Runtime, Task, create_backend
 from .backends._worker import backoff_delay, run_rows
+from .cache.rows import RunCache
 from .checks import check_function, check_picklable, default_into
 from .errors import Cancelled, MapInterrupted, RowError, RowFailed
 from .options import MapOptions, OptionsError
 from .progress import Progress, RunSummary, make_progress
+from .runs import RunSpec
 
-__all__ = ["map_frame", "retry_failed", "rerun_failed", "RunSpec", "last_result", "last_run"]
+__all__ = ["map_frame", "BatchSizer", "check_columns"]
 
 #: how long a batch should compute for: long enough to amortise a round trip, short enough to balance
 TARGET_BATCH_S = 0.05
@@ -52,28 +53,6 @@ INLINE_TOTAL_S = 0.25
 INLINE_CHUNK = 50_000
 #: orders batches waiting to be sent again that are due at the same moment
 _TIEBREAK = itertools.count()
-
-_last: dict[str, Any] = {"result": None, "summary": None}
-
-
-def last_result() -> pd.DataFrame | None:
-    """The DataFrame of the most recent run, including one that was stopped or raised.
-
-    Examples
-    --------
-    >>> import modal_magic, pandas as pd
-    >>> _ = pd.DataFrame({"x": [1, 2]}).modal.map(lambda x: x + 1, column="x", backend="sequential",
-    ...                                           progress=False)
-    >>> modal_magic.last_result()["result"].tolist()
-    [2, 3]
-    """
-    return _last["result"]
-
-
-def last_run() -> RunSummary | None:
-    """The summary (rows, failures by type, time) of the most recent run."""
-    return _last["summary"]
-
 
 class BatchSizer:
     """Picks each batch's size from the per-row time measured so far (joblib's auto batching, in short).
@@ -243,7 +222,7 @@ def map_frame(
         check_picklable(fn, where="worker processes")
 
     args = _arguments(frame, columns, star)
-    stored = _RowStore.open(task, args) if options.cache is not False and not deployed else None
+    stored = RunCache.open(task, args) if options.cache is not False and not deployed else None
     spec = RunSpec(fn=fn, columns=tuple(columns), star=star, options=options, error_column=error_column,
                    runtime=runtime)
     try:
@@ -259,122 +238,6 @@ def map_frame(
     return _join(frame, outcomes, into, spec)
 
 
-@dataclass(frozen=True)
-class RunSpec:
-    """How a result column was made, kept on the result frame so failed rows can be run again."""
-
-    fn: Callable[..., Any] | None
-    columns: tuple[Any, ...]
-    star: bool
-    options: MapOptions
-    error_column: str
-    result_columns: tuple[str, ...] = ()
-    runtime: Runtime = Runtime()
-
-    #: the key under ``DataFrame.attrs`` holding ``{into: run id}``: plain strings, so a frame still
-    #: pickles, deep-copies and writes to Parquet (which stores attrs as JSON) like any other
-    ATTRS_KEY = "modal_magic_runs"
-
-
-_RUN_SPECS: dict[str, RunSpec] = {}
-
-
-def _run_spec(run_id: Any) -> RunSpec | None:
-    return _RUN_SPECS.get(run_id) if isinstance(run_id, str) else None
-
-
-class _RowStore:
-    """The per-row cache as one run uses it: keys for its rows, hits up front, successes as they arrive.
-
-    Successes are written as batches return, grouped so that cheap rows don't pay a database write
-    per batch: the buffer is written once it holds ``FLUSH_WORK_S`` of computed work or
-    ``FLUSH_ROWS`` rows, and always at the end. Work that took real time (an LLM call, a GPU batch)
-    is therefore written at once, and a crash loses at most the rows in flight plus a few
-    milliseconds' worth of cheap ones. Rows under ``CHEAP_ROW_S`` each aren't stored at all.
-    """
-
-    FLUSH_WORK_S = 0.05
-    FLUSH_ROWS = 50_000
-    #: rows that computed faster than this aren't stored: reading them back would cost more
-    #: (about 1 µs a row) than computing them again, and storing them would slow the first run
-    CHEAP_ROW_S = 5e-6
-
-    def __init__(self, cache: Any, keys: list[bytes | None], refresh: bool) -> None:
-        self.cache = cache
-        self.keys = keys
-        self.refresh = refresh
-        self.problems: list[tuple[bytes, str]] = []
-        self._keys: list[bytes | None] = []
-        self._values: list[Any] = []
-        self._buffered_work_s = 0.0
-
-    @classmethod
-    def open(cls, task: Task, args: list[Any]) -> _RowStore | None:
-        from .cache import default_cache, function_fingerprint
-
-        try:
-            cache = default_cache()
-        except (OSError, ValueError, sqlite3.Error) as e:
-            warnings.warn(f"the result cache can't be opened ({e}); this run is not cached", stacklevel=4)
-            return None
-        fingerprint = function_fingerprint(task.fn, star=task.star, result_options=result_options(task.options))
-        return cls(cache, cache.row_keys(fingerprint, args, star=task.star), task.options.cache == "refresh")
-
-    def hits(self) -> dict[int, Any]:
-        return {} if self.refresh else self.cache.get_many(self.keys)
-
-    def save(self, positions: Sequence[int], values: list[Any], failed: list[int], work_s: float) -> None:
-        if work_s < self.CHEAP_ROW_S * len(positions):
-            return
-        if not failed and isinstance(positions, range):
-            self._keys.extend(self.keys[positions.start : positions.stop])
-            self._values.extend(values)
-        else:
-            skip = set(failed)
-            kept = [i for i, p in enumerate(positions) if p not in skip]
-            self._keys.extend(self.keys[positions[i]] for i in kept)
-            self._values.extend(values[i] for i in kept)
-        self._buffered_work_s += work_s
-        if self._buffered_work_s >= self.FLUSH_WORK_S or len(self._keys) >= self.FLUSH_ROWS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._keys:
-            self.problems.extend(self.cache.put_columns(self._keys, self._values))
-        self._keys, self._values = [], []
-        self._buffered_work_s = 0.0
-
-    def report(self) -> None:
-        if self.problems:
-            warnings.warn(
-                f"{len(self.problems)} result(s) were not cached ({self.problems[0][1]}); "
-                "they are in the returned frame but will be computed again on the next run",
-                stacklevel=4,
-            )
-
-
-def result_options(options: MapOptions) -> dict[str, Any]:
-    """The options that can change a row's result, for the cache key; speed-only options stay out.
-
-    Runs on this machine share results whatever the local backend; a Modal run is keyed by its
-    image and environment, since packages and hardware there may differ.
-    """
-    if not options.is_modal:
-        return {"where": "local"}
-    image = options.image
-    return {
-        "where": "modal",
-        "image": None if image is None else f"{type(image).__name__}:{getattr(image, 'object_id', None)}",
-        "pip": options.pip,
-        "apt": options.apt,
-        "python_version": options.python_version,
-        "gpu": options.gpu,
-        "env": dict(options.env),
-        "secrets": tuple(s if isinstance(s, str) else getattr(s, "object_id", repr(s)) for s in options.secrets),
-        "volumes": {k: v if isinstance(v, str) else repr(v) for k, v in options.volumes.items()},
-    }
-
-
 def _join(frame: pd.DataFrame, outcomes: _Outcomes, into: str, spec: RunSpec) -> pd.DataFrame:
     options = spec.options
     columns: dict[str, pd.Series] = {}
@@ -383,7 +246,7 @@ def _join(frame: pd.DataFrame, outcomes: _Outcomes, into: str, spec: RunSpec) ->
         failed = set(outcomes.errors)
         clashes = join.clashing_columns(frame, list(expanded))
         if clashes and not options.overwrite:
-            _last["result"] = None
+            runs.set_last_result(None)
             raise OptionsError(
                 f"expand=True made a column {clashes[0]!r} that the DataFrame already has; "
                 "pass overwrite=True to replace it, or rename the dict keys"
@@ -395,10 +258,9 @@ def _join(frame: pd.DataFrame, outcomes: _Outcomes, into: str, spec: RunSpec) ->
     result_columns = tuple(columns)
     columns[spec.error_column] = join.error_series(outcomes.errors, outcomes.n, frame.index)
     out = join.attach(frame, columns)
-    run_id = f"run-{uuid.uuid4().hex}"
-    _RUN_SPECS[run_id] = dataclasses.replace(spec, result_columns=result_columns)
+    run_id = runs.remember(dataclasses.replace(spec, result_columns=result_columns), retryable=bool(outcomes.errors))
     out.attrs[RunSpec.ATTRS_KEY] = {**frame.attrs.get(RunSpec.ATTRS_KEY, {}), into: run_id}
-    _last["result"] = out
+    runs.set_last_result(out)
     return out
 
 
@@ -410,7 +272,7 @@ class _Stopped(Exception):
 
 
 def _execute(task: Task, args: list[Any], index: pd.Index, into: str, errors_call: str,
-             stored: _RowStore | None) -> _Outcomes:
+             stored: RunCache | None) -> _Outcomes:
     n = len(args)
     outcomes = _Outcomes(n)
     started = time.monotonic()
@@ -471,12 +333,12 @@ def _finish(progress: Progress, state: str, outcomes: _Outcomes, index: pd.Index
         errors_call=errors_call,
         logs=tuple(logs),
     )
-    _last["summary"] = summary
+    runs.set_last_run(summary)
     progress.close(state, summary)  # type: ignore[arg-type]
 
 
 def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], outcomes: _Outcomes,
-           progress: Progress, index: pd.Index, logs: list[str], stored: _RowStore | None) -> None:
+           progress: Progress, index: pd.Index, logs: list[str], stored: RunCache | None) -> None:
     opts = task.options
     n = len(todo)
     # A run may have a meter (``.tokens``, ``.cost_usd``) that the bar shows as it runs; it sees
@@ -573,7 +435,7 @@ def _parallel_cannot_pay(sizer: BatchSizer, remaining: int) -> bool:
 
 
 def _run_inline(task: Task, args: list[Any], positions: Sequence[int], outcomes: _Outcomes, progress: Progress,
-                index: pd.Index, stored: _RowStore | None) -> None:
+                index: pd.Index, stored: RunCache | None) -> None:
     """Run the remaining rows in this thread, in chunks so the bar moves and Stop is noticed."""
     opts = task.options
     for start in range(0, len(positions), INLINE_CHUNK):
@@ -630,87 +492,3 @@ def _requeue_lost(result: BatchResult, task: Task, outcomes: _Outcomes, retry_at
     progress.update(retrying=len(retry_at))
 
 
-def retry_failed(frame: pd.DataFrame, into: str | None = None, **overrides: Any) -> pd.DataFrame:
-    """Run again only the failed rows of a result frame; return the completed frame.
-
-    ``frame`` is what a map returned (it remembers how each result column was made); ``into``
-    picks one result column when it has several. ``overrides`` change options for the retry
-    (``retries=3``, ``gpu="A100"``, ``timeout=...``). Rows that succeeded are kept as they are.
-
-    Examples
-    --------
-    >>> import pandas as pd
-    >>> import modal_magic
-    >>> flaky = {"calls": 0}
-    >>> def f(x):
-    ...     flaky["calls"] += 1
-    ...     if x == 2 and flaky["calls"] < 4:
-    ...         raise ConnectionError("try again")
-    ...     return x * 10
-    >>> out = pd.DataFrame({"x": [1, 2, 3]}).modal.map(f, column="x", backend="sequential", progress=False)
-    >>> out["f_error"].tolist()
-    [None, 'ConnectionError: try again', None]
-    >>> out.modal.retry_failed(progress=False)["f"].tolist()
-    [10, 20, 30]
-    """
-    runs: dict[str, str] = frame.attrs.get(RunSpec.ATTRS_KEY, {})
-    if not runs:
-        raise ValueError(
-            "this DataFrame doesn't say how its results were made: call retry_failed() on the frame "
-            "that df.modal.map(...) returned (or one derived from it)"
-        )
-    if into is not None and into not in runs:
-        raise KeyError(f"no result column {into!r} to retry; this frame has: {', '.join(map(repr, runs))}")
-    out = frame
-    for name in [into] if into is not None else list(runs):
-        spec = _run_spec(runs[name])
-        if spec is None:
-            raise ValueError(
-                f"the run that made {name!r} happened in another Python process (the frame was saved and "
-                "loaded), so its function isn't here: run the map again; its cache skips the finished rows"
-            )
-        out = rerun_failed(out, name, spec, overrides)
-    return out
-
-
-def rerun_failed(frame: pd.DataFrame, into: str, spec: RunSpec, overrides: dict[str, Any] | None = None) -> pd.DataFrame:
-    """Run ``spec`` again on the rows of ``frame`` whose ``spec.error_column`` holds an error.
-
-    :func:`retry_failed` finds the spec the frame recorded; the ``%%modal_map --retry-failed``
-    magic builds one from its cell instead (so an edited function is used).
-    """
-    overrides = overrides or {}
-    if spec.error_column not in frame.columns:
-        raise KeyError(f"the error column {spec.error_column!r} is gone from this frame, so its failed rows can't be found")
-    errors = frame[spec.error_column]
-    failed = [i for i, e in enumerate(errors.tolist()) if isinstance(e, RowError)]
-    if not failed:
-        _last["result"] = frame
-        return frame
-    options = spec.options.replace(**{"sample": None, **overrides, "overwrite": True})
-    subset = frame.iloc[failed]
-    redo = map_frame(subset, spec.fn, columns=list(spec.columns), star=spec.star, into=into, options=options,
-                     errors_call="out.modal.errors()", runtime=spec.runtime)
-    columns: dict[str, pd.Series] = {}
-    new_errors = redo[spec.error_column].tolist()
-    merged_errors = errors.tolist()
-    for j, position in enumerate(failed):
-        merged_errors[position] = new_errors[j]
-    still_failed = {i for i, e in enumerate(merged_errors) if isinstance(e, RowError)}
-    for name in dict.fromkeys((*spec.result_columns, *runs_columns(redo, into))):
-        values = frame[name].astype(object).tolist() if name in frame.columns else [None] * len(frame)
-        fresh = redo[name].astype(object).tolist()
-        for j, position in enumerate(failed):
-            values[position] = fresh[j]
-        values = [None if i in still_failed else v for i, v in enumerate(values)]
-        columns[name] = join.result_series(values, still_failed, frame.index)
-    columns[spec.error_column] = pd.Series(merged_errors, index=frame.index, dtype=object)
-    out = join.attach(frame, columns)
-    _last["result"] = out
-    return out
-
-
-def runs_columns(frame: pd.DataFrame, into: str) -> tuple[str, ...]:
-    """The result columns the run that made ``into`` wrote on ``frame``."""
-    spec = _run_spec(frame.attrs.get(RunSpec.ATTRS_KEY, {}).get(into))
-    return spec.result_columns if spec is not None else ()

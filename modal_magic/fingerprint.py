@@ -42,12 +42,17 @@ _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__"
 _GLOBAL_READS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"})
 _GLOBAL_WRITES = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL"})
 _ATTRIBUTE_READS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
-_ADDRESS = re.compile(r"0x[0-9a-fA-F]{4,}")
+#: what makes a repr differ between processes: memory addresses, in hex or (``id()``) in decimal
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{4,}|(?<![0-9.])[0-9]{12,}(?![0-9.])")
 _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 _SCALAR_SET = frozenset(_SCALARS)
 #: containers longer than this that hold only scalars are hashed through pickle, not item by item
 _BULK = 64
-_LOCK_TYPES = (type(__import__("threading").Lock()), type(__import__("threading").RLock()))
+#: library packages whose objects are connections to the outside (clients, sessions, channels):
+#: which server answers is in the request a function builds, never in the client object's state
+_HANDLE_PACKAGES = frozenset({"httpx", "requests", "aiohttp", "urllib3", "openai", "anthropic", "grpc",
+                              "grpclib", "modal", "ssl", "socket", "selectors", "sqlite3", "multiprocessing",
+                              "concurrent", "asyncio", "threading", "queue", "logging", "weakref", "io", "_io"})
 
 
 def function_fingerprint(fn: Callable[..., Any], *, star: bool, result_options: Mapping[str, Any]) -> str:
@@ -78,7 +83,7 @@ def function_fingerprint(fn: Callable[..., Any], *, star: bool, result_options: 
     >>> function_fingerprint(double, star=False, result_options={}) == same
     False
     """
-    hasher = _Hasher(own_packages=_packages_of(fn))
+    hasher = FunctionHasher(own_packages=_packages_of(fn))
     hasher.emit("modal_magic-fingerprint", f"{FINGERPRINT_VERSION}/{sys.version_info[0]}.{sys.version_info[1]}")
     hasher.value(fn, top=True)
     hasher.emit("star", b"1" if star else b"0")
@@ -90,8 +95,12 @@ def function_fingerprint(fn: Callable[..., Any], *, star: bool, result_options: 
     return hasher.hexdigest()
 
 
-class _Hasher:
-    """Feeds a canonical, length-framed description of objects into one BLAKE2b digest."""
+class FunctionHasher:
+    """Hashes what a function computes: walks its code, closure, globals and helpers into one digest.
+
+    Not to be confused with :class:`modal_magic.cache.keys.RowKeyHasher`, which hashes millions of
+    row *inputs* vectorised per value type; this one walks one object graph, depth first.
+    """
 
     def __init__(self, own_packages: frozenset[str]) -> None:
         self._h = blake2b(digest_size=32)
@@ -188,8 +197,10 @@ class _Hasher:
             self.emit("descriptor", f"{_type_path(owner)}.{getattr(obj, '__name__', '?')}")
             if kind is types.MethodWrapperType:
                 self.value(obj.__self__)
-        elif isinstance(obj, _LOCK_TYPES):
-            self.emit("lock", _type_path(kind))  # its repr says locked/unlocked, which isn't behaviour
+        elif _is_handle(obj):
+            # A random generator, a lock, a client or session, a file: its state changes as the
+            # program runs (or differs per process) without changing what the function computes.
+            self.emit("handle", _type_path(kind))
         else:
             self._object(obj)
 
@@ -203,7 +214,7 @@ class _Hasher:
             self.emit(kind.__name__, repr(obj))
 
     def _digest_alone(self, obj: Any) -> bytes:
-        inner = _Hasher(self._own_packages)
+        inner = FunctionHasher(self._own_packages)
         inner.value(obj)
         return inner._h.digest()
 
@@ -337,7 +348,7 @@ def _code_digest(code: types.CodeType, docstring: str | None) -> bytes:
     consts = list(code.co_consts)
     if docstring is not None:
         consts[0] = None
-    h = _Hasher(frozenset())
+    h = FunctionHasher(frozenset())
     h.emit("code", struct.pack("<5q", code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount,
                                code.co_flags, len(consts)))
     h.emit("bytecode", code.co_code)
@@ -520,3 +531,31 @@ def _stable_repr(obj: Any) -> str:
 
 def _type_path(cls: Any) -> str:
     return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', getattr(cls, '__name__', '?'))}"
+
+
+@functools.lru_cache(maxsize=2)
+def _handle_types(with_numpy: bool) -> tuple[type, ...]:
+    import random
+    import threading
+
+    found: list[type] = [random.Random, type(threading.Lock()), type(threading.RLock()), io.IOBase]
+    if with_numpy:  # only when the program imported it: hashing must not import numpy
+        numpy = sys.modules["numpy"]
+        found += [numpy.random.Generator, numpy.random.RandomState, numpy.random.BitGenerator]
+    return tuple(found)
+
+
+def _is_handle(obj: Any) -> bool:
+    """Whether ``obj`` is a library object whose state is not an input to what a function computes.
+
+    Random generators (whose state moves with every draw: ``random.random`` is a bound method of
+    one, and any helper that retries with jitter reaches it), locks, files, and the objects of
+    networking, concurrency and logging libraries. The user's own classes are never handles.
+    """
+    cls = type(obj)
+    module = getattr(cls, "__module__", None)
+    if not _is_library(module):
+        return False
+    if _top_package(module) in _HANDLE_PACKAGES:
+        return True
+    return isinstance(obj, _handle_types("numpy" in sys.modules))

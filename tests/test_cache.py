@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modal_magic import cache as cache_module
+from modal_magic.cache import chunks as chunks_module, store as store_module
 from modal_magic.cache import DB_NAME, CacheWarning, RowCache, row_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,7 +173,7 @@ def test_unpicklable_and_oversized_values_are_reported_and_the_rest_stored(cache
 
 
 def test_a_large_put_is_split_into_chunks_that_all_come_back(cache, monkeypatch):
-    monkeypatch.setattr(cache_module, "MAX_CHUNK_BYTES", 50_000)
+    monkeypatch.setattr(store_module, "MAX_CHUNK_BYTES", 50_000)
     keys = cache.row_keys("fp", list(range(12)))
     values = [os.urandom(20_000) for _ in keys]
     assert cache.put_many(list(zip(keys, values))) == []
@@ -195,8 +196,8 @@ def _tamper(cache: RowCache, sql: str, *params) -> None:
         db.execute(sql, params)
 
 
-def _valid_checksum(keys_blob: bytes, value_blob: bytes) -> bytes:
-    return cache_module._checksum(keys_blob, value_blob)
+def _valid_checksum(key: bytes, keys_blob: bytes, value_blob: bytes) -> bytes:
+    return chunks_module.chunk_mac(key, keys_blob, value_blob)
 
 
 @pytest.mark.parametrize("damage", ["garbage value", "flipped byte", "wrong checksum", "other format",
@@ -218,7 +219,7 @@ def test_a_damaged_or_foreign_chunk_is_a_miss_and_is_deleted(cache, damage):
         _tamper(cache, "UPDATE chunks SET fmt = 99")
     elif damage == "foreign pickle with a valid checksum":
         foreign = pickle.dumps({"not": "a list"})
-        _tamper(cache, "UPDATE chunks SET value = ?, checksum = ?", foreign, _valid_checksum(keys_blob, foreign))
+        _tamper(cache, "UPDATE chunks SET value = ?, checksum = ?", foreign, _valid_checksum(cache._key, keys_blob, foreign))
     elif damage == "truncated keys":
         _tamper(cache, "UPDATE chunks SET keys = ?", keys_blob[:20])
     assert cache.get_many(keys) == {}
@@ -284,7 +285,7 @@ def test_the_size_limit_evicts_the_least_recently_used(tmp_path):
         chunk[name] = cache.row_keys(name, list(range(3)))
         cache.put_many([(k, os.urandom(100_000)) for k in chunk[name]])  # ~300 kB each
         now[0] += 100
-    now[0] += 2 * cache_module.ATIME_RESOLUTION_S
+    now[0] += 2 * store_module.ATIME_RESOLUTION_S
     assert len(cache.get_many(chunk["A"])) == 3  # A is now the most recently used
     now[0] += 1
     chunk["D"] = cache.row_keys("D", list(range(3)))

@@ -275,3 +275,31 @@ def test_the_fingerprint_is_the_same_in_another_process_whatever_its_hash_seed()
         assert done.returncode == 0, done.stderr
         outputs.add(done.stdout.strip())
     assert len(outputs) == 1
+
+
+def test_module_state_that_cannot_change_results_does_not_count():
+    """RNG state (random.random is a bound method of one), locks, clients and id()-bearing reprs."""
+    import random
+    import threading
+
+    rng = random.Random(1)
+
+    class Opaque:  # unpicklable, with an id() in its repr: counted by its repr, ids removed
+        def __reduce__(self):
+            raise TypeError("no")
+
+        def __repr__(self):
+            return f"<Opaque id={id(self)}>"
+
+    def make():
+        lock, opaque = threading.Lock(), Opaque()
+
+        def f(x):
+            with lock:
+                return x + random.random() * 0 + rng.random() * 0 + len(repr(opaque)) * 0
+
+        return f
+
+    before = fp(make())
+    random.random(), rng.random()
+    assert fp(make()) == before

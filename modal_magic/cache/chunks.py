@@ -1,0 +1,147 @@
+"""One stored chunk: many rows' keys side by side and their values in one pickle, with a keyed MAC.
+
+The store (:mod:`modal_magic.cache.store`) keeps one SQLite row per chunk; this module turns rows
+into chunks and back, and decides which chunk's copy of a key is current.
+"""
+
+from __future__ import annotations
+
+import hmac
+import pickle
+from hashlib import blake2b
+from itertools import repeat
+from typing import Any, Sequence
+
+import numpy as np
+
+from .keys import KEY_BYTES
+
+#: the format of one chunk (MAC framing + pickled list); a chunk of another format is a miss.
+#: 1: an unkeyed checksum (anyone could recompute it); 2: a MAC keyed with the user's secret
+CHUNK_FORMAT = 2
+_MAC_PERSON = b"modal_magic-m2"
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle fast with the standard pickler; fall back to cloudpickle for notebook-defined objects.
+
+    The cache's own copy (not the worker's): what a stored value is made of is the cache's file
+    format, and must not change when the way batches travel to workers does.
+
+    Examples
+    --------
+    >>> pickle.loads(dumps([1, "a"]))
+    [1, 'a']
+    """
+    try:
+        return pickle.dumps(obj, protocol=5)
+    except Exception:
+        import cloudpickle
+
+        return cloudpickle.dumps(obj, protocol=5)
+
+
+def join_keys(keys: Sequence[bytes | None]) -> bytes | None:
+    """All keys end to end (``None`` ones left out); ``None`` when there are none."""
+    try:
+        joined = b"".join(keys)  # type: ignore[arg-type]
+    except TypeError:
+        joined = b"".join(key for key in keys if key is not None)
+    if len(joined) % KEY_BYTES:
+        raise ValueError(f"cache keys are {KEY_BYTES} bytes long; use row_keys() to make them")
+    return joined or None
+
+
+def key_parts(joined: bytes) -> list[bytes]:
+    """The distinct 4-byte fingerprint tags among keys joined end to end (usually just one)."""
+    tags = np.frombuffer(joined, dtype="<u4")[:: KEY_BYTES // 4]
+    if (tags == tags[0]).all():
+        return [joined[:4]]
+    return [int(t).to_bytes(4, "little") for t in np.unique(tags)]
+
+
+def part_number(part: bytes) -> int:
+    return int.from_bytes(part, "big")
+
+
+def chunk_mac(key: bytes, keys_blob: bytes, value_blob: bytes) -> bytes:
+    """BLAKE2b keyed with the user's secret over a chunk's keys and pickled values.
+
+    Keyed, so that whoever can write the database file but doesn't hold the key (another user, a
+    synced or shared folder, a planted file) can't make a chunk that passes: a recomputed unkeyed
+    checksum let a rewritten value be unpickled, which runs the writer's code.
+
+    Examples
+    --------
+    >>> chunk_mac(b"k" * 32, b"keys", b"values") != chunk_mac(b"K" * 32, b"keys", b"values")
+    True
+    """
+    h = blake2b(digest_size=16, key=key, person=_MAC_PERSON)
+    h.update(len(keys_blob).to_bytes(8, "little"))
+    h.update(keys_blob)
+    h.update(value_blob)
+    return h.digest()
+
+
+def unpack(fmt: int, n: int, mac: bytes, keys_blob: bytes, value_blob: bytes,
+           expected_keys: bytes, key: bytes) -> list[Any] | None:
+    """The chunk's values, or ``None`` when anything about it doesn't hold up.
+
+    The MAC is checked before anything is unpickled: a chunk this user's key didn't sign is never
+    loaded.
+    """
+    if fmt != CHUNK_FORMAT or keys_blob != expected_keys or len(keys_blob) != KEY_BYTES * n:
+        return None
+    if not isinstance(mac, bytes) or not hmac.compare_digest(chunk_mac(key, keys_blob, value_blob), mac):
+        return None
+    try:
+        values = pickle.loads(value_blob)
+    except Exception:  # e.g. a class this kernel hasn't defined (yet)
+        return None
+    if type(values) is not list or len(values) != n:
+        return None
+    return values
+
+
+#: values that can be handed to several rows as one object: nothing can change them in place
+_IMMUTABLE = frozenset({int, float, bool, str, bytes, complex, type(None)})
+
+
+def own_copy(value: Any) -> Any:
+    """``value`` itself when it is immutable, else a deep copy: one row's object is never another's.
+
+    A copy through pickle, since a stored value is one that pickled in the first place.
+
+    Examples
+    --------
+    >>> shared = [1, 2]
+    >>> own_copy(shared) == shared, own_copy(shared) is shared, own_copy("text") is own_copy("text")
+    (True, False, True)
+    """
+    kind = type(value)
+    if kind in _IMMUTABLE or (kind is tuple and all(type(item) in _IMMUTABLE for item in value)):
+        return value
+    return pickle.loads(dumps(value))
+
+
+Located = tuple[int, bytes, Sequence[int], Sequence[int]]  # (chunk id, keys blob, positions in it, indexes asked)
+
+
+def newest_wins(located: list[Located]) -> list[Located]:
+    """Drop hits that a newer chunk (a refresh, a retry) also holds; ``located`` is in id order."""
+    spans = sorted((indexes.start, indexes.stop) for _, _, _, indexes in located if type(indexes) is range)
+    if len(spans) == len(located) and all(stop <= start for (_, stop), (start, _) in zip(spans, spans[1:])):
+        return located  # disjoint runs of the keys asked for: nothing is shadowed
+    total = sum(len(indexes) for _, _, _, indexes in located)
+    owner: dict[int, int] = {}
+    for chunk_id, _, _, indexes in located:
+        owner.update(zip(indexes, repeat(chunk_id)))
+    if len(owner) == total:
+        return located
+    kept = []
+    for chunk_id, keys_blob, positions, indexes in located:
+        pairs = [(j, i) for j, i in zip(positions, indexes) if owner[i] == chunk_id]
+        if pairs:
+            kept.append((chunk_id, keys_blob, [j for j, _ in pairs], [i for _, i in pairs]))
+    return kept
+

@@ -1,0 +1,433 @@
+"""The SQLite store of per-row results: :class:`RowCache`.
+
+A row's key is a hash of the function's fingerprint (:func:`function_fingerprint`) and the row's
+input values (:func:`row_keys`); its value is the function's result, pickled. Results live in one
+SQLite database in the user's cache directory (see :func:`default_cache_dir`), written in WAL mode
+one transaction per :meth:`RowCache.put_many` call, so a process killed mid-write loses at most that
+call's rows and never corrupts what was committed before.
+
+Rows are stored in *chunks*, one SQLite row per ``put_many`` call (at most ``MAX_CHUNK_ROWS`` rows
+and ``MAX_CHUNK_BYTES`` bytes each): the keys side by side in one blob, the values in one pickled
+list, a format version, and a MAC over both keyed with the user's secret (:mod:`.chunks`). Writing 200,000 rows is then a few inserts instead
+of 200,000 B-tree insertions (one SQLite row per result measured ~2 s per 200,000 rows on two cores,
+ten times the cost of computing them), and a lookup reads the chunks of one function (keys start
+with a 4-byte tag of the fingerprint, indexed) and matches keys in memory. A chunk whose MAC,
+format or pickle doesn't hold up is never trusted (the MAC is checked before anything is unpickled):
+its rows count as misses and the chunk is deleted. Opening the file (and refusing an unsafe one)
+is :mod:`.database`'s job.
+Keys are hashes; raw input values are never stored.
+
+Examples
+--------
+>>> import tempfile
+>>> with tempfile.TemporaryDirectory() as directory, RowCache(directory) as cache:
+...     keys = cache.row_keys("fingerprint-of-my-function", ["a", "b", "c"])
+...     print(cache.get_many(keys))
+...     print(cache.put_many([(keys[0], 1), (keys[2], {"label": "pos"})]))
+...     print(cache.get_many(keys))
+{}
+[]
+{0: 1, 2: {'label': 'pos'}}
+"""
+
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from typing import Any, Sequence
+
+from .chunks import (CHUNK_FORMAT, Located, chunk_mac, dumps, join_keys, key_parts, newest_wins, own_copy,
+                     part_number, unpack)
+from .database import DB_NAME, move_aside, open_database, rollback, write_failure
+from .keys import KEY_BYTES, row_keys
+from .location import CacheWarning, default_cache_dir, load_key
+
+__all__ = ["RowCache", "DB_NAME"]
+
+#: a value whose pickle is larger than this is reported and not stored
+MAX_ENTRY_BYTES = 64 * 1024**2
+MAX_CHUNK_BYTES = 64 * 1024**2
+MAX_CHUNK_ROWS = 20_000
+DEFAULT_SIZE_LIMIT = 2 * 1024**3
+#: a hit refreshes its chunk's last-access time only when that is older than this (no write per read)
+ATIME_RESOLUTION_S = 3600
+#: eviction brings the database down to this fraction of the limit, so it doesn't run after every put
+EVICT_TO = 0.8
+#: SQLite's default limit on ``?`` parameters is 999 before 3.32
+_IN_CHUNK = 900
+
+# Connections inherited across a fork: closing one in the child could checkpoint and delete the WAL
+# the parent is using, so the child opens its own and never touches these.
+_inherited: list[sqlite3.Connection] = []
+
+
+class RowCache:
+    """Results by row key, in one SQLite database under ``path`` (a directory).
+
+    Safe to share between threads (one connection, behind a lock) and between processes (WAL mode
+    and a busy timeout). Reads and writes never raise for the cache's own troubles: an unreadable
+    chunk is a miss, a value that can't be stored is reported by :meth:`put_many`, and a database
+    that can't be used at all is reported with a :class:`CacheWarning`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike, optional
+        The directory holding the database, created with mode 0o700 when missing. Default:
+        :func:`default_cache_dir`.
+    size_limit_bytes : int
+        When the database grows past this, the least recently used chunks are removed until it is
+        back under ``EVICT_TO`` of it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 size_limit_bytes: int = DEFAULT_SIZE_LIMIT) -> None:
+        self.directory = Path(path).expanduser() if path is not None else default_cache_dir()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"path={str(path)!r} is a file; RowCache wants a directory to keep its database in")
+        self.path = self.directory / DB_NAME
+        self.size_limit_bytes = int(size_limit_bytes)
+        self.max_entry_bytes = MAX_ENTRY_BYTES
+        self._clock = time.time
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        self.read_only = False
+        with self._lock:
+            self._db()
+            try:
+                self._key = load_key(self.directory)  # the secret that signs and checks every chunk
+            except BaseException:
+                self.close()
+                raise
+
+    def __repr__(self) -> str:
+        return f"RowCache({str(self.directory)!r}, size_limit_bytes={self.size_limit_bytes})"
+
+    def __enter__(self) -> RowCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the public operations --------------------------------------------------------------------
+
+    def row_keys(self, fingerprint: str, rows: Sequence[Any], *, star: bool = False) -> list[bytes | None]:
+        """See :func:`row_keys`."""
+        return row_keys(fingerprint, rows, star=star)
+
+    def get_many(self, keys: Sequence[bytes | None]) -> dict[int, Any]:
+        """Return ``{index in keys: cached value}`` for the keys the cache holds.
+
+        ``None`` keys are skipped. A chunk that fails its MAC, has another format, or doesn't
+        unpickle to a list of its length is treated as a miss and deleted. Rows with equal keys get
+        equal values, each its own object unless immutable.
+        """
+        out: dict[int, Any] = {}
+        joined = join_keys(keys)
+        if joined is None:
+            return out
+        try:
+            with self._lock:
+                self._read(keys, joined, out)
+        except sqlite3.Error as e:
+            self._recover_if_corrupt(e)
+            warnings.warn(f"modal_magic couldn't read its cache at {self.path}: {e}; those rows will run",
+                          CacheWarning, stacklevel=2)
+        return out
+
+    def put_many(self, items: Sequence[tuple[bytes | None, Any]]) -> list[tuple[bytes, str]]:
+        """Store ``(key, value)`` pairs in one transaction; return ``(key, reason)`` for those not stored.
+
+        A value that can't be pickled, or whose pickle is larger than ``max_entry_bytes``, is
+        reported, as is every value when the database can't be written (e.g. the disk is full).
+        Items whose key is ``None`` (an input that can't be hashed) are skipped silently. Never raises
+        for a value.
+        """
+        return self.put_columns([item[0] for item in items], [item[1] for item in items])
+
+    def put_columns(self, keys: Sequence[bytes | None], values: Sequence[Any]) -> list[tuple[bytes, str]]:
+        """:meth:`put_many` for keys and values in two parallel lists (no pair per row to build).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as directory, RowCache(directory) as cache:
+        ...     keys = cache.row_keys("fp", [1, 2])
+        ...     cache.put_columns(keys, ["one", "two"])
+        ...     cache.get_many(keys)
+        []
+        {0: 'one', 1: 'two'}
+        """
+        keys, values = list(keys), list(values)
+        if None in keys:
+            values = [value for key, value in zip(keys, values) if key is not None]
+            keys = [key for key in keys if key is not None]
+        joined = join_keys(keys)
+        if joined is None or self.read_only:  # read-only was said once, when the database was opened
+            return []
+        rejected: list[tuple[bytes, str]] = []
+        records: list[tuple[Any, ...]] = []
+        now = int(self._clock())
+        parts = key_parts(joined)
+        if len(parts) == 1:
+            groups = [(keys, values, joined)]
+        else:
+            by_part: dict[bytes, tuple[list[bytes], list[Any]]] = {}
+            for key, value in zip(keys, values):
+                group = by_part.setdefault(key[:4], ([], []))
+                group[0].append(key)
+                group[1].append(value)
+            groups = [(k, v, b"".join(k)) for k, v in by_part.values()]
+        for group_keys, group_values, group_blob in groups:
+            part = part_number(group_blob[:4])
+            for start in range(0, len(group_keys), MAX_CHUNK_ROWS):
+                stop = start + MAX_CHUNK_ROWS
+                packed = self._pack(group_keys[start:stop], group_values[start:stop],
+                                    group_blob[KEY_BYTES * start : KEY_BYTES * stop], rejected)
+                for keys_blob, n, value_blob in packed:
+                    mac = chunk_mac(self._key, keys_blob, value_blob)
+                    records.append((part, now, CHUNK_FORMAT, n, mac, keys_blob, value_blob))
+        if not records:
+            return rejected
+        try:
+            with self._lock:
+                db = self._db()
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.executemany("INSERT INTO chunks (part, atime, fmt, n, checksum, keys, value) "
+                                   "VALUES (?, ?, ?, ?, ?, ?, ?)", records)
+                    db.execute("COMMIT")
+                except BaseException:
+                    rollback(db)
+                    raise
+        except sqlite3.Error as e:
+            self._recover_if_corrupt(e)
+            stored = {key for key, _ in rejected}
+            reason = write_failure(e, self.path)
+            return rejected + [(key, reason) for key in keys if key not in stored]
+        try:
+            with self._lock:
+                self._evict_if_needed()
+        except sqlite3.Error as e:  # the rows are stored; only the trimming failed
+            warnings.warn(f"modal_magic couldn't trim its cache at {self.path}: {e}", CacheWarning, stacklevel=2)
+        return rejected
+
+    def clear(self) -> None:
+        """Delete every cached result and give the space back to the file system."""
+        if self.read_only:
+            warnings.warn(f"modal_magic's cache at {self.path} can't be written, so it can't be cleared",
+                          CacheWarning, stacklevel=2)
+            return
+        with self._lock:
+            db = self._db()
+            db.execute("DELETE FROM chunks")
+            try:
+                db.execute("VACUUM")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.OperationalError:  # another process is reading: the space is reused instead
+                pass
+
+    def size_bytes(self) -> int:
+        """Bytes the database's live pages take (free pages, kept for reuse, don't count)."""
+        with self._lock:
+            db = self._db()
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            free = db.execute("PRAGMA freelist_count").fetchone()[0]
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        return (pages - free) * page_size
+
+    def close(self) -> None:
+        """Close the connection; the next operation reopens it."""
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def _read(self, keys: Sequence[bytes | None], joined: bytes, out: dict[int, Any]) -> None:
+        db = self._db()
+        now = int(self._clock())
+        located: list[Located] = []
+        stale_atime: list[int] = []
+        broken: list[int] = []
+        db.execute("BEGIN")
+        try:
+            stored = []
+            for part in key_parts(joined):
+                stored += db.execute("SELECT id, n, atime, keys FROM chunks WHERE part = ? ORDER BY id",
+                                     (part_number(part),)).fetchall()
+            if not stored:  # a function never cached before: no need to index the keys
+                return
+            index: dict[bytes | None, int] = dict(zip(keys, range(len(keys))))
+            index.pop(None, None)
+            duplicates: dict[bytes, list[int]] = {}
+            aligned = len(joined) == KEY_BYTES * len(keys)  # no None keys: offsets in ``joined`` are indexes
+            if len(index) + keys.count(None) < len(keys):
+                for i, key in enumerate(keys):
+                    if key is not None and index[key] != i:
+                        duplicates.setdefault(key, []).append(i)
+            # Pass 1: which chunk holds each requested key (the newest, when several do).
+            for chunk_id, n, atime, keys_blob in sorted(stored):
+                if len(keys_blob) != KEY_BYTES * n:
+                    broken.append(chunk_id)
+                    continue
+                first = index.get(keys_blob[:KEY_BYTES]) if aligned and n else None
+                if first is not None and joined[KEY_BYTES * first : KEY_BYTES * (first + n)] == keys_blob:
+                    # The usual re-run: the chunk is a run of the keys asked for, in order.
+                    located.append((chunk_id, keys_blob, range(n), range(first, first + n)))
+                else:
+                    found = list(map(index.get, np.frombuffer(keys_blob, dtype=f"V{KEY_BYTES}").tolist()))
+                    positions = [j for j, i in enumerate(found) if i is not None]
+                    if not positions:
+                        continue
+                    located.append((chunk_id, keys_blob, positions, [found[j] for j in positions]))
+                if atime < now - ATIME_RESOLUTION_S:
+                    stale_atime.append(chunk_id)
+            located = newest_wins(located)
+            # Pass 2: load, verify and unpickle the chunks that hold hits.
+            wanted = {chunk_id: (keys_blob, positions, indexes) for chunk_id, keys_blob, positions, indexes in located}
+            ids = list(wanted)
+            for start in range(0, len(ids), _IN_CHUNK):
+                batch = ids[start : start + _IN_CHUNK]
+                query = ("SELECT id, fmt, n, checksum, keys, value FROM chunks "
+                         f"WHERE id IN ({','.join('?' * len(batch))})")
+                for chunk_id, fmt, n, mac, keys_blob, value_blob in db.execute(query, batch):
+                    expected_keys, positions, indexes = wanted[chunk_id]
+                    values = unpack(fmt, n, mac, keys_blob, value_blob, expected_keys, self._key)
+                    if values is None:
+                        broken.append(chunk_id)
+                        continue
+                    if type(positions) is range:
+                        out.update(zip(indexes, values))
+                    else:
+                        out.update(zip(indexes, map(values.__getitem__, positions)))
+                    if duplicates:
+                        for j, i in zip(positions, indexes):
+                            for extra in duplicates.get(keys_blob[KEY_BYTES * j : KEY_BYTES * (j + 1)], ()):
+                                out[extra] = own_copy(values[j])  # each row its own object
+        finally:
+            db.execute("COMMIT")
+        # A row whose newest chunk is broken stays a miss, even if an older chunk holds it: it reruns.
+        self._touch_and_drop([c for c in stale_atime if c not in broken], broken, now)
+
+    def _touch_and_drop(self, touch: list[int], drop: list[int], now: int) -> None:
+        """Best effort: refresh last-access times and delete broken chunks; skipped when busy or read-only."""
+        if (not touch and not drop) or self.read_only:
+            return
+        db = self._db()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return
+        try:
+            for start in range(0, len(touch), _IN_CHUNK):
+                batch = touch[start : start + _IN_CHUNK]
+                db.execute(f"UPDATE chunks SET atime = ? WHERE id IN ({','.join('?' * len(batch))})", [now, *batch])
+            _delete_chunks(db, drop)
+            db.execute("COMMIT")
+        except BaseException:
+            rollback(db)
+            raise
+
+    # --- writing ----------------------------------------------------------------------------------
+
+    def _pack(self, keys: list[bytes], values: list[Any], keys_blob: bytes,
+              rejected: list[tuple[bytes, str]]) -> list[tuple[bytes, int, bytes]]:
+        """Pickle values into chunks of ``(keys blob, n, pickled list)``; report the ones that can't go."""
+        try:
+            blob = dumps(values)
+        except Exception:
+            blob = None
+        if blob is not None and len(blob) <= min(MAX_CHUNK_BYTES, self.max_entry_bytes):
+            return [(keys_blob, len(keys), blob)]
+        # Slow path: find the values that can't be pickled or are too large, group the rest by size.
+        sized: list[tuple[bytes, Any, int]] = []
+        for key, value in zip(keys, values):
+            try:
+                size = len(dumps(value))
+            except Exception as e:
+                rejected.append((key, f"the result can't be pickled: {type(e).__name__}: {e}"))
+                continue
+            if size > self.max_entry_bytes:
+                rejected.append((key, f"the result is too large to cache: {size / 2**20:.1f} MiB pickled, "
+                                      f"over the {self.max_entry_bytes / 2**20:.0f} MiB per-row limit"))
+                continue
+            sized.append((key, value, size))
+        chunks: list[tuple[bytes, int, bytes]] = []
+        group: list[tuple[bytes, Any, int]] = []
+        total = 0
+        for entry in sized + [None]:  # type: ignore[list-item]
+            if group and (entry is None or total + entry[2] > MAX_CHUNK_BYTES):
+                try:
+                    chunks.append((b"".join(k for k, _, _ in group), len(group), dumps([v for _, v, _ in group])))
+                except Exception as e:  # pickled one by one but not together: report, don't guess
+                    rejected += [(k, f"the result can't be pickled: {type(e).__name__}: {e}") for k, _, _ in group]
+                group, total = [], 0
+            if entry is not None:
+                group.append(entry)
+                total += entry[2]
+        return chunks
+
+    def _evict_if_needed(self) -> None:
+        """Remove least recently used chunks until the database is under ``EVICT_TO`` of the limit."""
+        if self.read_only:
+            return
+        for _ in range(4):  # page accounting is approximate; a few rounds settle it
+            used = self.size_bytes()
+            if used <= self.size_limit_bytes:
+                return
+            target = int(self.size_limit_bytes * EVICT_TO)
+            db = self._db()
+            victims: list[int] = []
+            freed = 0
+            for chunk_id, size in db.execute("SELECT id, length(keys) + length(value) + 64 FROM chunks "
+                                             "ORDER BY atime, id"):
+                victims.append(chunk_id)
+                freed += size
+                if used - freed <= target:
+                    break
+            if not victims:
+                return
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                _delete_chunks(db, victims)
+                db.execute("COMMIT")
+            except BaseException:
+                rollback(db)
+                raise
+
+    # --- the connection ---------------------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        if self._conn is not None:  # we are a forked child: leave the parent's connection alone
+            _inherited.append(self._conn)
+        self._conn, self.read_only = open_database(self.directory, self.path)
+        self._pid = os.getpid()
+        return self._conn
+
+    def _recover_if_corrupt(self, error: sqlite3.Error) -> None:
+        """After "file is not a database" / "disk image is malformed", move the database aside."""
+        if type(error) is not sqlite3.DatabaseError:
+            return
+        with self._lock:
+            self.close()
+            move_aside(self.path, error)
+
+
+def _delete_chunks(db: sqlite3.Connection, ids: Sequence[int]) -> None:
+    """Delete chunks by id, in statements under SQLite's limit on bound variables."""
+    for start in range(0, len(ids), _IN_CHUNK):
+        batch = ids[start : start + _IN_CHUNK]
+        db.execute(f"DELETE FROM chunks WHERE id IN ({','.join('?' * len(batch))})", batch)
+
+
