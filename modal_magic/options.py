@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -162,6 +163,8 @@ def _positive_number(name: str, value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise _fail(name, value, "a number of seconds greater than 0, or None")
+    if not math.isfinite(value):  # inf would overflow the timers; None already means "no limit"
+        raise _fail(name, value, "a finite number of seconds greater than 0, or None for no limit")
     return float(value)
 
 

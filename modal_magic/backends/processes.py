@@ -322,8 +322,8 @@ class ProcessBackend(Backend):
             return None
         step = max(1, len(args) // _SIZE_SAMPLE_ROWS)
         sample = args[::step][:_SIZE_SAMPLE_ROWS]
-        try:
-            per_row = len(dumps(sample)) / len(sample)
+        try:  # one by one: pickled together, equal rows would be stored once and look smaller
+            per_row = sum(len(dumps(row)) for row in sample) / len(sample)
         except Exception:  # the arguments can't be pickled: the batch says so row by row when it runs
             return None
         return max(1, int(MAX_BATCH_BYTES / max(per_row, 1.0)))
