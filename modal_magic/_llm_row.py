@@ -394,6 +394,14 @@ def backoff_s(attempt: int) -> float:
     return min(BACKOFF_FIRST_S * 2 ** (attempt - 1), BACKOFF_MAX_S) * (0.75 + 0.25 * random.random())
 
 
+def _import_openai() -> None:
+    """Import the client library ahead of the first row (about 0.5 s): a row's timeout is for its request."""
+    try:
+        import openai  # noqa: F401
+    except ImportError:  # the first row says so, with the install command
+        return
+
+
 class Session:
     """What one process shares across its rows: the client, the rate limiter, the budget, the meter.
 
@@ -404,6 +412,7 @@ class Session:
 
     def __init__(self, request: Request, limits: Limits, meter: Meter, *, api_key: str | None,
                  base_url: str | None, key_hint: str = "", idle_close_s: float = 0.0) -> None:
+        _import_openai()
         self.request = request
         self.limits = limits
         self.meter = meter
@@ -761,6 +770,7 @@ class WorkerRow(ContainerRow):
 
     def __init__(self, request: Request, limits: Limits, api_key: str | None, base_url: str | None) -> None:
         super().__init__(request, limits)
+        _import_openai()  # runs as the worker unpickles it: start-up, before any row's clock starts
         self._api_key = api_key
         self._base_url = base_url
 
