@@ -2,7 +2,10 @@
 
 :func:`run_rows` (and :func:`run_rows_async`) call the user's function once per row, catch each
 row's exception so one bad row can't fail its batch, retry with exponential backoff, and enforce the
-per-row timeout where the platform allows it. They return plain tuples, never modal_magic objects,
+per-row timeout where the platform allows it. Whatever a row raises is its error: a
+``KeyboardInterrupt`` or ``SystemExit`` from the function too, and an exception whose ``str()``
+itself raises (described as ``<unprintable ValueError>``); only a real Ctrl-C delivered to the
+calling process's main thread stops the loop. They return plain tuples, never modal_magic objects,
 because this file also runs on its own: ``python _worker.py FD`` is the body of a local worker
 process, started by path so a worker doesn't import pandas or the user's ``__main__`` script.
 Only the standard library and cloudpickle may be imported here.

@@ -74,13 +74,13 @@ def process_ceiling() -> int:
 _warned_caps: set[tuple[str, int]] = set()
 
 
-def capped_workers(requested: int, ceiling: int, what: str, why: str) -> int:
+def capped_workers(requested: int, ceiling: int, what: str, why: str, option: str = "max_containers") -> int:
     """``requested`` limited to ``ceiling``, warning once per requested size when it's capped."""
     if requested <= ceiling:
         return requested
-    if (what, requested) not in _warned_caps:
-        _warned_caps.add((what, requested))
-        warnings.warn(f"max_containers={requested} asks for more {what} than this machine can use: "
+    if (option, what, requested) not in _warned_caps:
+        _warned_caps.add((option, what, requested))
+        warnings.warn(f"{option}={requested} asks for more {what} than this machine can use: "
                       f"using {ceiling} ({why})", RuntimeWarning, stacklevel=5)
     return ceiling
 
@@ -295,11 +295,14 @@ class ProcessBackend(Backend):
         # a worker keeps the last function it was sent; anything that changes how it runs rows is part of the token
         self._token = hash((self._fn_bytes, task.star, task.options.retries, task.options.timeout, task.is_async))
         self._target = capped_workers(self._worker_count(task), process_ceiling(), "worker processes",
-                                      f"twice its {_cores()} cores")
+                                      f"twice its {_cores()} cores", self._count_option)
         self._workers = []
 
     def _worker_count(self, task: Task) -> int:
         return task.options.workers()
+
+    #: the option that sets :meth:`_worker_count`, named in the warning when it's capped
+    _count_option = "max_containers"
 
     def _shipped(self, task: Task) -> Any:
         """What goes to the workers: the function itself."""
@@ -509,6 +512,8 @@ class AsyncProcessBackend(ProcessBackend):
 
     def _worker_count(self, task: Task) -> int:
         return int(task.fn.modal_magic_processes)
+
+    _count_option = "processes"
 
     def _shipped(self, task: Task) -> Any:
         return task.fn.modal_magic_for_workers()
