@@ -363,7 +363,7 @@ class ProcessBackend(Backend):
         return deadline
 
     def submit(self, batch: Batch) -> None:
-        idle = next((w for w in self._workers if not w.batches), None)
+        idle = next((w for w in self._workers if not w.batches and not w.gone), None)
         if idle is not None:
             worker = idle
         elif len(self._workers) < self._target:
