@@ -77,26 +77,28 @@ class _InterruptWatch:
     or where SIGINT is ignored (worker processes), every ``KeyboardInterrupt`` is the row's.
     """
 
-    def __init__(self) -> None:
-        self.signalled = False
-        self._previous: Any = None
+    signalled = False
 
-    def __enter__(self) -> _InterruptWatch:
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if callable(previous):
-                def noted(signum: int, frame: Any) -> None:
-                    self.signalled = True
-                    previous(signum, frame)
+    def __init__(self, previous: Callable[..., Any]) -> None:
+        self.previous = previous
+        signal.signal(signal.SIGINT, self._noted)
 
-                signal.signal(signal.SIGINT, noted)
-                self._previous = previous
-        return self
+    def _noted(self, signum: int, frame: Any) -> None:
+        self.signalled = True
+        self.previous(signum, frame)
 
-    def __exit__(self, *exc_info: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+class _NoSignals:
+    """Where no SIGINT handler runs (another thread, a worker ignoring it): nothing to tell apart."""
+
+    signalled = False
+
+
+_NO_SIGNALS = _NoSignals()
+_MAIN_THREAD = threading.main_thread()
 
 
 def run_rows(
@@ -111,13 +113,20 @@ def run_rows(
     The timeout is enforced with ``SIGALRM`` when called on a process's main thread (workers and the
     sequential backend); elsewhere the caller enforces it.
     """
-    with _InterruptWatch() as interrupt:
-        return _run_rows(fn, star, args_list, retries, timeout, interrupt)
+    main = threading.current_thread() is _MAIN_THREAD
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    if not callable(handler):
+        return _run_rows(fn, star, args_list, retries, timeout, main, _NO_SIGNALS)
+    interrupt = _InterruptWatch(handler)
+    try:
+        return _run_rows(fn, star, args_list, retries, timeout, main, interrupt)
+    finally:
+        interrupt.restore()
 
 
 def _run_rows(fn: Callable[..., Any], star: bool, args_list: Sequence[Any], retries: int, timeout: float | None,
-              interrupt: _InterruptWatch) -> tuple[list[Any], list[ErrorTuple]]:
-    use_alarm = timeout is not None and threading.current_thread() is threading.main_thread()
+              main: bool, interrupt: _InterruptWatch | _NoSignals) -> tuple[list[Any], list[ErrorTuple]]:
+    use_alarm = timeout is not None and main
     if not use_alarm and not retries:
         return _run_rows_once(fn, star, args_list, interrupt)
     previous = signal.signal(signal.SIGALRM, _on_alarm) if use_alarm else None
@@ -154,7 +163,7 @@ def _run_rows(fn: Callable[..., Any], star: bool, args_list: Sequence[Any], retr
 
 
 def _run_rows_once(fn: Callable[..., Any], star: bool, args_list: Sequence[Any],
-                   interrupt: _InterruptWatch) -> tuple[list[Any], list[ErrorTuple]]:
+                   interrupt: _InterruptWatch | _NoSignals) -> tuple[list[Any], list[ErrorTuple]]:
     """:func:`run_rows` without retries or alarms: the tight loop tiny rows need."""
     values: list[Any] = []
     errors: list[ErrorTuple] = []
