@@ -99,6 +99,8 @@ class _NoSignals:
 
 _NO_SIGNALS = _NoSignals()
 _MAIN_THREAD = threading.main_thread()
+#: set in a local worker process, which ignores SIGINT: every KeyboardInterrupt there is a row's
+_IGNORES_SIGINT = False
 
 
 def run_rows(
@@ -114,7 +116,7 @@ def run_rows(
     sequential backend); elsewhere the caller enforces it.
     """
     main = threading.current_thread() is _MAIN_THREAD
-    handler = signal.getsignal(signal.SIGINT) if main else None
+    handler = signal.getsignal(signal.SIGINT) if main and not _IGNORES_SIGINT else None
     if not callable(handler):
         return _run_rows(fn, star, args_list, retries, timeout, main, _NO_SIGNALS)
     interrupt = _InterruptWatch(handler)
@@ -370,7 +372,9 @@ def main(fd: int) -> None:
     """
     from multiprocessing.connection import Connection
 
+    global _IGNORES_SIGINT
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us itself
+    _IGNORES_SIGINT = True
     _die_with_parent()
     pid = os.getpid()
     conn = Connection(fd)
