@@ -416,8 +416,8 @@ def main(fd: int) -> None:
                 values, errors = [None] * n, [_error_tuple(i, failure, 1) for i in range(n)]
             else:
                 values, errors = run_rows(fn, star, args_list, retries, timeout)
-                _exit_if_forked(pid)
             elapsed = time.perf_counter() - started
+            _exit_if_forked(pid)
             send(b"R" + batch_id.to_bytes(8, "little") + pack_results(values, errors, elapsed))
         elif kind == "fn":
             _, fn_bytes, star, retries, timeout, is_async = message
