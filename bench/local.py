@@ -14,6 +14,22 @@ interpreter is not the benchmark's environment (pandas 2.3, where pandarallel an
     .venv-bench/bin/python bench/local.py            # everything, a few minutes
     .venv-bench/bin/python bench/local.py --quick    # smaller inputs, 2 repetitions
     .venv-bench/bin/python bench/local.py --only W1,W3
+
+Three workloads at scale measure modal_magic against ``Series.apply`` and ``multiprocessing``
+only, so they run in any environment with modal_magic (no peers needed), and each can run alone:
+
+* **W5** 1,000,000 rows of a ~10 µs regex, default options: within 10% of ideal (``Series.apply`` /
+  cores), printed beside ``multiprocessing.Pool.map`` with a chunksize.
+* **W6** 10,000,000 rows of a trivial function, default options: no slower than ``Series.apply``
+  and a peak RSS at most 1.5x its own; each side runs once in a fresh subprocess (peak RSS is a
+  process's lifetime high-water mark).
+* **SOAK** 20 consecutive 5,000,000-row maps of 100-character strings in one process: every one
+  finishes, none slower than 2x the median, RSS flat (the last within 10% of the second).
+
+::
+
+    .venv/bin/python bench/local.py --only W5
+    .venv/bin/python bench/local.py --only W6,SOAK
 """
 
 from __future__ import annotations
@@ -27,7 +43,10 @@ import os
 import tempfile
 import platform
 import random
+import re
+import resource
 import signal
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,8 +71,22 @@ IO_SLEEP_S = 0.05
 #: W4: characters per row
 TEXT_ROW_CHARS = 10 * 1024
 
+#: W5: rows, and characters per row of the regex's input
+W5_ROWS = 1_000_000
+W5_CHARS = 220
+#: W6 and the soak: rows
+W6_ROWS = 10_000_000
+SOAK_ROWS = 5_000_000
+SOAK_RUNS = 20
+SOAK_CHARS = 100
+
 #: limits on modal_magic's time over the reference time
 W2_LIMIT = 1.10  # x ideal (Series.apply / cores)
+W5_LIMIT = 1.10  # x ideal (Series.apply / cores)
+W6_TIME_LIMIT = 1.0  # x Series.apply
+W6_MEMORY_LIMIT = 1.5  # x Series.apply's peak RSS
+SOAK_SLOWEST = 2.0  # x the median run
+SOAK_RSS_GROWTH = 1.10  # last run's RSS over the second's
 W3_LIMIT = 1.15  # x ideal (ceil(rows / 64) x 50 ms)
 BAR_LIMIT = 1.03  # progress=True over progress=False
 
@@ -144,6 +177,23 @@ async def sleep_50ms_async(x: int) -> int:
 def word_count(text: str) -> int:
     """W4: a 10 KB string in, an int out; allocation-heavy."""
     return len(text.split())
+
+
+_EMAILS = re.compile(r"\b[a-z]+@[a-z]+\.(?:com|org|net)\b")
+
+
+def count_emails(text: str) -> int:
+    """W5: a regex over a short string, about 10 µs."""
+    return len(_EMAILS.findall(text))
+
+
+def make_short_texts(rows: int, chars: int, seed: int = 5) -> list[str]:
+    """``rows`` distinct random strings of ``chars`` characters (letters, spaces, ``@`` and dots)."""
+    rng = random.Random(seed)
+    alphabet = "abcdefghijklmnopqrstuvwxyz @."
+    text = "".join(rng.choices(alphabet, k=max(chars * 2, 2_000_000)))
+    span = len(text) - chars
+    return [text[start : start + chars] for start in (rng.randrange(span) for _ in range(rows))]
 
 
 def calibrate_spin(target_s: float = CPU_ROW_S) -> int:
@@ -293,6 +343,11 @@ def cache_cells(fn: Callable) -> list[Cell]:
              modal_magic_map(fn, backend="local", cache="refresh")),
         hit,
     ]
+
+
+def fresh_cache_dir() -> None:
+    """Point the result cache at a new, empty directory (untimed, before a call that must compute every row)."""
+    os.environ["MODAL_MAGIC_CACHE_DIR"] = tempfile.mkdtemp(prefix="modal-magic-bench-cache-")
 
 
 def stop_local_workers() -> None:
@@ -518,10 +573,28 @@ def build(key: str, quick: bool, log: Callable[..., None]) -> Workload:
         return Workload("W4", f"{n:,} rows of 10 KB strings: len(s.split())", pd.DataFrame({"x": make_texts(n)}),
                         cpu_cells(word_count, bar=False), baseline="apply", warmup_rows=n // 10,
                         cold=cold_cell(word_count))
+    if key == "W5":
+        n = W5_ROWS // 10 if quick else W5_ROWS
+        log(f"W5: making {n:,} strings of {W5_CHARS} characters")
+        cells = [
+            Cell("apply", "Series.apply", series_apply(count_emails)),
+            Cell("ideal", f"ideal: Series.apply / {CORES} cores", None),
+            Cell("pool", "multiprocessing.Pool.map, chunksize=n/(4*cores)", pool_map(count_emails)),
+            # each call starts from an empty cache: with default options a re-run would read every row back
+            Cell("mm_local", "modal_magic local, default options (empty cache)",
+                 modal_magic_map(count_emails, cache=True), before=fresh_cache_dir),
+            Cell("mm_nocache", "modal_magic local, cache=False", modal_magic_map(count_emails)),
+        ]
+        return Workload("W5", f"{n:,} rows of a ~10 µs regex: len(re.findall(...))",
+                        pd.DataFrame({"x": make_short_texts(n, W5_CHARS)}), cells, baseline="ideal",
+                        warmup_rows=n // 20)
     raise ValueError(f"no workload {key!r}")
 
 
 PEER_KEYS = ("pool", "joblib", "pandarallel", "mapply")
+#: every workload --only knows, in the order they run; the first four compare with the peers
+ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "SOAK")
+PEER_WORKLOADS = ("W1", "W2", "W3", "W4")
 
 
 def judge(work: Workload) -> None:
@@ -553,6 +626,14 @@ def judge(work: Workload) -> None:
         work.targets.append(Target("W2", "mm_local", f"modal_magic local within {W2_LIMIT - 1:.0%} of ideal",
                                    ratio(mm, ideal.fixed_s), W2_LIMIT, "vs ideal",
                                    f"{_s(mm)} vs ideal {_s(ideal.fixed_s)} = Series.apply {_s(apply_s)} / {CORES}"))
+    if work.key == "W5":
+        apply_s = work.cell("apply").best
+        ideal = work.cell("ideal")
+        ideal.fixed_s = apply_s / CORES if apply_s else None
+        pool_s = work.cell("pool").best
+        work.targets.append(Target("W5", "mm_local", f"modal_magic local within {W5_LIMIT - 1:.0%} of ideal",
+                                   ratio(mm, ideal.fixed_s), W5_LIMIT, "vs ideal",
+                                   f"{_s(mm)} vs ideal {_s(ideal.fixed_s)}; Pool.map {_s(pool_s)}"))
     if work.key == "W3":
         ideal_s = work.cell("ideal").best
         for key in ("mm_threads", "mm_async"):
@@ -582,6 +663,143 @@ def judge(work: Workload) -> None:
 
 def _s(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.3f} s"
+
+
+# --- W6 and the soak: fresh processes, peak memory ---------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def w6_cell(which: str, rows: int) -> dict[str, Any]:
+    """One W6 side in this (fresh) process: build the frame, time one call, report the peak RSS."""
+    import pandas as pd
+
+    import modal_magic  # noqa: F401  (registers df.modal)
+
+    frame = pd.DataFrame({"x": range(rows)})
+    gc.collect()
+    before = _rss_mb()
+    started = time.perf_counter()
+    if which == "apply":
+        out = frame["x"].apply(double_plus_one)
+        values = out
+    else:
+        options = {"cache": False} if which == "mm_nocache" else {}
+        out = frame.modal.map(double_plus_one, column="x", progress=False, **options)
+        assert out["double_plus_one_error"].isna().all()
+        values = out["double_plus_one"]
+    elapsed = time.perf_counter() - started
+    assert values.iloc[-1] == 2 * (rows - 1) + 1
+    modal_magic.shutdown()  # the workers' high-water mark is known once they have exited
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"seconds": elapsed, "peak_mb": _peak_rss_mb(), "frame_mb": before, "workers_peak_mb": workers}
+
+
+def _fresh(which: str, rows: int, limit_s: float) -> dict[str, Any]:
+    import json
+
+    # run as a script, as a user's code is: its functions then travel to the workers by value
+    command = [sys.executable, str(Path(__file__).resolve()), "--w6-cell", which, "--w6-rows", str(rows)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"took longer than {limit_s:g} s"}
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:110]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_w6(quick: bool, limit_s: float, log: Callable[..., None]) -> tuple[list[str], list[Target]]:
+    rows = W6_ROWS // 10 if quick else W6_ROWS
+    sides = {"apply": "Series.apply", "mm": "modal_magic local, default options",
+             "mm_nocache": "modal_magic local, cache=False"}
+    measured = {}
+    for key in sides:
+        log(f"W6: {sides[key]} in a fresh process")
+        measured[key] = _fresh(key, rows, limit_s)
+    lines = [f"W6  {rows:,} rows of a trivial function (x * 2 + 1), one call each in a fresh process"]
+    apply = measured["apply"]
+    for key, label in sides.items():
+        m = measured[key]
+        if "error" in m:
+            lines.append(f"  {label:<{NAME_W - 2}}    ERROR  {m['error']}")
+            continue
+        ratio_s = f"{m['seconds'] / apply['seconds']:6.2f}x" if "seconds" in apply else "      -"
+        lines.append(f"  {label:<{NAME_W - 2}} {m['seconds']:8.3f} {ratio_s}  peak RSS {m['peak_mb']:,.0f} MB "
+                     f"(frame alone {m['frame_mb']:,.0f} MB; workers' peak {m['workers_peak_mb']:,.0f} MB)")
+    mm = measured["mm"]
+    ok = "error" not in mm and "error" not in apply
+    targets = [
+        Target("W6", "mm", "modal_magic local (defaults) no slower than Series.apply",
+               mm["seconds"] / apply["seconds"] if ok else None, W6_TIME_LIMIT, "vs Series.apply",
+               f"{_s(mm.get('seconds'))} vs {_s(apply.get('seconds'))}"),
+        Target("W6", "mm", f"modal_magic local (defaults) peak RSS at most {W6_MEMORY_LIMIT:g}x Series.apply's",
+               mm["peak_mb"] / apply["peak_mb"] if ok else None, W6_MEMORY_LIMIT, "vs Series.apply",
+               f"{mm.get('peak_mb', 0):,.0f} MB vs {apply.get('peak_mb', 0):,.0f} MB"),
+    ]
+    return lines, targets
+
+
+def word_count_short(text: str) -> int:
+    """The soak's row: a 100-character string in, its word count out."""
+    return len(text.split())
+
+
+def run_soak(quick: bool, limit_s: float, log: Callable[..., None]) -> tuple[list[str], list[Target]]:
+    import pandas as pd
+
+    import modal_magic  # noqa: F401  (registers df.modal)
+
+    rows, runs = (SOAK_ROWS // 10, 5) if quick else (SOAK_ROWS, SOAK_RUNS)
+    log(f"SOAK: making {rows:,} strings of {SOAK_CHARS} characters")
+    frame = pd.DataFrame({"x": make_short_texts(rows, SOAK_CHARS, seed=6)})
+    times: list[float] = []
+    rss: list[float] = []
+    error = None
+    for i in range(runs):
+        log(f"SOAK: map {i + 1}/{runs}")
+        previous = signal.signal(signal.SIGALRM, _on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, limit_s)
+        try:
+            started = time.perf_counter()
+            out = frame.modal.map(word_count_short, column="x", progress=False)
+            times.append(time.perf_counter() - started)
+            failed = int(out["word_count_short_error"].notna().sum())
+            if failed:
+                raise AssertionError(f"{failed} rows failed")
+        except Exception as e:  # a hang or a failure ends the soak: it is the finding
+            error = f"map {i + 1}: {_short(e)}"
+            break
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        del out
+        gc.collect()
+        rss.append(_rss_mb())
+    median = sorted(times)[len(times) // 2] if times else None
+    lines = [f"SOAK  {runs} consecutive maps of {rows:,} rows of {SOAK_CHARS}-character strings: len(s.split())",
+             "  seconds: " + " ".join(f"{t:.2f}" for t in times),
+             "  RSS after each (MB): " + " ".join(f"{r:,.0f}" for r in rss)]
+    if error:
+        lines.append(f"  ERROR  {error}")
+    targets = [
+        Target("SOAK", "soak", f"every one of {runs} maps finishes", 1.0 if not error and len(times) == runs else None,
+               1.0, "finished", f"{len(times)} of {runs}"),
+        Target("SOAK", "soak", f"none slower than {SOAK_SLOWEST:g}x the median",
+               max(times) / median if median and not error else None, SOAK_SLOWEST, "vs median",
+               f"slowest {_s(max(times) if times else None)} vs median {_s(median)}"),
+        Target("SOAK", "soak", f"RSS flat (last within {SOAK_RSS_GROWTH - 1:.0%} of the second)",
+               rss[-1] / rss[1] if len(rss) > 1 and not error else None, SOAK_RSS_GROWTH, "vs 2nd map",
+               f"{rss[-1] if rss else 0:,.0f} MB vs {rss[1] if len(rss) > 1 else 0:,.0f} MB"),
+    ]
+    return lines, targets
 
 
 # --- the table -------------------------------------------------------------------------------------
@@ -651,19 +869,28 @@ def main(argv: list[str] | None = None) -> int:
                                      "multiprocessing, joblib, pandarallel and mapply.")
     parser.add_argument("--quick", action="store_true",
                         help="smaller inputs (W1 20k rows, W2 400, W4 4k) and 2 repetitions")
-    parser.add_argument("--only", default="W1,W2,W3,W4", help="workloads to run, e.g. W1,W3 (default: all)")
+    parser.add_argument("--only", default=",".join(ALL_WORKLOADS),
+                        help="workloads to run, e.g. W1,W3 or W5 or SOAK (default: all)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per cell (default 3; 2 with --quick)")
     parser.add_argument("--cell-timeout", type=float, default=300.0,
                         help="seconds one call may take before its cell shows an error (default 300)")
+    parser.add_argument("--w6-cell", choices=("apply", "mm", "mm_nocache"), help=argparse.SUPPRESS)
+    parser.add_argument("--w6-rows", type=int, default=W6_ROWS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.w6_cell:  # one side of W6, in the fresh process run_w6 started
+        import json
 
+        print(json.dumps(w6_cell(args.w6_cell, args.w6_rows)))
+        return 0
+
+    wanted = {w.strip().upper() for w in args.only.split(",") if w.strip()}
+    selected = [w for w in ALL_WORKLOADS if w in wanted]
+    if not selected or wanted - set(ALL_WORKLOADS):
+        parser.error(f"--only takes {', '.join(ALL_WORKLOADS)} separated by commas, not {args.only!r}")
     problems = check_environment()
-    if problems:
+    if problems and any(w in PEER_WORKLOADS for w in selected):  # W5, W6 and the soak need no peers
         print(how_to_run(problems), file=sys.stderr)
         return 2
-    selected = sorted({w.strip().upper() for w in args.only.split(",") if w.strip()})
-    if not selected or any(w not in ("W1", "W2", "W3", "W4") for w in selected):
-        parser.error(f"--only takes W1, W2, W3, W4 separated by commas, not {args.only!r}")
     reps = args.reps or (2 if args.quick else 3)
     if reps < 1:
         parser.error("--reps must be at least 1")
@@ -683,7 +910,15 @@ def main(argv: list[str] | None = None) -> int:
     rule = "-" * (NAME_W + 62 + 6 * reps)
     print("\n".join([*header(args.quick, reps), rule, columns_line(reps)]), flush=True)
     workloads = []
+    extra_targets: list[Target] = []
     for key in selected:
+        if key in ("W6", "SOAK"):
+            lines, targets = (run_w6 if key == "W6" else run_soak)(args.quick, args.cell_timeout, log)
+            extra_targets.extend(targets)
+            if tty:
+                sys.stderr.write("\r\033[K")
+            print("\n".join([rule, *lines]), flush=True)
+            continue
         work = build(key, args.quick, log)
         load_before = os.getloadavg()[0]
         measure(work, reps * work.rep_factor, args.cell_timeout, log)
@@ -698,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
     print(rule)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("\nTARGETS")
-    for target in (t for work in workloads for t in work.targets):
+    for target in [*(t for work in workloads for t in work.targets), *extra_targets]:
         shown = "-" if target.ratio is None else f"{target.ratio:.3f}"
         print(f"{target.verdict}  {target.workload}  {target.text}: {shown} (limit {target.limit:.2f}); "
               f"{target.detail}")

@@ -112,6 +112,8 @@ def positive_seconds(name: str, value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise invalid(name, value, "a number of seconds greater than 0, or None")
+    if not math.isfinite(value):  # inf would overflow the timers; None already means "no limit"
+        raise invalid(name, value, "a finite number of seconds greater than 0, or None for no limit")
     return float(value)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import re
+import signal
 from typing import Any
 
 import pandas as pd
@@ -158,9 +159,16 @@ def test_expand_in_place_adds_a_column_per_key(loaded):
 
 
 def test_stop_keeps_the_finished_rows_and_still_says_it_stopped(loaded):
-    cell = "def stop_at_two(x):\n    if x == 2:\n        raise KeyboardInterrupt\n    return x\n"
-    with pytest.raises(MapInterrupted):
-        loaded.run_cell_magic("modal_map", "df.x --backend sequential --batch-size 1 --into kept", cell)
+    # Stop is a real SIGINT to the kernel (a row raising KeyboardInterrupt itself is only that row's error)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    cell = ("import os, signal\ndef stop_at_two(x):\n    if x == 2:\n        os.kill(os.getpid(), signal.SIGINT)\n"
+            "        time.sleep(5)\n    return x\n")
+    try:
+        with pytest.raises(MapInterrupted):
+            loaded.run_cell_magic("modal_map", "df.x --backend sequential --batch-size 1 --into kept",
+                                  "import time\n" + cell)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
     df = loaded.user_ns["df"]
     assert df["kept"].iloc[0] == 1

@@ -2,7 +2,10 @@
 
 :func:`run_rows` (and :func:`run_rows_async`) call the user's function once per row, catch each
 row's exception so one bad row can't fail its batch, retry with exponential backoff, and enforce the
-per-row timeout where the platform allows it. They return plain tuples, never modal_magic objects,
+per-row timeout where the platform allows it. Whatever a row raises is its error: a
+``KeyboardInterrupt`` or ``SystemExit`` from the function too, and an exception whose ``str()``
+itself raises (described as ``<unprintable ValueError>``); only a real Ctrl-C delivered to the
+calling process's main thread stops the loop. They return plain tuples, never modal_magic objects,
 because this file also runs on its own: ``python _worker.py FD`` is the body of a local worker
 process, started by path so a worker doesn't import pandas or the user's ``__main__`` script.
 Only the standard library and cloudpickle may be imported here.
@@ -40,19 +43,64 @@ def _on_alarm(signum: int, frame: Any) -> None:
     raise _RowTimeout()
 
 
+def describe(exc: BaseException) -> str:
+    """``str(exc)``, or ``<unprintable ValueError>`` when that raises (as the traceback module does)."""
+    try:
+        return str(exc)
+    except BaseException:  # noqa: B036 - a broken __str__ may raise anything; describing must not
+        return f"<unprintable {type(exc).__name__}>"
+
+
 def _error_tuple(i: int, exc: BaseException, attempts: int) -> ErrorTuple:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except BaseException:  # noqa: B036 - e.g. a __str__ that hangs up on repr too: the row's error still says what
+        tb = f"{type(exc).__name__}: {describe(exc)}\n(the traceback could not be formatted)\n"
     # An exception may say how many tries it already took inside one call of the row (an LLM
     # request's own HTTP retries): those count as attempts too. The contract is
     # modal_magic.errors.RowReport, read by name because only the standard library is imported here.
     inner = getattr(exc, "row_attempts", None)
     if isinstance(inner, int) and not isinstance(inner, bool) and inner > 1:
         attempts += inner - 1
-    return (i, type(exc).__name__, str(exc), tb, attempts, exc)
+    return (i, type(exc).__name__, describe(exc), tb, attempts, exc)
 
 
 def _timeout_error(timeout: float) -> TimeoutError:
     return TimeoutError(f"the row ran longer than timeout={timeout:g}s")
+
+
+class _InterruptWatch:
+    """Tells a real Ctrl-C from a row that raises ``KeyboardInterrupt`` itself.
+
+    On the main thread, the SIGINT handler in place (Python's default, or the kernel's) is wrapped
+    for the duration so a delivered signal is noted; a ``KeyboardInterrupt`` with no signal behind
+    it came from the row, and is that row's error like any other exception. Off the main thread,
+    or where SIGINT is ignored (worker processes), every ``KeyboardInterrupt`` is the row's.
+    """
+
+    signalled = False
+
+    def __init__(self, previous: Callable[..., Any]) -> None:
+        self.previous = previous
+        signal.signal(signal.SIGINT, self._noted)
+
+    def _noted(self, signum: int, frame: Any) -> None:
+        self.signalled = True
+        self.previous(signum, frame)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+class _NoSignals:
+    """Where no SIGINT handler runs (another thread, a worker ignoring it): nothing to tell apart."""
+
+    signalled = False
+
+
+_NO_SIGNALS = _NoSignals()
+#: set in a local worker process, which ignores SIGINT: every KeyboardInterrupt there is a row's
+_IGNORES_SIGINT = False
 
 
 def run_rows(
@@ -67,9 +115,24 @@ def run_rows(
     The timeout is enforced with ``SIGALRM`` when called on a process's main thread (workers and the
     sequential backend); elsewhere the caller enforces it.
     """
-    use_alarm = timeout is not None and threading.current_thread() is threading.main_thread()
+    # asked each call, not kept in a global: this module travels by value to Modal, and a Thread
+    # object (it holds locks) can't be pickled
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main and not _IGNORES_SIGINT else None
+    if not callable(handler):
+        return _run_rows(fn, star, args_list, retries, timeout, main, _NO_SIGNALS)
+    interrupt = _InterruptWatch(handler)
+    try:
+        return _run_rows(fn, star, args_list, retries, timeout, main, interrupt)
+    finally:
+        interrupt.restore()
+
+
+def _run_rows(fn: Callable[..., Any], star: bool, args_list: Sequence[Any], retries: int, timeout: float | None,
+              main: bool, interrupt: _InterruptWatch | _NoSignals) -> tuple[list[Any], list[ErrorTuple]]:
+    use_alarm = timeout is not None and main
     if not use_alarm and not retries:
-        return _run_rows_once(fn, star, args_list)
+        return _run_rows_once(fn, star, args_list, interrupt)
     previous = signal.signal(signal.SIGALRM, _on_alarm) if use_alarm else None
     values: list[Any] = [None] * len(args_list)
     errors: list[ErrorTuple] = []
@@ -88,9 +151,9 @@ def run_rows(
                     break
                 except _RowTimeout:
                     exc: BaseException = _timeout_error(timeout)  # type: ignore[arg-type]
-                except KeyboardInterrupt:
-                    raise
-                except BaseException as e:  # a row's SystemExit is that row's error, not the worker's end
+                except BaseException as e:  # a row's SystemExit or KeyboardInterrupt is that row's error
+                    if interrupt.signalled:
+                        raise  # Ctrl-C: the caller stops the run
                     exc = e
                 if attempt > retries:
                     errors.append(_error_tuple(i, exc, attempt))
@@ -103,7 +166,8 @@ def run_rows(
     return values, errors
 
 
-def _run_rows_once(fn: Callable[..., Any], star: bool, args_list: Sequence[Any]) -> tuple[list[Any], list[ErrorTuple]]:
+def _run_rows_once(fn: Callable[..., Any], star: bool, args_list: Sequence[Any],
+                   interrupt: _InterruptWatch | _NoSignals) -> tuple[list[Any], list[ErrorTuple]]:
     """:func:`run_rows` without retries or alarms: the tight loop tiny rows need."""
     values: list[Any] = []
     errors: list[ErrorTuple] = []
@@ -111,12 +175,31 @@ def _run_rows_once(fn: Callable[..., Any], star: bool, args_list: Sequence[Any])
     for i, args in enumerate(args_list):
         try:
             append(fn(*args) if star else fn(args))
-        except KeyboardInterrupt:
-            raise
-        except BaseException as e:  # a row's SystemExit is that row's error, not the worker's end
+        except BaseException as e:  # a row's SystemExit or KeyboardInterrupt is that row's error
+            if interrupt.signalled:
+                raise  # Ctrl-C: the caller stops the run
             append(None)
             errors.append(_error_tuple(i, e, 1))
     return values, errors
+
+
+class _RowRaised(Exception):
+    """Carries a ``KeyboardInterrupt`` or ``SystemExit`` raised by an async row out of its task.
+
+    asyncio lets those two escape a task and stop the event loop itself; wrapped, they stay that
+    row's error.
+    """
+
+    def __init__(self, raised: BaseException) -> None:
+        super().__init__(raised)
+        self.raised = raised
+
+
+async def _guarded(call: Any) -> Any:
+    try:
+        return await call
+    except (KeyboardInterrupt, SystemExit) as e:
+        raise _RowRaised(e) from None
 
 
 async def run_rows_async(
@@ -133,14 +216,16 @@ async def run_rows_async(
         attempt = 1
         while True:
             try:
-                call = fn(*args) if star else fn(args)
+                call = _guarded(fn(*args) if star else fn(args))
                 values[i] = await (asyncio.wait_for(call, timeout) if timeout is not None else call)
                 break
             except asyncio.CancelledError:
                 raise
             except asyncio.TimeoutError:
                 exc: BaseException = _timeout_error(timeout)  # type: ignore[arg-type]
-            except Exception as e:
+            except _RowRaised as e:
+                exc = e.raised
+            except BaseException as e:  # a row's SystemExit or KeyboardInterrupt is that row's error
                 exc = e
             if attempt > retries:
                 errors.append(_error_tuple(i, exc, attempt))
@@ -238,8 +323,9 @@ class _AsyncBatches:
     sent back the moment it finishes, in whatever order that is.
     """
 
-    def __init__(self, send: Callable[[bytes], None]) -> None:
+    def __init__(self, send: Callable[[bytes], None], pid: int) -> None:
         self._send = send
+        self._pid = pid
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="modal_magic-worker-loop", daemon=True).start()
 
@@ -250,20 +336,49 @@ class _AsyncBatches:
     async def _run(self, batch_id: int, fn: Any, star: bool, args_list: list[Any], retries: int,
                    timeout: float | None) -> None:
         started = time.perf_counter()
+        if timeout is not None:  # the kernel's watchdog counts this batch's time from here
+            self._send(b"S" + batch_id.to_bytes(8, "little"))
         try:
             values, errors = await run_rows_async(fn, star, args_list, retries, timeout)
         except BaseException as e:  # the row loop itself broke: every row says why, none goes missing
             values, errors = [None] * len(args_list), [_error_tuple(i, e, 1) for i in range(len(args_list))]
+        _exit_if_forked(self._pid)
         elapsed = time.perf_counter() - started
         self._send(b"R" + batch_id.to_bytes(8, "little") + pack_results(values, errors, elapsed))
 
 
+def _exit_if_forked(pid: int) -> None:
+    """A row forked and its child came back here: the child ends now, before it touches the socket."""
+    if os.getpid() != pid:
+        os._exit(0)
+
+
+def _reset(path: list[str], cwd: str, env: dict[str, str]) -> None:
+    """Start a run as the kernel is now: its sys.path, working directory and environment."""
+    sys.path[:] = path
+    if env != os.environ:
+        os.environ.clear()
+        os.environ.update(env)
+    if cwd and os.path.isdir(cwd) and cwd != os.getcwd():
+        os.chdir(cwd)
+
+
 def main(fd: int) -> None:
-    """Serve batches over the socket ``fd`` until told to exit or the parent goes away."""
+    """Serve batches over the socket ``fd`` until told to exit or the parent goes away.
+
+    Messages in: ``("run", sys.path, cwd, environ)`` at the start of each run, ``("fn", ...)`` when
+    the function changes, ``("batch", id, rows, payload)``, ``("exit",)``. Messages out: ``S`` + id
+    when a batch starts (only with a timeout: the kernel's watchdog counts from it) and ``R`` + id +
+    results when it ends. The kernel always reads (a thread per worker), so a large result never
+    blocks this process for long.
+    """
     from multiprocessing.connection import Connection
 
+    global _IGNORES_SIGINT
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us itself
+    _IGNORES_SIGINT = True
     _die_with_parent()
+    pid = os.getpid()
     conn = Connection(fd)
     sending = threading.Lock()  # async batches report from the loop's thread
 
@@ -285,7 +400,6 @@ def main(fd: int) -> None:
         kind = message[0]
         if kind == "batch":
             _, batch_id, n, payload = message
-            started = time.perf_counter()
             failure = load_error
             if failure is None:
                 try:
@@ -294,14 +408,18 @@ def main(fd: int) -> None:
                     failure = e
             if failure is None and is_async:
                 if async_batches is None:
-                    async_batches = _AsyncBatches(send)
+                    async_batches = _AsyncBatches(send, pid)
                 async_batches.start(batch_id, fn, star, args_list, retries, timeout)
                 continue
+            if timeout is not None:  # the kernel's watchdog counts this batch's time from here
+                send(b"S" + batch_id.to_bytes(8, "little"))
+            started = time.perf_counter()
             if failure is not None:  # every row of the batch fails the same way, and says why
                 values, errors = [None] * n, [_error_tuple(i, failure, 1) for i in range(n)]
             else:
                 values, errors = run_rows(fn, star, args_list, retries, timeout)
             elapsed = time.perf_counter() - started
+            _exit_if_forked(pid)
             send(b"R" + batch_id.to_bytes(8, "little") + pack_results(values, errors, elapsed))
         elif kind == "fn":
             _, fn_bytes, star, retries, timeout, is_async = message
@@ -309,12 +427,8 @@ def main(fd: int) -> None:
                 fn, load_error = cloudpickle.loads(fn_bytes), None
             except Exception as e:  # e.g. a module the function needs isn't installed in the worker
                 fn, load_error = None, e
-        elif kind == "init":
-            _, path, cwd = message
-            sys.path[:] = path
-            if cwd and os.path.isdir(cwd):
-                os.chdir(cwd)
-            send(b"I")
+        elif kind == "run":
+            _reset(*message[1:])
         elif kind == "exit":
             return
 

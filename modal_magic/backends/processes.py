@@ -1,12 +1,27 @@
 """Local worker processes: the default backend, for CPU-bound Python functions.
 
-A pool of worker processes is started on first use and kept for the next run (starting Python
-costs more than most batches). The function travels with cloudpickle, so lambdas, closures and
-functions defined in a notebook work. Each worker has its own socket, so the pool always knows which
-batch a worker held: when a worker dies (``os._exit``, a segfault, the OOM killer) only that batch is
-lost, the worker is replaced, and the engine retries the rows in isolation. Workers ignore Ctrl-C:
-the kernel handles it and kills the busy workers itself, so an interrupt stops everything at once
-and the idle workers stay warm.
+A pool of worker processes is kept between runs (starting Python costs more than most batches) and
+sized by what a run can use: a run starts workers only as its batches need them, never more than
+``max_containers`` (default: the core count) and never more than :func:`process_ceiling` (twice
+the cores: more processes than that only add memory for CPU work; a larger ``max_containers`` is
+capped with a one-time warning). A worker idle for :data:`IDLE_TIMEOUT_S` is stopped, at the next
+run's start or by a timer, as loky's reusable executor does, so the pool shrinks again.
+
+The function travels with cloudpickle, so lambdas, closures and functions defined in a notebook
+work. Each worker has its own socket, so the pool always knows which batch a worker held: when a
+worker dies (``os._exit``, a segfault, the OOM killer) only that batch is lost, the worker is
+replaced, and the engine retries the rows in isolation.
+
+**Framing that can't deadlock.** In the kernel, every worker socket has a reader thread that
+always drains it (messages go to one queue the run waits on) and a writer thread that sends what
+the run queued for it. So the kernel's main thread never blocks on a socket, and a worker blocked
+sending a large result always has a reader on the other side: two sides can never both sit in
+``send`` waiting for each other, whatever the batch and result sizes.
+
+Each run resets the workers it uses to the kernel's current working directory, environment and
+``sys.path``, so one function's ``os.chdir`` or ``os.environ[...] = ...`` doesn't leak into the
+next run. Workers ignore Ctrl-C: the kernel handles it and kills the busy workers itself, so an
+interrupt stops everything at once and the idle workers stay warm.
 """
 
 from __future__ import annotations
@@ -14,14 +29,16 @@ from __future__ import annotations
 import atexit
 import os
 import pickle
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from multiprocessing.connection import Connection, wait
+import warnings
 from collections import deque
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +52,38 @@ from .base import Backend, Batch, BatchResult, Task
 _WORKER_SCRIPT = str(Path(__file__).with_name("_worker.py"))
 #: extra seconds a worker gets past its rows' timeouts before it's killed as stuck
 _STUCK_GRACE_S = 2.0
+#: how long a batch sent to a worker may wait to start (Python starting, the function unpickling
+#: and importing its modules) before the watchdog counts it; its rows' timeouts start only then
+_STARTUP_ALLOWANCE_S = 60.0
+#: a warm worker idle this long is stopped
+IDLE_TIMEOUT_S = 300.0
+#: the most bytes of arguments one batch carries (estimated from a sample of rows)
+MAX_BATCH_BYTES = 8 * 1024 * 1024
+#: rows sampled to estimate the pickled size of a row's arguments
+_SIZE_SAMPLE_ROWS = 64
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def process_ceiling() -> int:
+    """The most worker processes a run may use: twice the cores (CPU work gains nothing past that)."""
+    return 2 * _cores()
+
+
+_warned_caps: set[tuple[str, int]] = set()
+
+
+def capped_workers(requested: int, ceiling: int, what: str, why: str, option: str = "max_containers") -> int:
+    """``requested`` limited to ``ceiling``, warning once per requested size when it's capped."""
+    if requested <= ceiling:
+        return requested
+    if (option, what, requested) not in _warned_caps:
+        _warned_caps.add((option, what, requested))
+        warnings.warn(f"{option}={requested} asks for more {what} than this machine can use: "
+                      f"using {ceiling} ({why})", RuntimeWarning, stacklevel=5)
+    return ceiling
 
 
 def _describe_exit(code: int | None) -> str:
@@ -48,10 +97,14 @@ def _describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-class _Worker:
-    """One worker process and the socket to it."""
+#: one message from a worker as the reader thread hands it on: (worker, bytes or None at EOF, when read)
+_Message = tuple["_Worker", "bytes | None", float]
 
-    def __init__(self) -> None:
+
+class _Worker:
+    """One worker process, the socket to it, and the two threads that move its messages."""
+
+    def __init__(self, messages: queue.SimpleQueue[_Message]) -> None:
         parent_sock, child_sock = socket.socketpair()
         fd = child_sock.fileno()
         self.proc = subprocess.Popen(
@@ -62,15 +115,51 @@ class _Worker:
         )
         child_sock.close()
         self.conn = Connection(parent_sock.detach())
-        self.conn.send_bytes(pickle.dumps(("init", list(sys.path), os.getcwd())))
         self.fn_token: int | None = None
         # by id, in the order sent: for plain functions the running one first, then one queued
         # behind it; an async function's batches all run at once and come back in any order
         self.batches: dict[int, Batch] = {}
-        self.deadline = float("inf")  # for the running batch
+        # when each batch was sent, and when the worker said it started it (its rows' clocks start then)
+        self.sent_at: dict[int, float] = {}
+        self.started_at: dict[int, float] = {}
+        self.last_used = time.monotonic()
+        self.gone = False  # its reader saw the socket close
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name="modal_magic-worker-writer", daemon=True)
+        self._reader = threading.Thread(target=self._read, args=(messages,), name="modal_magic-worker-reader",
+                                        daemon=True)
+        self._writer.start()
+        self._reader.start()
+
+    def _write(self) -> None:
+        while True:
+            data = self._outbox.get()
+            if data is None:
+                return
+            try:
+                self.conn.send_bytes(data)
+            except OSError:
+                return  # the worker is gone; the reader reports it
+
+    def _read(self, messages: queue.SimpleQueue[_Message]) -> None:
+        while True:
+            try:
+                data = self.conn.recv_bytes()
+            except (EOFError, OSError):
+                break
+            messages.put((self, data, time.monotonic()))
+        self.gone = True
+        self._outbox.put(None)
+        self._writer.join(timeout=10)
+        self.conn.close()
+        messages.put((self, None, time.monotonic()))
 
     def send(self, message: tuple) -> None:
-        self.conn.send_bytes(pickle.dumps(message, protocol=5))
+        """Queue ``message`` for the worker; never blocks (the writer thread sends it)."""
+        self._outbox.put(pickle.dumps(message, protocol=5))
+
+    def send_bytes(self, data: bytes) -> None:
+        self._outbox.put(data)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -79,19 +168,16 @@ class _Worker:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL not delivered; nothing else to try
             pass
-        self.conn.close()
+        self._reader.join(timeout=5)
 
     def stop(self) -> None:
-        try:
-            self.send(("exit",))
-        except OSError:
-            pass
+        self.send(("exit",))
         try:
             self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=5)
-        self.conn.close()
+        self._reader.join(timeout=5)
 
 
 class _Pool:
@@ -100,22 +186,62 @@ class _Pool:
     def __init__(self) -> None:
         self.workers: list[_Worker] = []
         self.lock = threading.Lock()
+        self.messages: queue.SimpleQueue[_Message] = queue.SimpleQueue()
+        self._reaper: threading.Timer | None = None
 
-    def ensure(self, n: int) -> list[_Worker]:
-        for dead in [w for w in self.workers if w.proc.poll() is not None]:
+    def prepare(self) -> None:
+        """At a run's start: forget dead and long-idle workers, and messages left from earlier runs."""
+        for dead in [w for w in self.workers if w.gone or w.proc.poll() is not None]:
             dead.kill()
             self.workers.remove(dead)
-        while len(self.workers) < n:
-            self.workers.append(_Worker())
-        return self.workers[:n]
+        self.reap()
+        while True:
+            try:
+                self.messages.get_nowait()
+            except queue.Empty:
+                break
+
+    def reap(self) -> None:
+        """Stop the workers idle for longer than :data:`IDLE_TIMEOUT_S`."""
+        cutoff = time.monotonic() - IDLE_TIMEOUT_S
+        for idle in [w for w in self.workers if not w.batches and w.last_used < cutoff]:
+            idle.stop()
+            self.workers.remove(idle)
+
+    def start_worker(self) -> _Worker:
+        worker = _Worker(self.messages)
+        self.workers.append(worker)
+        return worker
 
     def replace(self, worker: _Worker) -> _Worker:
         worker.kill()
-        fresh = _Worker()
+        fresh = _Worker(self.messages)
         self.workers[self.workers.index(worker)] = fresh
         return fresh
 
+    def schedule_reap(self) -> None:
+        """After a run: a timer stops the workers once they have idled past the timeout."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+        if not self.workers:
+            return
+        self._reaper = threading.Timer(IDLE_TIMEOUT_S + 1.0, self._reap_when_free)
+        self._reaper.name = "modal_magic-reaper"
+        self._reaper.daemon = True
+        self._reaper.start()
+
+    def _reap_when_free(self) -> None:
+        if self.lock.acquire(blocking=False):  # a run holds the pool: it reaps at its own end
+            try:
+                self.reap()
+                self.schedule_reap()
+            finally:
+                self.lock.release()
+
     def shutdown(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for worker in self.workers:
             worker.stop()
         self.workers = []
@@ -138,7 +264,11 @@ _PER_WORKER = 2
 
 
 class ProcessBackend(Backend):
-    """Batches go to worker processes: each runs one and has the next one waiting."""
+    """Batches go to worker processes: each runs one and has the next one waiting.
+
+    Workers join a run as its batches need them (a run of 3 rows uses at most 3), up to
+    ``max_containers`` (default: the core count) and :func:`process_ceiling`.
+    """
 
     name = "local"
     inline_when_tiny = True
@@ -147,7 +277,9 @@ class ProcessBackend(Backend):
         self._pool: _Pool | None = None
         self._own_pool = False
         self._workers: list[_Worker] = []
+        self._target = 1
         self._fn_bytes = b""
+        self._run_bytes = b""
         self._token = 0
         self._task: Task | None = None
 
@@ -157,28 +289,59 @@ class ProcessBackend(Backend):
             self._pool = _POOL
         else:  # another run (another thread) has the warm pool: this one gets workers of its own
             self._pool, self._own_pool = _Pool(), True
+        self._pool.prepare()
         self._fn_bytes = dumps_function(self._shipped(task))
+        # every run starts its workers in the kernel's cwd, environment and sys.path as they are now
+        self._run_bytes = pickle.dumps(("run", list(sys.path), os.getcwd(), dict(os.environ)), protocol=5)
         # a worker keeps the last function it was sent; anything that changes how it runs rows is part of the token
         self._token = hash((self._fn_bytes, task.star, task.options.retries, task.options.timeout, task.is_async))
-        self._workers = self._pool.ensure(self._worker_count(task))
+        self._target = capped_workers(self._worker_count(task), process_ceiling(), "worker processes",
+                                      f"twice its {_cores()} cores", self._count_option)
+        self._workers = []
 
     def _worker_count(self, task: Task) -> int:
         return task.options.workers()
 
+    #: the option that sets :meth:`_worker_count`, named in the warning when it's capped
+    _count_option = "max_containers"
+
     def _shipped(self, task: Task) -> Any:
         """What goes to the workers: the function itself."""
         return task.fn
+
+    def _add_worker(self) -> _Worker:
+        """One more worker for this run: a warm one the pool has spare, else a new one."""
+        assert self._pool is not None
+        taken = set(map(id, self._workers))
+        worker = next((w for w in self._pool.workers if id(w) not in taken and not w.gone), None)
+        if worker is None:
+            worker = self._pool.start_worker()
+        worker.send_bytes(self._run_bytes)
+        self._workers.append(worker)
+        return worker
+
+    def max_batch_rows(self, args: list[Any]) -> int | None:
+        """As many rows as fit in :data:`MAX_BATCH_BYTES` of pickled arguments (estimated on a sample)."""
+        if not args:
+            return None
+        step = max(1, len(args) // _SIZE_SAMPLE_ROWS)
+        sample = args[::step][:_SIZE_SAMPLE_ROWS]
+        try:  # one by one: pickled together, equal rows would be stored once and look smaller
+            per_row = sum(len(dumps(row)) for row in sample) / len(sample)
+        except Exception:  # the arguments can't be pickled: the batch says so row by row when it runs
+            return None
+        return max(1, int(MAX_BATCH_BYTES / max(per_row, 1.0)))
 
     #: batches a worker holds at once
     _per_worker = _PER_WORKER
 
     @property
     def capacity(self) -> int:
-        return self._per_worker * len(self._workers)
+        return self._per_worker * self._target
 
     @property
     def parallelism(self) -> int:
-        return len(self._workers)
+        return self._target
 
     def _budget(self, batch: Batch) -> float:
         opts = self._task.options  # type: ignore[union-attr]
@@ -187,95 +350,135 @@ class ProcessBackend(Backend):
         per_row = (opts.timeout + 0.5) * (opts.retries + 1) + 5.0 * opts.retries
         return len(batch.args) * per_row + _STUCK_GRACE_S
 
+    def _deadline(self, worker: _Worker) -> float:
+        """When the worker counts as stuck: its rows' budgets, counted from when each batch started."""
+        deadline = float("inf")
+        for batch_id, batch in worker.batches.items():
+            budget = self._budget(batch)
+            if budget == float("inf"):
+                return deadline
+            began = worker.started_at.get(batch_id)
+            if began is None:  # not started yet: start-up (or the batch ahead of it) isn't its time
+                began = worker.sent_at[batch_id] + _STARTUP_ALLOWANCE_S
+            deadline = min(deadline, began + budget)
+        return deadline
+
     def submit(self, batch: Batch) -> None:
-        worker = min(self._workers, key=lambda w: len(w.batches))
+        idle = next((w for w in self._workers if not w.batches and not w.gone), None)
+        if idle is not None:
+            worker = idle
+        elif len(self._workers) < self._target:
+            worker = self._add_worker()
+        else:
+            worker = min(self._workers, key=lambda w: len(w.batches))
         assert len(worker.batches) < self._per_worker, "the engine keeps within capacity"
         self._send_to(worker, batch)
 
     def _send_to(self, worker: _Worker, batch: Batch) -> None:
         task = self._task
         assert task is not None
-        if not worker.batches:
-            worker.deadline = time.monotonic() + self._budget(batch)
         worker.batches[batch.id] = batch
-        try:
-            if worker.fn_token != self._token:
-                opts = task.options
-                worker.send(("fn", self._fn_bytes, task.star, opts.retries, opts.timeout, task.is_async))
-                worker.fn_token = self._token
-            worker.send(("batch", batch.id, len(batch.args), dumps(batch.args)))
-        except OSError:
-            # The worker died (e.g. its running batch crashed it) before we read that; results()
-            # sees its end of the socket close and sends this batch again, as one that never ran.
-            pass
+        worker.sent_at[batch.id] = time.monotonic()
+        if worker.fn_token != self._token:
+            opts = task.options
+            worker.send(("fn", self._fn_bytes, task.star, opts.retries, opts.timeout, task.is_async))
+            worker.fn_token = self._token
+        # If the worker is dead already, its reader reports it and results() sends this batch again.
+        worker.send(("batch", batch.id, len(batch.args), dumps(batch.args)))
+
+    def _forget(self, worker: _Worker) -> list[Batch]:
+        batches = list(worker.batches.values())
+        worker.batches.clear()
+        worker.sent_at.clear()
+        worker.started_at.clear()
+        return batches
 
     def _lost(self, worker: _Worker, cause: BaseException) -> list[BatchResult]:
         """A worker is gone: its running batch is lost with ``cause``; the one queued behind never ran."""
-        batches = list(worker.batches.values())
-        worker.batches.clear()
+        batches = self._forget(worker)
         self._swap(worker)
+        if not batches:
+            return []
         return [BatchResult(batches[0], lost=cause)] + [BatchResult(b, requeue=True) for b in batches[1:]]
 
     def results(self, timeout: float | None) -> list[BatchResult]:
+        assert self._pool is not None
         busy = [w for w in self._workers if w.batches]
         if not busy:
             return []
-        now = time.monotonic()
-        first_deadline = min(w.deadline for w in busy)
-        wait_s = max(0.0, first_deadline - now) if first_deadline != float("inf") else None
+        first_deadline = min(self._deadline(w) for w in busy)
+        wait_s = None if first_deadline == float("inf") else max(0.0, first_deadline - time.monotonic())
         if timeout is not None:
             wait_s = timeout if wait_s is None else min(wait_s, timeout)
-        by_conn = {w.conn: w for w in busy}
-        ready = wait(list(by_conn), wait_s)
+        messages: list[_Message] = []
+        try:
+            messages.append(self._pool.messages.get(timeout=wait_s))
+            while True:
+                messages.append(self._pool.messages.get_nowait())
+        except queue.Empty:
+            pass
         out: list[BatchResult] = []
-        for conn in ready:
-            out.extend(self._receive(by_conn[conn]))
+        for worker, data, when in messages:
+            out.extend(self._receive(worker, data, when))
         now = time.monotonic()
-        for worker in busy:
-            if worker.batches and worker.deadline < now and worker in self._workers:
+        for worker in list(self._workers):
+            if worker.batches and self._deadline(worker) < now:
                 out.extend(self._lost(worker, TimeoutError(
                     f"the worker was stuck past timeout={self._task.options.timeout:g}s "  # type: ignore[union-attr]
                     "and was replaced")))
         return out
 
-    def _receive(self, worker: _Worker) -> list[BatchResult]:
-        """Read what the worker has sent: every finished batch already waiting, or its death."""
-        out: list[BatchResult] = []
-        while True:
-            try:
-                data = worker.conn.recv_bytes()
-            except (EOFError, OSError):
-                worker.proc.wait(timeout=5)
-                code = worker.proc.returncode
-                return out + self._lost(worker, WorkerCrashed(f"the worker process running this row {_describe_exit(code)}"))
-            if data != b"I":  # (the init acknowledgement, read here to keep start-up off the critical path)
-                batch = worker.batches.pop(int.from_bytes(data[1:9], "little"))
-                if worker.batches:  # the queued batch starts now
-                    worker.deadline = time.monotonic() + self._budget(next(iter(worker.batches.values())))
-                values, errors, elapsed = pickle.loads(memoryview(data)[9:])
-                out.append(BatchResult(batch, values, errors, elapsed))
-            if out and not worker.conn.poll(0):
-                return out
+    def _receive(self, worker: _Worker, data: bytes | None, when: float) -> list[BatchResult]:
+        """One message from a worker: a batch started, a batch finished, or the worker's end."""
+        if worker not in self._workers:
+            return []  # from a worker this run already replaced, or from an earlier run
+        if data is None:
+            code = worker.proc.poll()
+            if code is None:
+                try:
+                    code = worker.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:  # it closed its socket but lives on: end it
+                    worker.proc.kill()
+                    code = worker.proc.wait(timeout=5)
+            return self._lost(worker, WorkerCrashed(f"the worker process running this row {_describe_exit(code)}"))
+        kind, batch_id = data[:1], int.from_bytes(data[1:9], "little")
+        if batch_id not in worker.batches:
+            return []  # not a batch this run sent (e.g. from a process the function forked)
+        if kind == b"S":
+            worker.started_at[batch_id] = when
+            return []
+        batch = worker.batches.pop(batch_id)
+        worker.sent_at.pop(batch_id, None)
+        worker.started_at.pop(batch_id, None)
+        values, errors, elapsed = pickle.loads(memoryview(data)[9:])
+        return [BatchResult(batch, values, errors, elapsed)]
 
     def _swap(self, worker: _Worker) -> None:
+        """Replace a dead or stuck worker in the pool and in this run."""
         assert self._pool is not None
         fresh = self._pool.replace(worker)
+        fresh.send_bytes(self._run_bytes)
         self._workers[self._workers.index(worker)] = fresh
 
     def cancel(self) -> None:
         for worker in list(self._workers):
             if worker.batches:
-                worker.batches.clear()
+                self._forget(worker)
                 self._swap(worker)
 
     def finish(self) -> None:
         if self._pool is None:
             return
+        now = time.monotonic()
+        for worker in self._workers:
+            worker.last_used = now
         if self._own_pool:
             self._pool.shutdown()
         else:
+            self._pool.schedule_reap()
             self._pool.lock.release()
         self._pool = None
+        self._workers = []
 
 
 class AsyncProcessBackend(ProcessBackend):
@@ -297,18 +500,21 @@ class AsyncProcessBackend(ProcessBackend):
     inline_when_tiny = False
 
     def start(self, task: Task) -> None:
-        processes = self._worker_count(task)
-        self._per_worker = max(1, -(-(task.options.max_containers or processes) // processes))
+        super().start(task)
+        self._per_worker = max(1, -(-(task.options.max_containers or self._target) // self._target))
         self._pending: deque[Batch] = deque()  # batches no worker can take yet
         self._alone: set[int] = set()  # ids of workers running a batch sent again, by itself
         self._draining: _Worker | None = None  # emptied for the next batch sent again
-        super().start(task)
         # Each run starts its workers' function afresh: its state (an LLM run's client, rate limits
         # and budget) belongs to one run, even when the next run's function pickles the same.
         self._token = hash((self._token, time.monotonic_ns()))
+        for _ in range(self._target):  # the processes were asked for by number: all start now
+            self._add_worker()
 
     def _worker_count(self, task: Task) -> int:
         return task.runtime.worker_processes
+
+    _count_option = "processes"
 
     def _shipped(self, task: Task) -> Any:
         return task.runtime.for_workers() if task.runtime.for_workers is not None else task.fn
@@ -352,8 +558,7 @@ class AsyncProcessBackend(ProcessBackend):
 
     def _lost(self, worker: _Worker, cause: BaseException) -> list[BatchResult]:
         """Every batch the worker held was running: all are lost, with others when there were others."""
-        batches = list(worker.batches.values())
-        worker.batches.clear()
+        batches = self._forget(worker)
         self._alone.discard(id(worker))
         self._swap(worker)
         with_others = len(batches) > 1

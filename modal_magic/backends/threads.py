@@ -1,5 +1,10 @@
 """Threads for I/O-bound functions (HTTP calls, file reads): ``max_containers`` threads in this process.
 
+Threads start as batches need them, up to ``max_containers`` (default: the core count) and at most
+:data:`MAX_THREADS` (a larger ``max_containers`` is capped with a one-time warning: past a few
+hundred threads, switching and memory cost more than the extra concurrency gives; use an
+``async def`` function for thousands of requests in flight).
+
 Threads share the kernel's memory, so nothing is pickled and notebook objects just work. A thread
 can't be killed, so a row over ``timeout`` is reported as a ``TimeoutError`` at once and its thread
 is abandoned (its late result is dropped) while a fresh thread takes its place.
@@ -13,6 +18,10 @@ import time
 
 from ._worker import run_rows
 from .base import Backend, Batch, BatchResult, Task, drain
+from .processes import capped_workers
+
+#: the most threads one run starts
+MAX_THREADS = 256
 
 
 class _Worker:
@@ -36,13 +45,16 @@ class _Worker:
             # With a timeout each batch is one row, timed by the monitor in results(); retries of a
             # row that timed out are the engine's, so the in-thread loop only retries exceptions.
             opts = task.options
-            values, errors = run_rows(task.fn, task.star, batch.args, opts.retries)
-            elapsed = time.monotonic() - self.started
+            try:
+                values, errors = run_rows(task.fn, task.star, batch.args, opts.retries)
+                result = BatchResult(batch, values, errors, time.monotonic() - self.started)
+            except BaseException as e:  # the row loop itself broke: the batch is lost, never silently dropped
+                result = BatchResult(batch, lost=e)
             with backend._lock:
                 self.batch = None
                 if self.abandoned or backend._cancelled:
                     return
-                backend._outbox.put(BatchResult(batch, values, errors, elapsed))
+                backend._outbox.put(result)
 
 
 class ThreadBackend(Backend):
@@ -61,7 +73,8 @@ class ThreadBackend(Backend):
 
     def start(self, task: Task) -> None:
         self._task = task
-        self._size = task.options.workers()
+        self._size = capped_workers(task.options.workers(), MAX_THREADS, "threads",
+                                    f"{MAX_THREADS} at most; an async def function suits more requests in flight")
 
     @property
     def capacity(self) -> int:

@@ -47,6 +47,14 @@ def is_missing(value: Any) -> bool:
 
 
 
+def _import_openai() -> None:
+    """Import the client library ahead of the first row (about 0.5 s): a row's timeout is for its request."""
+    try:
+        import openai  # noqa: F401
+    except ImportError:  # the first row says so, with the install command
+        return
+
+
 class Session:
     """What one process shares across its rows: the client, the rate limiter, the budget, the meter.
 
@@ -57,6 +65,7 @@ class Session:
 
     def __init__(self, request: Request, limits: Limits, meter: Meter, *, api_key: str | None,
                  base_url: str | None, key_hint: str = "", idle_close_s: float = 0.0) -> None:
+        _import_openai()
         self.request = request
         self.limits = limits
         self.meter = meter
@@ -414,6 +423,7 @@ class WorkerRow(ContainerRow):
 
     def __init__(self, request: Request, limits: Limits, api_key: str | None, base_url: str | None) -> None:
         super().__init__(request, limits)
+        _import_openai()  # runs as the worker unpickles it: start-up, before any row's clock starts
         self._api_key = api_key
         self._base_url = base_url
 
