@@ -361,15 +361,17 @@ def test_a_slow_request_meets_the_row_timeout(openai_server, processes):
 
 
 def test_the_budget_stops_new_requests_keeps_answered_rows_and_errors_the_rest(openai_server):
-    # $1 per input token; every answer reports 10 input tokens: $10 a row, and ~$16 booked before sending.
+    # $1 per input token; every answer reports 10 input tokens: $10 a row. Before sending, a row books
+    # its worst case: "Say [[usage=10,1]] 0" is 20 bytes, "user" 4, plus 8 + 16 for the chat format: $48.
     df = pd.DataFrame({"text": [f"[[usage=10,1]] {i}" for i in range(8)]})
-    out = df.modal.llm("Say {text}", model="test-model", prices={"test-model": (1_000_000, 0)}, budget_usd=35,
+    out = df.modal.llm("Say {text}", model="test-model", prices={"test-model": (1_000_000, 0)}, budget_usd=75,
                        max_tokens=1, max_containers=1, **FAST)
     assert len(out) == 8
     assert out["answer"].notna().tolist() == [True] * 3 + [False] * 5
     assert out["answer_cost_usd"].iloc[:3].tolist() == [10.0] * 3
     assert len(openai_server.requests) == 3
-    message = "BudgetExceeded: budget_usd=35.00 reached after $30.00: the next request would cost about $"
+    message = ("BudgetExceeded: budget_usd=75.00: $30.00 spent, and the next request could cost up to $48.00 "
+               "(48 prompt tokens at most + 1 output tokens (max_tokens)), which would pass it")
     assert all(e.startswith(message) for e in out["answer_error"].iloc[3:])
     assert out.modal.errors()["type"].tolist() == ["BudgetExceeded"] * 5
 
@@ -405,12 +407,12 @@ def test_processes_send_the_requests_from_worker_processes_each_with_its_share_o
 def test_with_processes_the_budget_is_shared_out_and_no_row_is_lost(openai_server, monkeypatch):
     seen = capture_row_functions(monkeypatch)
     df = pd.DataFrame({"text": [f"[[usage=10,1]] {i}" for i in range(12)]})
-    out = df.modal.llm("Say {text}", model="test-model", prices={"test-model": (1_000_000, 0)}, budget_usd=70,
+    out = df.modal.llm("Say {text}", model="test-model", prices={"test-model": (1_000_000, 0)}, budget_usd=150,
                        max_tokens=1, max_containers=2, processes=2, **FAST)
-    # $35 a process, $10 a row and $13 booked before sending: each process answers 3 rows ($30 + $13 > $35).
+    # $75 a process, $10 a row and $48 booked before sending: each process answers 3 rows ($30 + $48 > $75).
     assert out["answer"].notna().sum() == 6 and out["answer_cost_usd"].sum() == 60
     assert len(openai_server.requests) == 6
-    assert out["answer_error"].dropna().str.startswith("BudgetExceeded: budget_usd=35.00 reached after $30.00").all()
+    assert out["answer_error"].dropna().str.startswith("BudgetExceeded: budget_usd=75.00: $30.00 spent").all()
     assert out["answer_error"].notna().sum() == 6
     worker_row = seen[0].for_workers()
     assert TEST_KEY not in repr(worker_row) and TEST_KEY.encode() not in cloudpickle.dumps(seen[0])

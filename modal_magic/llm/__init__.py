@@ -37,7 +37,7 @@ from .function import _RUNTIMES, LLMRowFunction  # noqa: F401  (_RUNTIMES: tests
 from .keys import MissingAPIKey, resolve_api_key, resolve_base_url
 from .row.limits import Limits, Meter, Request
 from .options import DEFAULT_CONCURRENCY, DEFAULT_INTO, DEFAULT_MODEL, LLM_OPTION_NAMES, LLM_OPTIONS, LLMOptions, schema_parts
-from .prices import PRICES, PRICES_AS_OF, price_for
+from .prices import MAX_OUTPUT_TOKENS, PRICES, PRICES_AS_OF, max_output_for, price_for
 from .row.session import Session
 from .templates import TemplateError, check_template_columns, template_fields
 
@@ -52,12 +52,14 @@ __all__ = [
     "LLMRowFunction",
     "LLM_OPTIONS",
     "LLM_OPTION_NAMES",
+    "MAX_OUTPUT_TOKENS",
     "MissingAPIKey",
     "PRICES",
     "PRICES_AS_OF",
     "TemplateError",
     "check_template_columns",
     "llm_frame",
+    "max_output_for",
     "price_for",
     "resolve_api_key",
     "resolve_base_url",
@@ -154,7 +156,8 @@ def llm_frame(
         schema=schema, response_format=response_format, schema_columns=schema_columns,
         base_url=url, price=price, extra_body=tuple((llm.extra_body or {}).items()),
     )
-    limits = Limits(rpm=llm.rpm, tpm=llm.tpm, budget_usd=llm.budget_usd, max_retries=llm.max_retries)
+    limits = Limits(rpm=llm.rpm, tpm=llm.tpm, budget_usd=llm.budget_usd, max_retries=llm.max_retries,
+                    max_output_tokens=max_output_for(llm.model, llm.max_tokens))
     container_limits = limits.share(options.max_containers or 1)
     worker_limits = limits.share(processes)
     session = Session(request, limits, Meter(price is not None), api_key=key, base_url=url)

@@ -26,7 +26,8 @@ from typing import Any, Mapping
 
 from .failures import (APIConnectionError, APIError, AuthenticationError, EmptyAnswer, LLMError, MissingValue,
                        SchemaValidationError, error_for_status, redact)
-from .limits import DEFAULT_OUTPUT_ESTIMATE, Limits, Meter, RateLimiter, Budget, Request, backoff_s, estimate_tokens, retry_after_s
+from .limits import (DEFAULT_OUTPUT_ESTIMATE, UNKNOWN_MAX_OUTPUT_TOKENS, Budget, Limits, Meter, RateLimiter, Request,
+                     backoff_s, estimate_tokens, prompt_tokens_bound, retry_after_s)
 
 #: a server asking to wait longer than this gets no retry: the row fails and says how long it asked
 MAX_RETRY_AFTER_S = 300.0
@@ -122,8 +123,14 @@ class Session:
         body.update(request.extra_body)
         return body
 
-    def _estimates(self, prompt: str) -> tuple[int, float]:
-        """Tokens to book with the rate limiter, and dollars to book with the budget, before sending."""
+    def _estimates(self, prompt: str, body: dict[str, Any]) -> tuple[int, float, str]:
+        """What to book before sending: tokens with the rate limiter, and the worst case with the budget.
+
+        The rate limiter gets an estimate (settled with the real count afterwards); the budget gets
+        the most this request can be billed (the prompt's token bound and every output token it may
+        be given, see :func:`~modal_magic.llm.row.limits.prompt_tokens_bound`), and what that is
+        made of, for the message of a row that doesn't fit.
+        """
         request = self.request
         tokens_in = estimate_tokens(prompt) + estimate_tokens(request.system or "") + 8
         if request.max_tokens is not None:
@@ -132,7 +139,16 @@ class Session:
             tokens_out = math.ceil(2 * self._output_seen / self._answers_seen)
         else:
             tokens_out = DEFAULT_OUTPUT_ESTIMATE
-        return tokens_in + tokens_out, self.cost(tokens_in, tokens_out) or 0.0
+        if self.budget.limit_usd is None:
+            return tokens_in + tokens_out, 0.0, ""
+        worst_in = prompt_tokens_bound(body)
+        if request.max_tokens is not None:
+            worst_out, why = request.max_tokens, "max_tokens"
+        else:
+            worst_out = self.limits.max_output_tokens or UNKNOWN_MAX_OUTPUT_TOKENS
+            why = f"{request.model}'s most, as max_tokens is not set"
+        detail = f"{worst_in:,} prompt tokens at most + {worst_out:,} output tokens ({why})"
+        return tokens_in + tokens_out, self.cost(worst_in, worst_out) or 0.0, detail
 
     def cost(self, tokens_in: int | None, tokens_out: int | None) -> float | None:
         price = self.request.price
@@ -149,23 +165,16 @@ class Session:
         try:
             prompt = self.prompt(values)
             body = self.body(prompt)
-            tokens_booked, usd_booked = self._estimates(prompt)
-            self.budget.reserve(usd_booked)
-            spent = 0.0
+            data = await self._send(body, *self._estimates(prompt, body))
+            tokens_in, tokens_out = usage_of(data)
+            # Paid for even when the answer then fails validation.
+            usage = ((tokens_in or 0) + (tokens_out or 0), self.cost(tokens_in, tokens_out))
+            self.meter.add(*usage)
             try:
-                data = await self._send(body, tokens_booked)
-                tokens_in, tokens_out = usage_of(data)
-                # Paid for even when the answer then fails validation.
-                usage = ((tokens_in or 0) + (tokens_out or 0), self.cost(tokens_in, tokens_out))
-                spent = usage[1] or 0.0
-                self.meter.add(*usage)
-                try:
-                    return self.parse(data, tokens_in, tokens_out)
-                except (EmptyAnswer, SchemaValidationError) as error:
-                    error.row_usage = usage  # travels back from Modal (modal_magic.errors.RowReport)
-                    raise
-            finally:
-                self.budget.settle(usd_booked, spent)
+                return self.parse(data, tokens_in, tokens_out)
+            except (EmptyAnswer, SchemaValidationError) as error:
+                error.row_usage = usage  # travels back from Modal (modal_magic.errors.RowReport)
+                raise
         finally:
             self._active -= 1
             if self._active == 0 and self._idle_close_s:
@@ -179,7 +188,7 @@ class Session:
         """
         if self._loop is not None:
             self._client = None
-            self.budget.stopped = None
+            self.budget.restart()
         self._loop = loop
 
     def _close_when_quiet(self) -> None:
@@ -199,35 +208,28 @@ class Session:
         if client is not None:
             await client.close()
 
-    async def _send(self, body: dict[str, Any], tokens_booked: int) -> Any:
-        import openai
-
+    async def _send(self, body: dict[str, Any], tokens_booked: int, usd_booked: float, worst: str) -> Any:
+        """Send ``body`` until it is answered or may not be tried again; every try books its worst case."""
         attempt = 0
         while True:
             attempt += 1
-            await self.limiter.acquire(tokens_booked)
-            if self._client is None:
-                self._client = self._make_client()
-            failure: tuple[type[LLMError], str, int | None, float | None] | None = None
+            # Each try books its own worst case: a try that timed out may still have been billed.
+            await self.budget.acquire(usd_booked, worst)
+            billed = 0.0  # nothing goes out before the rate limiter's wait is over
             try:
-                data = await self._client.post("/chat/completions", cast_to=object, body=body)
-            except openai.APIStatusError as e:
-                status = e.status_code
-                failure = (error_for_status(status), self._describe(e, status), status, retry_after_s(e.response.headers))
-                code = getattr(e, "code", None)
-                retryable = (status in RETRYABLE_STATUS or status >= 500) and code != "insufficient_quota"
-            except openai.APIConnectionError as e:  # APITimeoutError included
-                failure = (APIConnectionError, self._describe_connection(e), None, None)
-                retryable = True
-            except openai.OpenAIError as e:
-                failure = (APIError, f"{type(e).__name__}: {self._clean(str(e))}", None, None)
-                retryable = False
+                await self.limiter.acquire(tokens_booked)
+                if self._client is None:
+                    self._client = self._make_client()
+                # From here the request may go out and be billed: cancelled now (a row timeout, Stop),
+                # it is settled at its worst case.
+                billed = usd_booked
+                billed, data, failure, retryable = await self._post(body, tokens_booked, usd_booked)
+            finally:
+                self.budget.settle(usd_booked, billed)
             if failure is None:
-                self.limiter.settle(tokens_booked, _total_tokens(data, tokens_booked))
                 return data
             # Outside the except block: the openai exception (which holds the request and its
             # Authorization header) is not chained to the row's error.
-            self.limiter.settle(tokens_booked, 0)
             cls, message, status, wait = failure
             if wait is not None and wait > MAX_RETRY_AFTER_S:
                 retryable = False
@@ -239,6 +241,43 @@ class Session:
             if status == 429:
                 self.limiter.pause(delay)
             await asyncio.sleep(delay)
+
+    async def _post(self, body: dict[str, Any], tokens_booked: int,
+                    usd_booked: float) -> tuple[float, Any, tuple[type[LLMError], str, int | None, float | None] | None, bool]:
+        """One HTTP try: ``(billed_usd, data, failure, retryable)``.
+
+        ``billed_usd`` is what the try may have cost: the answer's usage; nothing for an HTTP error
+        (the endpoint refused it); the worst case for a try whose answer never came back (timed out,
+        connection lost), which may have been billed all the same.
+        """
+        import openai
+
+        failure: tuple[type[LLMError], str, int | None, float | None] | None = None
+        retryable = False
+        data: Any = None
+        billed = usd_booked
+        try:
+            data = await self._client.post("/chat/completions", cast_to=object, body=body)
+        except openai.APIStatusError as e:
+            status = e.status_code
+            failure = (error_for_status(status), self._describe(e, status), status, retry_after_s(e.response.headers))
+            code = getattr(e, "code", None)
+            retryable = (status in RETRYABLE_STATUS or status >= 500) and code != "insufficient_quota"
+        except openai.APIConnectionError as e:  # APITimeoutError included
+            failure = (APIConnectionError, self._describe_connection(e), None, None)
+            retryable = True
+        except openai.OpenAIError as e:
+            failure = (APIError, f"{type(e).__name__}: {self._clean(str(e))}", None, None)
+        if failure is None:
+            self.limiter.settle(tokens_booked, _total_tokens(data, tokens_booked))
+            tokens_in, tokens_out = usage_of(data)
+            cost = self.cost(tokens_in, tokens_out)
+            # An answer without usage was billed, for how much is unknown: keep the worst case.
+            return (usd_booked if cost is None else cost), data, None, False
+        self.limiter.settle(tokens_booked, 0)
+        if failure[2] is not None:  # the endpoint answered with an HTTP error: not billed
+            billed = 0.0
+        return billed, data, failure, retryable
 
     def _where(self) -> str:
         return self._base_url or "api.openai.com"
