@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import os
 import pickle
 import re
@@ -416,6 +417,82 @@ def test_with_processes_the_budget_is_shared_out_and_no_row_is_lost(openai_serve
     assert out["answer_error"].notna().sum() == 6
     worker_row = seen[0].for_workers()
     assert TEST_KEY not in repr(worker_row) and TEST_KEY.encode() not in cloudpickle.dumps(seen[0])
+
+
+def billed_usd(server, price: tuple[float, float] = (0.15, 0.60)) -> float:
+    """What the test server billed for every request it answered, at ``price`` (USD per million)."""
+    return sum(r.tokens_in * price[0] + r.tokens_out * price[1] for r in server.requests if r.status == 200) / 1e6
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_budget_is_a_hard_cap_with_long_answers_and_64_requests_in_flight(openai_server, monkeypatch,
+                                                                               processes):
+    # Issue 13: 2,000-token answers without max_tokens, 64 in flight, spent $0.0315 of a $0.01 budget.
+    # Each request now books gpt-4o-mini's 16,384 output tokens ($0.0098) before it is sent.
+    seen = capture_row_functions(monkeypatch)
+    df = pd.DataFrame({"text": [f"[[long=2000]] {i}" for i in range(64)]})
+    out = df.modal.llm("Say {text}", model="gpt-4o-mini", budget_usd=0.03, max_containers=64,
+                       processes=processes, **FAST)
+    billed = billed_usd(openai_server)
+    assert 0 < billed <= 0.03
+    answered = int(out["answer"].notna().sum())
+    assert answered >= 4 and answered == len(openai_server.requests)  # 2,000 tokens of output: $0.0012 a row
+    assert out["answer_cost_usd"].sum() == pytest.approx(billed)
+    meter = seen[0].runtime().meter
+    assert meter.cost_usd == pytest.approx(billed) and modal_magic.last_run().cost_usd == pytest.approx(billed)
+    errors = out["answer_error"].dropna()
+    assert len(errors) == 64 - answered
+    share = "0.03" if processes == 1 else "0.015"
+    assert errors.str.startswith(f"BudgetExceeded: budget_usd={share}: $").all()
+    assert errors.str.contains(r"16,384 output tokens \(gpt-4o-mini's most, as max_tokens is not set\)").all()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_budget_is_a_hard_cap_with_large_prompts(openai_server, processes):
+    # Issue 13: prompts the server counted at 20,000 tokens spent $0.19. An 80,000-byte prompt books
+    # 80,000 tokens at most ($0.012 at gpt-4o-mini's $0.15 a million) and is billed 20,004 ($0.003).
+    big = "x" * 80_000
+    df = pd.DataFrame({"text": [f"{big} {i}" for i in range(32)]})
+    out = df.modal.llm("{text}", model="gpt-4o-mini", budget_usd=0.05, max_tokens=5, max_containers=32,
+                       processes=processes, **FAST)
+    billed = billed_usd(openai_server)
+    assert billed <= 0.05 and modal_magic.last_run().cost_usd == pytest.approx(billed)
+    assert {r.tokens_in for r in openai_server.requests} == {20_004}
+    assert out["answer"].notna().sum() >= 4
+    assert out["answer_error"].dropna().str.contains("80,0[0-9][0-9] prompt tokens at most").all()
+
+
+def test_the_budget_books_a_worst_case_no_openai_tokenizer_can_pass():
+    # A token of OpenAI's byte-level BPE is at least one byte of UTF-8: the byte count bounds any text.
+    texts = ["hello world", "héllo wörld ünïcode", "数据科学家", "🙂🙃" * 10, "a" * 1000, ""]
+    for text in texts:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]}
+        assert llm_row.prompt_tokens_bound(body) >= len(text.encode()) + 4 + 3 + 3
+    schema = {"model": "m", "messages": [{"role": "user", "content": "x"}],
+              "response_format": {"type": "json_schema", "json_schema": {"name": "Complaint", "schema": {}}}}
+    assert llm_row.prompt_tokens_bound(schema) > len(json.dumps(schema["response_format"]))
+    assert llm.max_output_for("gpt-4o-mini") == 16_384 and llm.max_output_for("some-new-model") == 128_000
+
+
+def test_a_budget_share_never_adds_up_to_more_than_the_whole():
+    for budget in (0.01, 1 / 3, 70.0, 0.0000007):
+        for ways in (1, 2, 3, 7, 64):
+            assert llm_row.Limits(budget_usd=budget).share(ways).budget_usd * ways <= budget
+
+
+def test_a_request_cancelled_in_flight_counts_at_its_worst_case():
+    budget = llm_row.Budget(1.0)
+
+    async def run():
+        await budget.acquire(0.4)
+        budget.settle(0.4, 0.4)  # what a try cancelled after it went out settles at
+        await budget.acquire(0.4)
+        budget.settle(0.4, 0.1)
+        with pytest.raises(llm_row.BudgetExceeded, match=r"\$0.50 spent, and the next request could cost up to \$0.60"):
+            await budget.acquire(0.6)
+
+    asyncio.run(run())
+    assert budget.spent_usd == pytest.approx(0.5) and budget.in_flight_usd == 0
 
 
 # --- structured output -----------------------------------------------------------------------------------

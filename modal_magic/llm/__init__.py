@@ -26,12 +26,14 @@ to a worker process. The ``%%modal_llm`` magic is on the IPython side, in
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import TYPE_CHECKING, Any, Mapping
 
 import pandas as pd
 
-from ..engine import map_frame
+from ..engine import _last as _engine_state  # the record last_run() reads (see _record_usage)
+from ..engine import last_run, map_frame
 from ..errors import OptionsError
 from .function import _RUNTIMES, LLMRowFunction  # noqa: F401  (_RUNTIMES: tests look inside a run's session)
 from .keys import MissingAPIKey, resolve_api_key, resolve_base_url
@@ -43,6 +45,7 @@ from .templates import TemplateError, check_template_columns, template_fields
 
 if TYPE_CHECKING:
     from ..options import MapOptions
+    from ..progress import RunSummary
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -164,21 +167,37 @@ def llm_frame(
     row = LLMRowFunction(request, session, container_limits, on_modal=on_modal, processes=processes,
                          worker_limits=worker_limits)
 
-    if on_modal:
-        opts = options.replace(expand=True, pip=list(_modal_packages(options, schema)) if options.image is None
-                               else list(options.pip))
-        out = _map_shipped(frame, row, fields, into, opts, errors_call)
-    else:
-        # Every row is its own task on an event loop: max_containers requests in flight, from the
-        # kernel's process or split over `processes` worker processes.
-        opts = options.replace(expand=True, max_containers=options.max_containers or DEFAULT_CONCURRENCY,
-                               batch_size=options.batch_size or 1)
-        if processes > 1:
+    before = last_run()
+    try:
+        if on_modal:
+            opts = options.replace(expand=True, pip=list(_modal_packages(options, schema)) if options.image is None
+                                   else list(options.pip))
             out = _map_shipped(frame, row, fields, into, opts, errors_call)
         else:
-            out = map_frame(frame, row, columns=list(fields), star=True, into=into, options=opts,
-                            errors_call=errors_call, runtime=row.runtime())
+            # Every row is its own task on an event loop: max_containers requests in flight, from the
+            # kernel's process or split over `processes` worker processes.
+            opts = options.replace(expand=True, max_containers=options.max_containers or DEFAULT_CONCURRENCY,
+                                   batch_size=options.batch_size or 1)
+            if processes > 1:
+                out = _map_shipped(frame, row, fields, into, opts, errors_call)
+            else:
+                out = map_frame(frame, row, columns=list(fields), star=True, into=into, options=opts,
+                                errors_call=errors_call, runtime=row.runtime())
+    finally:
+        _record_usage(before, row.runtime().meter)
     return _with_every_column(out, frame, columns, into)
+
+
+def _record_usage(before: RunSummary | None, meter: Meter) -> None:
+    """Put the run's tokens and cost on ``modal_magic.last_run()``, as the bar showed them.
+
+    The engine knows nothing of tokens; the run's summary is a frozen record it keeps for the last
+    run, so the LLM layer fills in what it measured, only if this run made a summary at all.
+    """
+    summary = last_run()
+    if summary is None or summary is before:
+        return
+    _engine_state["summary"] = dataclasses.replace(summary, tokens=meter.tokens, cost_usd=meter.cost_usd)
 
 
 def _map_shipped(frame: pd.DataFrame, row: LLMRowFunction, fields: tuple[str, ...], into: str,

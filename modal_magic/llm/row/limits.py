@@ -213,12 +213,16 @@ class Budget:
         self.overrun: str | None = None  # the endpoint billed more than a request's worst case
         self._waiters: list[Any] = []  # futures of requests waiting for those in flight to settle
 
+    def _limit(self) -> str:
+        # A share of a budget (0.015 of 0.03) is shown as it is, not rounded to the cent.
+        limit = self.limit_usd or 0.0
+        return usd(limit) if abs(limit * 100 - round(limit * 100)) < 1e-9 else f"{limit:.6g}"
+
     def _refuse(self, worst_usd: float, detail: str) -> BudgetExceeded:
         if self.stopped is None:
-            assert self.limit_usd is not None
             why = f" ({detail})" if detail else ""
             self.stopped = (
-                f"budget_usd={usd(self.limit_usd)}: ${usd(self.spent_usd)} spent, and the next request could cost "
+                f"budget_usd={self._limit()}: ${usd(self.spent_usd)} spent, and the next request could cost "
                 f"up to ${usd(worst_usd)}{why}, which would pass it, so it and every later one was not sent. "
                 "Raise budget_usd, or pass a smaller max_tokens= so that each request books less, and run "
                 "again: rows already answered are not paid for twice"
@@ -257,7 +261,7 @@ class Budget:
             self.overrun = (f"the endpoint billed ${usd(actual_usd)} for a request whose worst case was "
                             f"${usd(worst_usd)}: it counts tokens differently from OpenAI, so the cap can't be kept "
                             "with it")
-            self.stopped = f"budget_usd={usd(self.limit_usd)}: ${usd(self.spent_usd)} spent. {self.overrun}"
+            self.stopped = f"budget_usd={self._limit()}: ${usd(self.spent_usd)} spent. {self.overrun}"
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
