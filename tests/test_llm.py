@@ -611,6 +611,22 @@ def test_on_modal_the_bar_adds_up_tokens_and_cost_as_rows_come_back(openai_serve
     assert f"{billed:,} tokens" in err
 
 
+def test_on_modal_each_containers_share_of_the_budget_is_a_hard_cap(openai_server, modal_server, monkeypatch,
+                                                                    capsys):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    modal_server.add_secret("openai-secret", {"OPENAI_API_KEY": "sk-modal-secret-1234"})
+    df = pd.DataFrame({"text": [f"[[long=2000]] {i}" for i in range(24)]})
+    out = df.modal.llm("Say {text}", model="gpt-4o-mini", budget_usd=0.03, backend="modal", secrets=["openai-secret"],
+                       base_url=openai_server.base_url, max_containers=2, progress=True)
+    billed = billed_usd(openai_server)
+    assert 0 < billed <= 0.03
+    assert out["answer"].notna().sum() == len(openai_server.requests) >= 2
+    assert out["answer_cost_usd"].sum() == pytest.approx(billed)
+    assert modal_magic.last_run().cost_usd == pytest.approx(billed)
+    assert out["answer_error"].dropna().str.startswith("BudgetExceeded: budget_usd=0.015: $").all()
+    assert out["answer_error"].notna().any()
+
+
 def test_on_modal_mistakes_are_caught_before_anything_starts(openai_server):
     df = pd.DataFrame({"text": ["a"]})
     with pytest.raises(llm.MissingAPIKey, match=r"secrets=\['openai-secret'\]"):

@@ -268,9 +268,11 @@ class Budget:
                 waiter.set_result(None)
 
     def restart(self) -> None:
-        """A new run of the same function (e.g. ``retry_failed()``): keep what was spent, look again."""
+        """A new run of the same function (e.g. ``retry_failed()``): keep what was spent, look again.
+
+        What is booked for requests in flight stays booked: each is settled when its try ends.
+        """
         self.stopped = None
-        self.in_flight_usd = 0.0
         self._waiters = []
 
 
