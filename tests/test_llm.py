@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import base64
 import json
 import os
 import pickle
@@ -239,6 +240,40 @@ def test_the_key_never_appears_in_errors_reprs_pickles_or_fingerprints(openai_se
     assert TEST_KEY.encode() not in cloudpickle.dumps(out)
     with pytest.raises(TypeError, match="never pickled"):
         cloudpickle.dumps(llm._RUNTIMES[seen[0]].session)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_base_urls_credentials_appear_in_nothing_a_user_sees(openai_server, monkeypatch, capsys, caplog, recwarn,
+                                                              processes):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    seen = capture_row_functions(monkeypatch)
+    host = openai_server.base_url.removeprefix("http://").removesuffix("/v1")
+    password, query_key = "hunter2-PASSWORD", "QUERY-SECRET-42"
+    base_url = f"http://someone:{password}@{host}/v1?api_key={query_key}&api-version=2024-06-01"
+    unreachable = f"http://someone:{password}@127.0.0.1:9/v1?api_key={query_key}"
+    df = pd.DataFrame({"text": ["[[fail=401]] a", "[[fail=500]] b", "[[fail=400]] c", "fine"]})
+    out = df.modal.llm("Say {text}", base_url=base_url, max_retries=0, processes=processes, progress=True)
+    down = df.iloc[3:].modal.llm("Say {text}", base_url=unreachable, max_retries=0, processes=processes, progress=True)
+    assert out["answer"].iloc[3] == "Say fine"  # the endpoint was reached, credentials and all
+    assert {r.body.get("model") for r in openai_server.requests} == {"gpt-4o-mini"}
+    assert out["answer_error"].iloc[0].startswith(f"AuthenticationError: 401 from http://***@{host}/v1?api_key=***&api-version=2024-06-01")
+    assert down["answer_error"].iloc[0].startswith("APIConnectionError: the request to http://***@127.0.0.1:9/v1?api_key=*** failed")
+    options = llm.LLMOptions.create(base_url=base_url, api_key="sk-options-key-123456")
+    shown = [repr(options), str(options), capsys.readouterr().out, capsys.readouterr().err, caplog.text,
+             " ".join(str(w.message) for w in recwarn), repr(seen[0]), repr(llm._RUNTIMES[seen[0]].session),
+             repr(seen[0].request), str(modal_magic.last_run())]
+    for frame in (out, down):
+        details = frame.modal.errors()
+        shown += [frame.to_string(), details.to_string(), *details["message"], *details["traceback"],
+                  *(str(e) for e in details["exception"]), *(repr(e) for e in details["exception"])]
+    assert len(shown) > 20
+    for text in shown:
+        # user-info goes out as "Authorization: Basic base64(user:password)", which a 401 may echo
+        basic = base64.b64encode(f"someone:{password}".encode()).decode()
+        for secret in (password, query_key, "sk-options-key-123456", basic):
+            assert secret not in text
 
 
 # --- rate limits ---------------------------------------------------------------------------------------

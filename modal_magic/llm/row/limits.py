@@ -16,7 +16,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .failures import BudgetExceeded
@@ -60,7 +60,9 @@ class Request:
     schema: Any = None  # a pydantic model class, a JSON schema dict, or None
     response_format: Any = None  # the request's response_format, built once from the schema
     schema_columns: tuple[str, ...] = ()  # one result column per schema property
-    base_url: str | None = None  # None: OpenAI's (on Modal: the container's OPENAI_BASE_URL, if set)
+    # None: OpenAI's (on Modal: the container's OPENAI_BASE_URL, if set). Out of the repr: it may
+    # carry credentials (user-info, ?api_key=...).
+    base_url: str | None = field(default=None, repr=False)
     price: tuple[float, float] | None = None  # USD per million input and output tokens
     extra_body: tuple[tuple[str, Any], ...] = ()
 

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 from typing import Any, Mapping
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from .failures import (APIConnectionError, APIError, AuthenticationError, EmptyAnswer, LLMError, MissingValue,
-                       SchemaValidationError, error_for_status, redact)
+                       SchemaValidationError, error_for_status, redact, redact_url, url_secrets)
 from .limits import (DEFAULT_OUTPUT_ESTIMATE, UNKNOWN_MAX_OUTPUT_TOKENS, Budget, Limits, Meter, RateLimiter, Request,
                      backoff_s, estimate_tokens, prompt_tokens_bound, retry_after_s)
 
@@ -37,6 +39,30 @@ RETRYABLE_STATUS = frozenset({408, 409, 429})
 IDLE_CLOSE_S = 1.0
 #: models that take ``max_completion_tokens`` and refuse ``max_tokens``
 _COMPLETION_TOKENS_MODELS = re.compile(r"^(o\d|gpt-5)")
+
+#: the HTTP libraries' loggers, which write each request's full URL (credentials and all) at INFO/DEBUG
+_HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "openai", "openai._base_client", "aiohttp.client")
+
+
+class _RedactingFilter(logging.Filter):
+    """Rewrites an HTTP library's log record with URL credentials and key-like values as ``***``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+_REDACTING_FILTER = _RedactingFilter()
+
+
+def _hide_secrets_in_http_logs() -> None:
+    """Put :class:`_RedactingFilter` on the HTTP libraries' loggers (once: ``addFilter`` ignores a repeat)."""
+    for name in _HTTP_LOGGERS:
+        logging.getLogger(name).addFilter(_REDACTING_FILTER)
+
 
 def is_missing(value: Any) -> bool:
     """None, NaN, pandas' NA or NaT (without importing pandas)."""
@@ -65,6 +91,7 @@ class Session:
         self.budget = Budget(limits.budget_usd)
         self._api_key = api_key
         self._base_url = base_url
+        self._secrets = (api_key, *url_secrets(base_url))  # what no message may show
         self._key_hint = key_hint  # what to do when there is no key, for the row's error
         self._client: Any = None
         self._active = 0
@@ -76,9 +103,10 @@ class Session:
         self._max_tokens_param = ("max_completion_tokens" if _COMPLETION_TOKENS_MODELS.match(request.model)
                                   else "max_tokens")
 
-    # The key never leaves this object: not in repr, not in errors (they are redacted), not pickled.
+    # The key never leaves this object: not in repr, not in errors (they are redacted), not pickled;
+    # nor do the credentials a base URL may carry (user-info, ?api_key=...).
     def __repr__(self) -> str:
-        return f"<Session model={self.request.model!r} base_url={self._base_url!r}>"
+        return f"<Session model={self.request.model!r} base_url={redact_url(self._base_url)!r}>"
 
     def __reduce__(self) -> Any:
         raise TypeError("a Session holds an API key and is never pickled; ship the Request instead")
@@ -94,12 +122,23 @@ class Session:
             raise AuthenticationError(f"no API key where this row ran{self._key_hint}")
         http_client = None
         aiohttp_client = getattr(openai, "DefaultAioHttpClient", None)
-        if aiohttp_client is not None:
+        # aiohttp refuses a URL with user-info next to the client's Authorization header (a
+        # ValueError for every row); httpx, the default transport, sends the request.
+        userinfo = "@" in urlsplit(self._base_url or "").netloc
+        if aiohttp_client is not None and not userinfo:
             try:  # aiohttp moves a request in about half the CPU time of the default transport
                 http_client = aiohttp_client(timeout=self.limits.request_timeout_s)
             except Exception:  # aiohttp isn't installed here: the default transport works too
                 http_client = None
-        return openai.AsyncOpenAI(api_key=self._api_key, base_url=self._base_url, max_retries=0,
+        # The SDK appends paths to the base URL as a string ("/v1?api_key=Xchat/completions"): a
+        # query string (Azure's api-version, a gateway's key) goes in default_query instead.
+        base_url, query = self._base_url, None
+        if base_url and urlsplit(base_url).query:
+            parts = urlsplit(base_url)
+            base_url = urlunsplit(parts._replace(query=""))
+            query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        _hide_secrets_in_http_logs()
+        return openai.AsyncOpenAI(api_key=self._api_key, base_url=base_url, default_query=query, max_retries=0,
                                   timeout=self.limits.request_timeout_s, http_client=http_client)
 
     def prompt(self, values: tuple[Any, ...]) -> str:
@@ -280,10 +319,10 @@ class Session:
         return billed, data, failure, retryable
 
     def _where(self) -> str:
-        return self._base_url or "api.openai.com"
+        return redact_url(self._base_url) or "api.openai.com"
 
     def _clean(self, text: str) -> str:
-        return redact(" ".join(text.split()), self._api_key)
+        return redact(" ".join(text.split()), *self._secrets)
 
     def _describe_connection(self, error: BaseException) -> str:
         # The SDK's message ("Connection error.", "Request timed out.") hides the cause; the transport's says it.
