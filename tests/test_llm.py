@@ -276,6 +276,59 @@ def test_a_base_urls_credentials_appear_in_nothing_a_user_sees(openai_server, mo
             assert secret not in text
 
 
+def test_errors_from_worker_processes_keep_their_exceptions_through_a_pickle(openai_server, tmp_path):
+    # Issue 13: after processes=2, LLM exceptions were instances of by-value copies of their classes,
+    # which pickle refused ("not the same object as _rebuild_error"): a saved frame lost them.
+    df = pd.DataFrame({"text": ["[[fail=400]] a", "[[fail=401]] b", None, "product: kettle [[malformed]]",
+                                "product: mug"]})
+    out = df.modal.llm("Extract from: {text}", schema=Complaint, into="x", max_retries=0, processes=2,
+                       max_containers=2, retries=0, **FAST)
+    expected = {0: (llm_row.APIStatusError, "400 from"), 1: (llm_row.AuthenticationError, "401 from"),
+                2: (llm_row.MissingValue, "column 'text' is empty"),
+                3: (llm_row.SchemaValidationError, "the answer doesn't match Complaint")}
+
+    def check(frame):
+        details = frame.modal.errors()
+        assert sorted(details.index) == sorted(expected)
+        for position, (cls, start) in expected.items():
+            exception = details.loc[position, "exception"]
+            assert type(exception) is cls and str(exception).startswith(start), (position, exception)
+        assert details.loc[1, "exception"].status == 401 and details.loc[3, "exception"].row_usage[0] > 0
+
+    check(out)
+    again = pickle.loads(pickle.dumps(out))
+    check(again)
+    assert again["x_error"].tolist() == out["x_error"].tolist()
+    saved = tmp_path / "out.pkl"
+    saved.write_bytes(pickle.dumps(out))
+    script = textwrap.dedent(f"""
+        import pickle, modal_magic
+        out = pickle.loads(open({str(saved)!r}, "rb").read())
+        for position, e in out.modal.errors()["exception"].items():
+            print(position, type(e).__module__, type(e).__name__, getattr(e, "status", None), str(e)[:8])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "0 modal_magic.llm.row.failures APIStatusError 400 400 from",
+        "1 modal_magic.llm.row.failures AuthenticationError 401 401 from",
+        "2 modal_magic.llm.row.failures MissingValue None column '",
+        "3 modal_magic.llm.row.failures SchemaValidationError None the answ",
+    ]
+
+
+def test_errors_from_modal_containers_keep_their_exceptions_through_a_pickle(openai_server, modal_server,
+                                                                            monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    modal_server.add_secret("openai-secret", {"OPENAI_API_KEY": "sk-modal-secret-1234"})
+    df = pd.DataFrame({"text": ["[[fail=400]] a", "fine"]})
+    out = df.modal.llm("Say {text}", backend="modal", secrets=["openai-secret"], base_url=openai_server.base_url,
+                       max_retries=0, **FAST)
+    for frame in (out, pickle.loads(pickle.dumps(out))):
+        exception = frame.modal.errors().loc[0, "exception"]
+        assert type(exception) is llm_row.APIStatusError and exception.status == 400
+
+
 # --- rate limits ---------------------------------------------------------------------------------------
 
 

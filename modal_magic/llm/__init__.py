@@ -40,6 +40,7 @@ from .keys import MissingAPIKey, resolve_api_key, resolve_base_url
 from .row.limits import Limits, Meter, Request
 from .options import DEFAULT_CONCURRENCY, DEFAULT_INTO, DEFAULT_MODEL, LLM_OPTION_NAMES, LLM_OPTIONS, LLMOptions, schema_parts
 from .prices import MAX_OUTPUT_TOKENS, PRICES, PRICES_AS_OF, max_output_for, price_for
+from .row.failures import portable
 from .row.session import Session
 from .templates import TemplateError, check_template_columns, template_fields
 
@@ -185,7 +186,22 @@ def llm_frame(
                                 errors_call=errors_call, runtime=row.runtime())
     finally:
         _record_usage(before, row.runtime().meter)
+    if on_modal or processes > 1:
+        _bring_errors_home(out[f"{into}_error"])
     return _with_every_column(out, frame, columns, into)
+
+
+def _bring_errors_home(errors: pd.Series) -> None:
+    """Make the exceptions that came back from workers or containers instances of the importable classes.
+
+    They were raised by a by-value copy of the row runtime: ``isinstance`` against
+    ``modal_magic.llm.row``'s classes would fail, and a plain ``pickle`` of the frame couldn't
+    refer to their classes (see :func:`~modal_magic.llm.row.failures.portable`).
+    """
+    for error in errors.dropna():
+        exception = getattr(error, "exception", None)
+        if exception is not None:
+            error.exception = portable(exception)
 
 
 def _record_usage(before: RunSummary | None, meter: Meter) -> None:

@@ -9,7 +9,9 @@ it cost (``row_usage``): the :class:`~modal_magic.errors.RowReport` contract the
 from __future__ import annotations
 
 import base64
+import pickle
 import re
+import sys
 from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit
 
@@ -23,7 +25,55 @@ _QUERY_SECRET = re.compile(
 #: query parameters shown as they are in a redacted URL: they say which API, never who calls it
 _PUBLIC_QUERY = frozenset({"api-version", "api_version"})
 
-class LLMError(Exception):
+def _importable(obj: Any) -> Any:
+    """The object of the same name in the importable module, where there is one; else ``obj`` itself.
+
+    This package travels pickled by value (cloudpickle), so an error that comes back from a worker
+    process or a container is an instance of a *copy* of its class, which plain ``pickle`` can't
+    refer to by name ("not the same object as ..."). Where modal_magic is imported (the kernel) the
+    real class and rebuild function are used instead, so the error pickles like any other; where
+    it isn't (a Modal container), the copies are all there is and cloudpickle sends them by value.
+    """
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    real = getattr(module, getattr(obj, "__qualname__", ""), None) if module is not None else None
+    return real if real is not None else obj
+
+
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+class _Portable:
+    """Pickles as its importable class, whichever copy of the class it was made by (see :func:`_importable`)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_importable(_rebuild), (_importable(type(self)), self.args, dict(self.__dict__)))  # type: ignore[attr-defined]
+
+
+def portable(error: BaseException) -> BaseException:
+    """``error`` as an instance of its importable class when it is a by-value copy's (else unchanged).
+
+    The kernel calls this on the errors that come back from worker processes and containers, so
+    that ``isinstance(e, modal_magic.llm.row.RateLimitError)`` holds and ``pickle`` works without
+    modal_magic's help.
+
+    Examples
+    --------
+    >>> error = RateLimitError("429 from api.openai.com", status=429, attempts=3)
+    >>> portable(error) is error
+    True
+    """
+    # By module name, not isinstance: a copy's instance is no instance of this module's _Portable.
+    cls = type(error)
+    if cls.__module__ == __name__ and _importable(cls) is not cls:
+        return pickle.loads(pickle.dumps(error))
+    return error
+
+
+class LLMError(_Portable, Exception):
     """A request that did not give an answer; ``status`` is the HTTP status when there was one."""
 
     row_usage: tuple[int, float | None] | None = None  # a request that failed was not paid for
@@ -37,13 +87,6 @@ class LLMError(Exception):
     def row_attempts(self) -> int:
         """The HTTP tries this request took, which the row's ``attempts`` then counts."""
         return self.attempts
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_error, (type(self), str(self), self.status, self.attempts))
-
-
-def _rebuild_error(cls: type[LLMError], message: str, status: int | None, attempts: int) -> LLMError:
-    return cls(message, status=status, attempts=attempts)
 
 
 class RateLimitError(LLMError):
@@ -70,11 +113,11 @@ class APIConnectionError(LLMError):
     """The endpoint could not be reached, or did not answer in time, after every retry."""
 
 
-class MissingValue(ValueError):
+class MissingValue(_Portable, ValueError):
     """A column the template uses is empty in this row; no request was sent."""
 
 
-class SchemaValidationError(ValueError):
+class SchemaValidationError(_Portable, ValueError):
     """The answer is not JSON matching ``schema=`` (retried with the row's ``retries=``)."""
 
     # Paid for although unusable: Session.complete sets row_usage on the instance, and it travels
@@ -83,7 +126,7 @@ class SchemaValidationError(ValueError):
     row_usage: tuple[int, float | None] | None = None
 
 
-class EmptyAnswer(ValueError):
+class EmptyAnswer(_Portable, ValueError):
     """The endpoint answered without content (a refusal, or a malformed response)."""
 
     # Paid for although unusable: Session.complete sets row_usage on the instance, and it travels
@@ -92,7 +135,7 @@ class EmptyAnswer(ValueError):
     row_usage: tuple[int, float | None] | None = None
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(_Portable, RuntimeError):
     """``budget_usd=`` would be passed by this request: it, and every later one, was not sent."""
 
 
