@@ -233,13 +233,13 @@ def test_the_key_never_appears_in_errors_reprs_pickles_or_fingerprints(openai_se
     assert openai_server.requests[0].authorization == f"Bearer {TEST_KEY}"  # the server did echo it back
     details = out.modal.errors()
     for text in (str(error), error.message, error.traceback, repr(error.exception), str(error.exception),
-                 details.to_string(), repr(out), repr(seen[0]), repr(llm._RUNTIMES[seen[0]].session)):
+                 details.to_string(), repr(out), repr(seen[0]), repr(seen[0].session())):
         assert TEST_KEY not in text
     assert error.exception.__context__ is None and error.exception.__cause__ is None
     assert TEST_KEY.encode() not in cloudpickle.dumps(seen[0])
     assert TEST_KEY.encode() not in cloudpickle.dumps(out)
     with pytest.raises(TypeError, match="never pickled"):
-        cloudpickle.dumps(llm._RUNTIMES[seen[0]].session)
+        cloudpickle.dumps(seen[0].session())
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -262,7 +262,7 @@ def test_a_base_urls_credentials_appear_in_nothing_a_user_sees(openai_server, mo
     assert down["answer_error"].iloc[0].startswith("APIConnectionError: the request to http://***@127.0.0.1:9/v1?api_key=*** failed")
     options = llm.LLMOptions.create(base_url=base_url, api_key="sk-options-key-123456")
     shown = [repr(options), str(options), capsys.readouterr().out, capsys.readouterr().err, caplog.text,
-             " ".join(str(w.message) for w in recwarn), repr(seen[0]), repr(llm._RUNTIMES[seen[0]].session),
+             " ".join(str(w.message) for w in recwarn), repr(seen[0]), repr(seen[0].session()),
              repr(seen[0].request), str(modal_magic.last_run())]
     for frame in (out, down):
         details = frame.modal.errors()
@@ -498,11 +498,13 @@ def test_with_processes_the_budget_is_shared_out_and_no_row_is_lost(openai_serve
     df = pd.DataFrame({"text": [f"[[usage=10,1]] {i}" for i in range(12)]})
     out = df.modal.llm("Say {text}", model="test-model", prices={"test-model": (1_000_000, 0)}, budget_usd=150,
                        max_tokens=1, max_containers=2, processes=2, **FAST)
-    # $75 a process, $10 a row and $48 booked before sending: each process answers 3 rows ($30 + $48 > $75).
-    assert out["answer"].notna().sum() == 6 and out["answer_cost_usd"].sum() == 60
-    assert len(openai_server.requests) == 6
+    # $75 a process, $10 a row and $48 booked before sending: a process answers at most 3 rows ($30 + $48
+    # > $75), and refuses the rest; which process gets how many rows depends on how fast each one is.
+    answered = int(out["answer"].notna().sum())
+    assert 3 <= answered <= 6 and out["answer_cost_usd"].sum() == 10 * answered
+    assert len(openai_server.requests) == answered
     assert out["answer_error"].dropna().str.startswith("BudgetExceeded: budget_usd=75.00: $30.00 spent").all()
-    assert out["answer_error"].notna().sum() == 6
+    assert out["answer_error"].notna().sum() == 12 - answered
     worker_row = seen[0].for_workers()
     assert TEST_KEY not in repr(worker_row) and TEST_KEY.encode() not in cloudpickle.dumps(seen[0])
 
@@ -725,10 +727,54 @@ def test_on_modal_mistakes_are_caught_before_anything_starts(openai_server):
         df.modal.llm("Say {text}", backend="modal", secrets=["openai-secret"], rpm=100, **FAST)
 
 
-def test_the_client_is_closed_when_the_run_ends(openai_server, monkeypatch):
-    seen = capture_row_functions(monkeypatch)
-    pd.DataFrame({"text": ["a", "b", "c"]}).modal.llm("Say {text}", max_containers=2, **FAST)
-    assert llm._RUNTIMES[seen[0]].session._client is None
+@pytest.mark.parametrize("processes", [1, 2])
+def test_no_session_or_client_outlives_its_run(openai_server, monkeypatch, processes):
+    import gc
+    import weakref
+
+    from modal_magic.llm import function as function_module
+    from modal_magic.llm.row import session as session_module
+
+    sessions: list[weakref.ref] = []
+    clients: list[weakref.ref] = []
+    closed: list[bool] = []
+    real_map, real_renew = llm.map_frame, function_module._SessionRecipe.session
+
+    def spy(frame, fn, **kwargs):  # the run's first session, made by llm_frame
+        sessions.append(weakref.ref(llm._RUNTIMES[fn].session))
+        return real_map(frame, fn, **kwargs)
+
+    def renew(self):  # the sessions made later, e.g. by retry_failed
+        session = real_renew(self)
+        sessions.append(weakref.ref(session))
+        return session
+
+    monkeypatch.setattr(llm, "map_frame", spy)
+    monkeypatch.setattr(function_module._SessionRecipe, "session", renew)
+    if processes == 1:  # with processes=2 the row package is shipped by value: patches would travel too
+        real_make, real_close = session_module.Session._make_client, session_module.Session.aclose
+
+        def make_client(self):
+            client = real_make(self)
+            clients.append(weakref.ref(client))
+            return client
+
+        async def aclose(self):
+            closed.append(self._client is not None)
+            await real_close(self)
+
+        monkeypatch.setattr(session_module.Session, "_make_client", make_client)
+        monkeypatch.setattr(session_module.Session, "aclose", aclose)
+    df = pd.DataFrame({"text": ["a", "b", "[[fail=500 times=1]] c"]})
+    out = df.modal.llm("Say {text}", max_containers=2, max_retries=0, processes=processes, **FAST)
+    assert out["answer_error"].notna().sum() == 1
+    retried = out.modal.retry_failed(progress=False)  # the run record keeps the function, for this
+    assert retried["answer_error"].isna().all()
+    gc.collect()
+    assert len(sessions) == (2 if processes == 1 else 1) and all(ref() is None for ref in sessions)
+    if processes == 1:
+        assert len(clients) == 2 and all(ref() is None for ref in clients)
+        assert closed == [True, True]  # each run closed its client before letting it go
 
 
 def test_one_request_at_a_time_keeps_one_connection_for_the_whole_run(openai_server):

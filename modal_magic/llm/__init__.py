@@ -186,21 +186,25 @@ def llm_frame(
                                 errors_call=errors_call, runtime=row.runtime())
     finally:
         _record_usage(before, row.runtime().meter)
-    if on_modal or processes > 1:
-        _bring_errors_home(out[f"{into}_error"])
+        row.release()
+    _bring_errors_home(out[f"{into}_error"])
     return _with_every_column(out, frame, columns, into)
 
 
 def _bring_errors_home(errors: pd.Series) -> None:
-    """Make the exceptions that came back from workers or containers instances of the importable classes.
+    """Make the rows' exceptions plain records: importable classes, and no live traceback.
 
-    They were raised by a by-value copy of the row runtime: ``isinstance`` against
-    ``modal_magic.llm.row``'s classes would fail, and a plain ``pickle`` of the frame couldn't
-    refer to their classes (see :func:`~modal_magic.llm.row.failures.portable`).
+    Those that came back from workers or containers were raised by a by-value copy of the row
+    runtime: ``isinstance`` against ``modal_magic.llm.row``'s classes would fail, and a plain
+    ``pickle`` of the frame couldn't refer to their classes (see
+    :func:`~modal_magic.llm.row.failures.portable`). Those raised here carry a traceback whose
+    frames hold the run's session (its client, its key) for as long as the frame lives; the
+    traceback's text is already in ``errors()["traceback"]``.
     """
     for error in errors.dropna():
         exception = getattr(error, "exception", None)
         if exception is not None:
+            exception.__traceback__ = None
             error.exception = portable(exception)
 
 
