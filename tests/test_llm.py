@@ -893,6 +893,6 @@ def test_the_llm_notebook_classifies_reviews_against_any_openai_compatible_endpo
     budget = result("small = reviews.modal.llm(")
     assert "BudgetExceeded" in budget
     first_error = result("small[small.label_error.notna()].label_error.iloc[0]")
-    assert first_error.startswith("'BudgetExceeded: budget_usd=0.0005 reached after $0.0")
+    assert first_error.startswith("'BudgetExceeded: budget_usd=0.0005: $0.0")
     requests = openai_server.requests
     assert 300 + 40 < len(requests) < 300 + 40 + 300
