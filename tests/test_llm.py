@@ -570,6 +570,30 @@ def test_a_budget_share_never_adds_up_to_more_than_the_whole():
             assert llm_row.Limits(budget_usd=budget).share(ways).budget_usd * ways <= budget
 
 
+def test_a_request_that_doesnt_fit_yet_waits_for_those_in_flight_and_one_that_never_fits_is_refused():
+    budget = llm_row.Budget(1.0)
+    order: list[str] = []
+
+    async def request(name: str, worst: float, actual: float, hold: float) -> None:
+        try:
+            await budget.acquire(worst)
+        except llm_row.BudgetExceeded:
+            order.append(f"{name} refused")
+            return
+        order.append(f"{name} sent")
+        await asyncio.sleep(hold)
+        budget.settle(worst, actual)
+
+    async def run():
+        await asyncio.gather(request("a", 0.6, 0.1, 0.05), request("b", 0.6, 0.5, 0.05),
+                             request("c", 0.6, 0.0, 0.0))
+
+    asyncio.run(run())
+    # b waits for a ($0.10 spent + $0.60 fits); c then waits for b, and can never fit ($0.60 + $0.60).
+    assert order == ["a sent", "b sent", "c refused"]
+    assert budget.spent_usd == pytest.approx(0.6) and budget.in_flight_usd == 0
+
+
 def test_a_request_cancelled_in_flight_counts_at_its_worst_case():
     budget = llm_row.Budget(1.0)
 
@@ -861,7 +885,7 @@ def test_modal_llm_magic_is_registered(openai_server, ip):
 def test_the_llm_notebook_classifies_reviews_against_any_openai_compatible_endpoint(openai_server, tmp_path):
     import nbformat
 
-    from modal_magic._notebook import execute_notebook, progress_runs
+    from tests.notebook_runner import execute_notebook, progress_runs
     from modal_magic.datasets import load_reviews
     from tests.openai_server import answer_for
 

@@ -211,6 +211,7 @@ class Budget:
         self.limit_usd = limit_usd
         self.spent_usd = 0.0
         self.in_flight_usd = 0.0
+        self._in_flight = 0  # requests booked and not yet settled: at 0, nothing is booked (no float residue)
         self.stopped: str | None = None
         self.overrun: str | None = None  # the endpoint billed more than a request's worst case
         self._waiters: list[Any] = []  # futures of requests waiting for those in flight to settle
@@ -231,7 +232,14 @@ class Budget:
             )
             if self.overrun:
                 self.stopped += f". {self.overrun}"
+            self._wake()  # the requests waiting for room are refused too, now rather than later
         return BudgetExceeded(self.stopped)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def acquire(self, worst_usd: float, detail: str = "") -> None:
         """Book ``worst_usd`` for one request, waiting for requests in flight if they hold the room it needs."""
@@ -242,6 +250,7 @@ class Budget:
                 raise self._refuse(worst_usd, detail)
             if self.spent_usd + self.in_flight_usd + worst_usd <= self.limit_usd:
                 self.in_flight_usd += worst_usd
+                self._in_flight += 1
                 return
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -256,7 +265,8 @@ class Budget:
         self.spent_usd += actual_usd
         if self.limit_usd is None:
             return
-        self.in_flight_usd = max(0.0, self.in_flight_usd - worst_usd)
+        self._in_flight = max(0, self._in_flight - 1)
+        self.in_flight_usd = max(0.0, self.in_flight_usd - worst_usd) if self._in_flight else 0.0
         if actual_usd > worst_usd * (1 + 1e-9):
             # Only an endpoint that bills past max_tokens, or counts a prompt at more than a token a
             # byte, does this; say so, and send nothing more.
@@ -264,10 +274,7 @@ class Budget:
                             f"${usd(worst_usd)}: it counts tokens differently from OpenAI, so the cap can't be kept "
                             "with it")
             self.stopped = f"budget_usd={self._limit()}: ${usd(self.spent_usd)} spent. {self.overrun}"
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self._wake()
 
     def restart(self) -> None:
         """A new run of the same function (e.g. ``retry_failed()``): keep what was spent, look again.
