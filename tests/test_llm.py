@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import base64
+import json
 import os
 import pickle
 import re
@@ -231,13 +233,100 @@ def test_the_key_never_appears_in_errors_reprs_pickles_or_fingerprints(openai_se
     assert openai_server.requests[0].authorization == f"Bearer {TEST_KEY}"  # the server did echo it back
     details = out.modal.errors()
     for text in (str(error), error.message, error.traceback, repr(error.exception), str(error.exception),
-                 details.to_string(), repr(out), repr(seen[0]), repr(llm._RUNTIMES[seen[0]].session)):
+                 details.to_string(), repr(out), repr(seen[0]), repr(seen[0].session())):
         assert TEST_KEY not in text
     assert error.exception.__context__ is None and error.exception.__cause__ is None
     assert TEST_KEY.encode() not in cloudpickle.dumps(seen[0])
     assert TEST_KEY.encode() not in cloudpickle.dumps(out)
     with pytest.raises(TypeError, match="never pickled"):
-        cloudpickle.dumps(llm._RUNTIMES[seen[0]].session)
+        cloudpickle.dumps(seen[0].session())
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_base_urls_credentials_appear_in_nothing_a_user_sees(openai_server, monkeypatch, capsys, caplog, recwarn,
+                                                              processes):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    seen = capture_row_functions(monkeypatch)
+    host = openai_server.base_url.removeprefix("http://").removesuffix("/v1")
+    password, query_key = "hunter2-PASSWORD", "QUERY-SECRET-42"
+    base_url = f"http://someone:{password}@{host}/v1?api_key={query_key}&api-version=2024-06-01"
+    unreachable = f"http://someone:{password}@127.0.0.1:9/v1?api_key={query_key}"
+    df = pd.DataFrame({"text": ["[[fail=401]] a", "[[fail=500]] b", "[[fail=400]] c", "fine"]})
+    out = df.modal.llm("Say {text}", base_url=base_url, max_retries=0, processes=processes, progress=True)
+    down = df.iloc[3:].modal.llm("Say {text}", base_url=unreachable, max_retries=0, processes=processes, progress=True)
+    assert out["answer"].iloc[3] == "Say fine"  # the endpoint was reached, credentials and all
+    assert {r.body.get("model") for r in openai_server.requests} == {"gpt-4o-mini"}
+    assert out["answer_error"].iloc[0].startswith(f"AuthenticationError: 401 from http://***@{host}/v1?api_key=***&api-version=2024-06-01")
+    assert down["answer_error"].iloc[0].startswith("APIConnectionError: the request to http://***@127.0.0.1:9/v1?api_key=*** failed")
+    options = llm.LLMOptions.create(base_url=base_url, api_key="sk-options-key-123456")
+    shown = [repr(options), str(options), capsys.readouterr().out, capsys.readouterr().err, caplog.text,
+             " ".join(str(w.message) for w in recwarn), repr(seen[0]), repr(seen[0].session()),
+             repr(seen[0].request), str(modal_magic.last_run())]
+    for frame in (out, down):
+        details = frame.modal.errors()
+        shown += [frame.to_string(), details.to_string(), *details["message"], *details["traceback"],
+                  *(str(e) for e in details["exception"]), *(repr(e) for e in details["exception"])]
+    assert len(shown) > 20
+    for text in shown:
+        # user-info goes out as "Authorization: Basic base64(user:password)", which a 401 may echo
+        basic = base64.b64encode(f"someone:{password}".encode()).decode()
+        for secret in (password, query_key, "sk-options-key-123456", basic):
+            assert secret not in text
+
+
+def test_errors_from_worker_processes_keep_their_exceptions_through_a_pickle(openai_server, tmp_path):
+    # Issue 13: after processes=2, LLM exceptions were instances of by-value copies of their classes,
+    # which pickle refused ("not the same object as _rebuild_error"): a saved frame lost them.
+    df = pd.DataFrame({"text": ["[[fail=400]] a", "[[fail=401]] b", None, "product: kettle [[malformed]]",
+                                "product: mug"]})
+    out = df.modal.llm("Extract from: {text}", schema=Complaint, into="x", max_retries=0, processes=2,
+                       max_containers=2, retries=0, **FAST)
+    expected = {0: (llm_row.APIStatusError, "400 from"), 1: (llm_row.AuthenticationError, "401 from"),
+                2: (llm_row.MissingValue, "column 'text' is empty"),
+                3: (llm_row.SchemaValidationError, "the answer doesn't match Complaint")}
+
+    def check(frame):
+        details = frame.modal.errors()
+        assert sorted(details.index) == sorted(expected)
+        for position, (cls, start) in expected.items():
+            exception = details.loc[position, "exception"]
+            assert type(exception) is cls and str(exception).startswith(start), (position, exception)
+        assert details.loc[1, "exception"].status == 401 and details.loc[3, "exception"].row_usage[0] > 0
+
+    check(out)
+    again = pickle.loads(pickle.dumps(out))
+    check(again)
+    assert again["x_error"].tolist() == out["x_error"].tolist()
+    saved = tmp_path / "out.pkl"
+    saved.write_bytes(pickle.dumps(out))
+    script = textwrap.dedent(f"""
+        import pickle, modal_magic
+        out = pickle.loads(open({str(saved)!r}, "rb").read())
+        for position, e in out.modal.errors()["exception"].items():
+            print(position, type(e).__module__, type(e).__name__, getattr(e, "status", None), str(e)[:8])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "0 modal_magic.llm.row.failures APIStatusError 400 400 from",
+        "1 modal_magic.llm.row.failures AuthenticationError 401 401 from",
+        "2 modal_magic.llm.row.failures MissingValue None column '",
+        "3 modal_magic.llm.row.failures SchemaValidationError None the answ",
+    ]
+
+
+def test_errors_from_modal_containers_keep_their_exceptions_through_a_pickle(openai_server, modal_server,
+                                                                            monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    modal_server.add_secret("openai-secret", {"OPENAI_API_KEY": "sk-modal-secret-1234"})
+    df = pd.DataFrame({"text": ["[[fail=400]] a", "fine"]})
+    out = df.modal.llm("Say {text}", backend="modal", secrets=["openai-secret"], base_url=openai_server.base_url,
+                       max_retries=0, **FAST)
+    for frame in (out, pickle.loads(pickle.dumps(out))):
+        exception = frame.modal.errors().loc[0, "exception"]
+        assert type(exception) is llm_row.APIStatusError and exception.status == 400
 
 
 # --- rate limits ---------------------------------------------------------------------------------------
@@ -361,15 +450,17 @@ def test_a_slow_request_meets_the_row_timeout(openai_server, processes):
 
 
 def test_the_budget_stops_new_requests_keeps_answered_rows_and_errors_the_rest(openai_server):
-    # $1 per input token; every answer reports 10 input tokens: $10 a row, and ~$16 booked before sending.
+    # $1 per input token; every answer reports 10 input tokens: $10 a row. Before sending, a row books
+    # its worst case: "Say [[usage=10,1]] 0" is 20 bytes, "user" 4, plus 8 + 16 for the chat format: $48.
     df = pd.DataFrame({"text": [f"[[usage=10,1]] {i}" for i in range(8)]})
-    out = df.modal.llm("Say {text}", model="test-model", prices={"test-model": (1_000_000, 0)}, budget_usd=35,
+    out = df.modal.llm("Say {text}", model="test-model", prices={"test-model": (1_000_000, 0)}, budget_usd=75,
                        max_tokens=1, max_containers=1, **FAST)
     assert len(out) == 8
     assert out["answer"].notna().tolist() == [True] * 3 + [False] * 5
     assert out["answer_cost_usd"].iloc[:3].tolist() == [10.0] * 3
     assert len(openai_server.requests) == 3
-    message = "BudgetExceeded: budget_usd=35.00 reached after $30.00: the next request would cost about $"
+    message = ("BudgetExceeded: budget_usd=75.00: $30.00 spent, and the next request could cost up to $48.00 "
+               "(48 prompt tokens at most + 1 output tokens (max_tokens)), which would pass it")
     assert all(e.startswith(message) for e in out["answer_error"].iloc[3:])
     assert out.modal.errors()["type"].tolist() == ["BudgetExceeded"] * 5
 
@@ -405,15 +496,117 @@ def test_processes_send_the_requests_from_worker_processes_each_with_its_share_o
 def test_with_processes_the_budget_is_shared_out_and_no_row_is_lost(openai_server, monkeypatch):
     seen = capture_row_functions(monkeypatch)
     df = pd.DataFrame({"text": [f"[[usage=10,1]] {i}" for i in range(12)]})
-    out = df.modal.llm("Say {text}", model="test-model", prices={"test-model": (1_000_000, 0)}, budget_usd=70,
+    out = df.modal.llm("Say {text}", model="test-model", prices={"test-model": (1_000_000, 0)}, budget_usd=150,
                        max_tokens=1, max_containers=2, processes=2, **FAST)
-    # $35 a process, $10 a row and $13 booked before sending: each process answers 3 rows ($30 + $13 > $35).
-    assert out["answer"].notna().sum() == 6 and out["answer_cost_usd"].sum() == 60
-    assert len(openai_server.requests) == 6
-    assert out["answer_error"].dropna().str.startswith("BudgetExceeded: budget_usd=35.00 reached after $30.00").all()
-    assert out["answer_error"].notna().sum() == 6
+    # $75 a process, $10 a row and $48 booked before sending: a process answers at most 3 rows ($30 + $48
+    # > $75), and refuses the rest; which process gets how many rows depends on how fast each one is.
+    answered = int(out["answer"].notna().sum())
+    assert 3 <= answered <= 6 and out["answer_cost_usd"].sum() == 10 * answered
+    assert len(openai_server.requests) == answered
+    assert out["answer_error"].dropna().str.startswith("BudgetExceeded: budget_usd=75.00: $30.00 spent").all()
+    assert out["answer_error"].notna().sum() == 12 - answered
     worker_row = seen[0].for_workers()
     assert TEST_KEY not in repr(worker_row) and TEST_KEY.encode() not in cloudpickle.dumps(seen[0])
+
+
+def billed_usd(server, price: tuple[float, float] = (0.15, 0.60)) -> float:
+    """What the test server billed for every request it answered, at ``price`` (USD per million)."""
+    return sum(r.tokens_in * price[0] + r.tokens_out * price[1] for r in server.requests if r.status == 200) / 1e6
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_budget_is_a_hard_cap_with_long_answers_and_64_requests_in_flight(openai_server, monkeypatch,
+                                                                               processes):
+    # Issue 13: 2,000-token answers without max_tokens, 64 in flight, spent $0.0315 of a $0.01 budget.
+    # Each request now books gpt-4o-mini's 16,384 output tokens ($0.0098) before it is sent.
+    seen = capture_row_functions(monkeypatch)
+    df = pd.DataFrame({"text": [f"[[long=2000]] {i}" for i in range(64)]})
+    out = df.modal.llm("Say {text}", model="gpt-4o-mini", budget_usd=0.03, max_containers=64,
+                       processes=processes, **FAST)
+    billed = billed_usd(openai_server)
+    assert 0 < billed <= 0.03
+    answered = int(out["answer"].notna().sum())
+    assert answered >= 4 and answered == len(openai_server.requests)  # 2,000 tokens of output: $0.0012 a row
+    assert out["answer_cost_usd"].sum() == pytest.approx(billed)
+    meter = seen[0].runtime().meter
+    assert meter.cost_usd == pytest.approx(billed) and modal_magic.last_run().cost_usd == pytest.approx(billed)
+    errors = out["answer_error"].dropna()
+    assert len(errors) == 64 - answered
+    share = "0.03" if processes == 1 else "0.015"
+    assert errors.str.startswith(f"BudgetExceeded: budget_usd={share}: $").all()
+    assert errors.str.contains(r"16,384 output tokens \(gpt-4o-mini's most, as max_tokens is not set\)").all()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_budget_is_a_hard_cap_with_large_prompts(openai_server, processes):
+    # Issue 13: prompts the server counted at 20,000 tokens spent $0.19. An 80,000-byte prompt books
+    # 80,000 tokens at most ($0.012 at gpt-4o-mini's $0.15 a million) and is billed 20,004 ($0.003).
+    big = "x" * 80_000
+    df = pd.DataFrame({"text": [f"{big} {i}" for i in range(32)]})
+    out = df.modal.llm("{text}", model="gpt-4o-mini", budget_usd=0.05, max_tokens=5, max_containers=32,
+                       processes=processes, **FAST)
+    billed = billed_usd(openai_server)
+    assert billed <= 0.05 and modal_magic.last_run().cost_usd == pytest.approx(billed)
+    assert {r.tokens_in for r in openai_server.requests} == {20_004}
+    assert out["answer"].notna().sum() >= 4
+    assert out["answer_error"].dropna().str.contains("80,0[0-9][0-9] prompt tokens at most").all()
+
+
+def test_the_budget_books_a_worst_case_no_openai_tokenizer_can_pass():
+    # A token of OpenAI's byte-level BPE is at least one byte of UTF-8: the byte count bounds any text.
+    texts = ["hello world", "héllo wörld ünïcode", "数据科学家", "🙂🙃" * 10, "a" * 1000, ""]
+    for text in texts:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]}
+        assert llm_row.prompt_tokens_bound(body) >= len(text.encode()) + 4 + 3 + 3
+    schema = {"model": "m", "messages": [{"role": "user", "content": "x"}],
+              "response_format": {"type": "json_schema", "json_schema": {"name": "Complaint", "schema": {}}}}
+    assert llm_row.prompt_tokens_bound(schema) > len(json.dumps(schema["response_format"]))
+    assert llm.max_output_for("gpt-4o-mini") == 16_384 and llm.max_output_for("some-new-model") == 128_000
+
+
+def test_a_budget_share_never_adds_up_to_more_than_the_whole():
+    for budget in (0.01, 1 / 3, 70.0, 0.0000007):
+        for ways in (1, 2, 3, 7, 64):
+            assert llm_row.Limits(budget_usd=budget).share(ways).budget_usd * ways <= budget
+
+
+def test_a_request_that_doesnt_fit_yet_waits_for_those_in_flight_and_one_that_never_fits_is_refused():
+    budget = llm_row.Budget(1.0)
+    order: list[str] = []
+
+    async def request(name: str, worst: float, actual: float, hold: float) -> None:
+        try:
+            await budget.acquire(worst)
+        except llm_row.BudgetExceeded:
+            order.append(f"{name} refused")
+            return
+        order.append(f"{name} sent")
+        await asyncio.sleep(hold)
+        budget.settle(worst, actual)
+
+    async def run():
+        await asyncio.gather(request("a", 0.6, 0.1, 0.05), request("b", 0.6, 0.5, 0.05),
+                             request("c", 0.6, 0.0, 0.0))
+
+    asyncio.run(run())
+    # b waits for a ($0.10 spent + $0.60 fits); c then waits for b, and can never fit ($0.60 + $0.60).
+    assert order == ["a sent", "b sent", "c refused"]
+    assert budget.spent_usd == pytest.approx(0.6) and budget.in_flight_usd == 0
+
+
+def test_a_request_cancelled_in_flight_counts_at_its_worst_case():
+    budget = llm_row.Budget(1.0)
+
+    async def run():
+        await budget.acquire(0.4)
+        budget.settle(0.4, 0.4)  # what a try cancelled after it went out settles at
+        await budget.acquire(0.4)
+        budget.settle(0.4, 0.1)
+        with pytest.raises(llm_row.BudgetExceeded, match=r"\$0.50 spent, and the next request could cost up to \$0.60"):
+            await budget.acquire(0.6)
+
+    asyncio.run(run())
+    assert budget.spent_usd == pytest.approx(0.5) and budget.in_flight_usd == 0
 
 
 # --- structured output -----------------------------------------------------------------------------------
@@ -532,6 +725,22 @@ def test_on_modal_the_bar_adds_up_tokens_and_cost_as_rows_come_back(openai_serve
     assert f"{billed:,} tokens" in err
 
 
+def test_on_modal_each_containers_share_of_the_budget_is_a_hard_cap(openai_server, modal_server, monkeypatch,
+                                                                    capsys):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    modal_server.add_secret("openai-secret", {"OPENAI_API_KEY": "sk-modal-secret-1234"})
+    df = pd.DataFrame({"text": [f"[[long=2000]] {i}" for i in range(24)]})
+    out = df.modal.llm("Say {text}", model="gpt-4o-mini", budget_usd=0.03, backend="modal", secrets=["openai-secret"],
+                       base_url=openai_server.base_url, max_containers=2, progress=True)
+    billed = billed_usd(openai_server)
+    assert 0 < billed <= 0.03
+    assert out["answer"].notna().sum() == len(openai_server.requests) >= 2
+    assert out["answer_cost_usd"].sum() == pytest.approx(billed)
+    assert modal_magic.last_run().cost_usd == pytest.approx(billed)
+    assert out["answer_error"].dropna().str.startswith("BudgetExceeded: budget_usd=0.015: $").all()
+    assert out["answer_error"].notna().any()
+
+
 def test_on_modal_mistakes_are_caught_before_anything_starts(openai_server):
     df = pd.DataFrame({"text": ["a"]})
     with pytest.raises(llm.MissingAPIKey, match=r"secrets=\['openai-secret'\]"):
@@ -542,10 +751,54 @@ def test_on_modal_mistakes_are_caught_before_anything_starts(openai_server):
         df.modal.llm("Say {text}", backend="modal", secrets=["openai-secret"], rpm=100, **FAST)
 
 
-def test_the_client_is_closed_when_the_run_ends(openai_server, monkeypatch):
-    seen = capture_row_functions(monkeypatch)
-    pd.DataFrame({"text": ["a", "b", "c"]}).modal.llm("Say {text}", max_containers=2, **FAST)
-    assert llm._RUNTIMES[seen[0]].session._client is None
+@pytest.mark.parametrize("processes", [1, 2])
+def test_no_session_or_client_outlives_its_run(openai_server, monkeypatch, processes):
+    import gc
+    import weakref
+
+    from modal_magic.llm import function as function_module
+    from modal_magic.llm.row import session as session_module
+
+    sessions: list[weakref.ref] = []
+    clients: list[weakref.ref] = []
+    closed: list[bool] = []
+    real_map, real_renew = llm.map_frame, function_module._SessionRecipe.session
+
+    def spy(frame, fn, **kwargs):  # the run's first session, made by llm_frame
+        sessions.append(weakref.ref(llm._RUNTIMES[fn].session))
+        return real_map(frame, fn, **kwargs)
+
+    def renew(self):  # the sessions made later, e.g. by retry_failed
+        session = real_renew(self)
+        sessions.append(weakref.ref(session))
+        return session
+
+    monkeypatch.setattr(llm, "map_frame", spy)
+    monkeypatch.setattr(function_module._SessionRecipe, "session", renew)
+    if processes == 1:  # with processes=2 the row package is shipped by value: patches would travel too
+        real_make, real_close = session_module.Session._make_client, session_module.Session.aclose
+
+        def make_client(self):
+            client = real_make(self)
+            clients.append(weakref.ref(client))
+            return client
+
+        async def aclose(self):
+            closed.append(self._client is not None)
+            await real_close(self)
+
+        monkeypatch.setattr(session_module.Session, "_make_client", make_client)
+        monkeypatch.setattr(session_module.Session, "aclose", aclose)
+    df = pd.DataFrame({"text": ["a", "b", "[[fail=500 times=1]] c"]})
+    out = df.modal.llm("Say {text}", max_containers=2, max_retries=0, processes=processes, **FAST)
+    assert out["answer_error"].notna().sum() == 1
+    retried = out.modal.retry_failed(progress=False)  # the run record keeps the function, for this
+    assert retried["answer_error"].isna().all()
+    gc.collect()
+    assert len(sessions) == (2 if processes == 1 else 1) and all(ref() is None for ref in sessions)
+    if processes == 1:
+        assert len(clients) == 2 and all(ref() is None for ref in clients)
+        assert closed == [True, True]  # each run closed its client before letting it go
 
 
 def test_one_request_at_a_time_keeps_one_connection_for_the_whole_run(openai_server):
@@ -632,7 +885,7 @@ def test_modal_llm_magic_is_registered(openai_server, ip):
 def test_the_llm_notebook_classifies_reviews_against_any_openai_compatible_endpoint(openai_server, tmp_path):
     import nbformat
 
-    from modal_magic._notebook import execute_notebook, progress_runs
+    from tests.notebook_runner import execute_notebook, progress_runs
     from modal_magic.datasets import load_reviews
     from tests.openai_server import answer_for
 
@@ -664,6 +917,6 @@ def test_the_llm_notebook_classifies_reviews_against_any_openai_compatible_endpo
     budget = result("small = reviews.modal.llm(")
     assert "BudgetExceeded" in budget
     first_error = result("small[small.label_error.notna()].label_error.iloc[0]")
-    assert first_error.startswith("'BudgetExceeded: budget_usd=0.0005 reached after $0.0")
+    assert first_error.startswith("'BudgetExceeded: budget_usd=0.0005: $0.0")
     requests = openai_server.requests
     assert 300 + 40 < len(requests) < 300 + 40 + 300

@@ -26,23 +26,27 @@ to a worker process. The ``%%modal_llm`` magic is on the IPython side, in
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import TYPE_CHECKING, Any, Mapping
 
 import pandas as pd
 
-from ..engine import map_frame
+from ..engine import _last as _engine_state  # the record last_run() reads (see _record_usage)
+from ..engine import last_run, map_frame
 from ..errors import OptionsError
 from .function import _RUNTIMES, LLMRowFunction  # noqa: F401  (_RUNTIMES: tests look inside a run's session)
 from .keys import MissingAPIKey, resolve_api_key, resolve_base_url
 from .row.limits import Limits, Meter, Request
 from .options import DEFAULT_CONCURRENCY, DEFAULT_INTO, DEFAULT_MODEL, LLM_OPTION_NAMES, LLM_OPTIONS, LLMOptions, schema_parts
-from .prices import PRICES, PRICES_AS_OF, price_for
+from .prices import MAX_OUTPUT_TOKENS, PRICES, PRICES_AS_OF, max_output_for, price_for
+from .row.failures import portable
 from .row.session import Session
 from .templates import TemplateError, check_template_columns, template_fields
 
 if TYPE_CHECKING:
     from ..options import MapOptions
+    from ..progress import RunSummary
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -52,12 +56,14 @@ __all__ = [
     "LLMRowFunction",
     "LLM_OPTIONS",
     "LLM_OPTION_NAMES",
+    "MAX_OUTPUT_TOKENS",
     "MissingAPIKey",
     "PRICES",
     "PRICES_AS_OF",
     "TemplateError",
     "check_template_columns",
     "llm_frame",
+    "max_output_for",
     "price_for",
     "resolve_api_key",
     "resolve_base_url",
@@ -154,28 +160,64 @@ def llm_frame(
         schema=schema, response_format=response_format, schema_columns=schema_columns,
         base_url=url, price=price, extra_body=tuple((llm.extra_body or {}).items()),
     )
-    limits = Limits(rpm=llm.rpm, tpm=llm.tpm, budget_usd=llm.budget_usd, max_retries=llm.max_retries)
+    limits = Limits(rpm=llm.rpm, tpm=llm.tpm, budget_usd=llm.budget_usd, max_retries=llm.max_retries,
+                    max_output_tokens=max_output_for(llm.model, llm.max_tokens))
     container_limits = limits.share(options.max_containers or 1)
     worker_limits = limits.share(processes)
     session = Session(request, limits, Meter(price is not None), api_key=key, base_url=url)
     row = LLMRowFunction(request, session, container_limits, on_modal=on_modal, processes=processes,
                          worker_limits=worker_limits)
 
-    if on_modal:
-        opts = options.replace(expand=True, pip=list(_modal_packages(options, schema)) if options.image is None
-                               else list(options.pip))
-        out = _map_shipped(frame, row, fields, into, opts, errors_call)
-    else:
-        # Every row is its own task on an event loop: max_containers requests in flight, from the
-        # kernel's process or split over `processes` worker processes.
-        opts = options.replace(expand=True, max_containers=options.max_containers or DEFAULT_CONCURRENCY,
-                               batch_size=options.batch_size or 1)
-        if processes > 1:
+    before = last_run()
+    try:
+        if on_modal:
+            opts = options.replace(expand=True, pip=list(_modal_packages(options, schema)) if options.image is None
+                                   else list(options.pip))
             out = _map_shipped(frame, row, fields, into, opts, errors_call)
         else:
-            out = map_frame(frame, row, columns=list(fields), star=True, into=into, options=opts,
-                            errors_call=errors_call, runtime=row.runtime())
+            # Every row is its own task on an event loop: max_containers requests in flight, from the
+            # kernel's process or split over `processes` worker processes.
+            opts = options.replace(expand=True, max_containers=options.max_containers or DEFAULT_CONCURRENCY,
+                                   batch_size=options.batch_size or 1)
+            if processes > 1:
+                out = _map_shipped(frame, row, fields, into, opts, errors_call)
+            else:
+                out = map_frame(frame, row, columns=list(fields), star=True, into=into, options=opts,
+                                errors_call=errors_call, runtime=row.runtime())
+    finally:
+        _record_usage(before, row.runtime().meter)
+        row.release()
+    _bring_errors_home(out[f"{into}_error"])
     return _with_every_column(out, frame, columns, into)
+
+
+def _bring_errors_home(errors: pd.Series) -> None:
+    """Make the rows' exceptions plain records: importable classes, and no live traceback.
+
+    Those that came back from workers or containers were raised by a by-value copy of the row
+    runtime: ``isinstance`` against ``modal_magic.llm.row``'s classes would fail, and a plain
+    ``pickle`` of the frame couldn't refer to their classes (see
+    :func:`~modal_magic.llm.row.failures.portable`). Those raised here carry a traceback whose
+    frames hold the run's session (its client, its key) for as long as the frame lives; the
+    traceback's text is already in ``errors()["traceback"]``.
+    """
+    for error in errors.dropna():
+        exception = getattr(error, "exception", None)
+        if exception is not None:
+            exception.__traceback__ = None
+            error.exception = portable(exception)
+
+
+def _record_usage(before: RunSummary | None, meter: Meter) -> None:
+    """Put the run's tokens and cost on ``modal_magic.last_run()``, as the bar showed them.
+
+    The engine knows nothing of tokens; the run's summary is a frozen record it keeps for the last
+    run, so the LLM layer fills in what it measured, only if this run made a summary at all.
+    """
+    summary = last_run()
+    if summary is None or summary is before:
+        return
+    _engine_state["summary"] = dataclasses.replace(summary, tokens=meter.tokens, cost_usd=meter.cost_usd)
 
 
 def _map_shipped(frame: pd.DataFrame, row: LLMRowFunction, fields: tuple[str, ...], into: str,

@@ -5,6 +5,12 @@
 limiter, budget) is kept off it, in a side table. :meth:`LLMRowFunction.runtime` says what the
 backend needs beyond the function: the meter the progress bar reads, the worker processes, what
 those processes run, and how the run closes its HTTP client.
+
+A session lives for one run: the run's end (:meth:`LLMRowFunction.aclose`, or
+:meth:`LLMRowFunction.release` where the rows ran in other processes) drops it with its client.
+What the function keeps for ``out.modal.retry_failed()`` (which the engine's run record makes
+possible by holding the function) is the recipe for a new one: the request, the limits, the key,
+and the budget with what was spent so far.
 """
 
 from __future__ import annotations
@@ -14,24 +20,50 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Runtime
-from .row.limits import Limits, Meter
-from .row.session import ContainerRow
+from .row.limits import Budget, Limits, Meter
+from .row.session import ContainerRow, Session, WorkerRow
 
 if TYPE_CHECKING:
     from .row.limits import Request
-    from .row.session import Session, WorkerRow
 
 __all__ = ["LLMRowFunction"]
 
 
 @dataclass
+class _SessionRecipe:
+    """What a new :class:`Session` for the same function needs (a retry of its failed rows)."""
+
+    request: Request
+    limits: Limits
+    meter: Meter
+    api_key: str | None
+    base_url: str | None
+    budget: Budget  # shared from run to run: a retry spends from what is left
+
+    @classmethod
+    def of(cls, session: Session) -> _SessionRecipe:
+        return cls(session.request, session.limits, session.meter, session._api_key, session._base_url,
+                   session.budget)
+
+    def session(self) -> Session:
+        session = Session(self.request, self.limits, self.meter, api_key=self.api_key, base_url=self.base_url)
+        self.budget.restart()  # a retried row may fit where the last run's didn't
+        session.budget = self.budget
+        return session
+
+    def __repr__(self) -> str:  # never the key
+        return f"<_SessionRecipe model={self.request.model!r}>"
+
+
+@dataclass
 class _RowState:
-    session: Session
+    recipe: _SessionRecipe
     container_limits: Limits
     on_modal: bool  # only then is the function really shipped, with the containers' share of the limits
     meter: Meter  # what the bar shows: fed by the session here, or added up from the rows that come back
     processes: int = 1  # local worker processes sending the requests (1: the kernel's own event loop)
     worker_limits: Limits | None = None  # each worker process's share of the limits
+    session: Session | None = None  # the run's session, from its first row to its end; then dropped
 
 
 # Each row function's session (API key, client, limiter, budget) lives here, off the function: the
@@ -67,7 +99,8 @@ class LLMRowFunction:
         elsewhere = on_modal or processes > 1  # the rows run in other processes: count what comes back
         meter = (Meter(request.price is not None, (columns["tokens_in"], columns["tokens_out"], columns["cost_usd"]))
                  if elsewhere else session.meter)
-        _RUNTIMES[self] = _RowState(session, container_limits, on_modal, meter, processes, worker_limits)
+        _RUNTIMES[self] = _RowState(_SessionRecipe.of(session), container_limits, on_modal, meter, processes,
+                                    worker_limits, session)
 
     def runtime(self) -> Runtime:
         """What the backend needs for this function: its meter, worker processes, their row, the close hook."""
@@ -77,15 +110,33 @@ class LLMRowFunction:
 
     def for_workers(self) -> WorkerRow:
         """What the worker processes run: the request, each one's share of the limits, and the key."""
+        recipe = _RUNTIMES[self].recipe
+        return WorkerRow(recipe.request, _RUNTIMES[self].worker_limits or recipe.limits, recipe.api_key,
+                         recipe.base_url)
+
+    def session(self) -> Session:
+        """The session rows of this process use: the run's, or a new one (after :meth:`release`)."""
         state = _RUNTIMES[self]
-        return state.session.worker_row(state.worker_limits or state.session.limits)
+        if state.session is None:
+            state.session = state.recipe.session()
+        return state.session
 
     async def aclose(self) -> None:
-        """The run is over: close the client, on the loop that used it (the asyncio backend calls this)."""
-        await _RUNTIMES[self].session.aclose()
+        """The run is over: close the client, on the loop that used it, and let the session go.
+
+        The asyncio backend calls this at the end of every run, a retry's included.
+        """
+        state = _RUNTIMES[self]
+        session, state.session = state.session, None
+        if session is not None:
+            await session.aclose()
+
+    def release(self) -> None:
+        """The run is over: let the session go (its client, if any, was closed by :meth:`aclose`)."""
+        _RUNTIMES[self].session = None
 
     async def __call__(self, *values: Any) -> dict[str, Any]:
-        return await _RUNTIMES[self].session.complete(values)
+        return await self.session().complete(values)
 
     def __reduce__(self) -> Any:
         # A local run is never shipped: only the cache pickles it, to fingerprint it, and what a row

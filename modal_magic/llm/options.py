@@ -17,6 +17,7 @@ from ..declarations import Flag, declared_options, option, unknown_option
 from ..errors import OptionsError
 from ..options import invalid, non_negative_int, positive_int, positive_number
 from .prices import PRICES_AS_OF, price_for
+from .row.failures import redact_url
 
 if TYPE_CHECKING:
     from ..declarations import Option
@@ -125,6 +126,14 @@ class LLMOptions:
     processes: int = option(
         1, _processes, "Send the requests from N local worker processes (1: from the kernel's own event loop); "
         "the limits are split between them.", trait="whole", flag=Flag(type=int, metavar="N", group=_LIMITS))
+
+    def __repr__(self) -> str:
+        # The key and a base URL's credentials are never shown (a repr ends up in logs and tracebacks).
+        shown = {o.name: getattr(self, o.name) for o in LLM_OPTIONS}
+        if shown["api_key"] is not None:
+            shown["api_key"] = "***"
+        shown["base_url"] = redact_url(shown["base_url"])
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @classmethod
     def create(cls, **kwargs: Any) -> LLMOptions:

@@ -11,8 +11,9 @@ import re
 from typing import Any, Mapping
 
 from ..errors import OptionsError
+from .row.limits import UNKNOWN_MAX_OUTPUT_TOKENS
 
-__all__ = ["PRICES", "PRICES_AS_OF", "price_for"]
+__all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "MAX_OUTPUT_TOKENS", "PRICES", "PRICES_AS_OF", "max_output_for", "price_for"]
 
 #: When :data:`PRICES` was read off OpenAI's pricing page (standard tier; no cached-input, batch or
 #: flex discounts); rechecked in 2026-11 against copies of that page from March to June 2026, which
@@ -37,6 +38,28 @@ PRICES: dict[str, tuple[float, float]] = {
     "o4-mini": (1.10, 4.40),
     "gpt-3.5-turbo": (0.50, 1.50),
 }
+
+#: The most output tokens (reasoning tokens included) one request to ``model`` can be billed, from
+#: OpenAI's model pages as of :data:`PRICES_AS_OF`. ``budget_usd=`` books this much output for every
+#: request in flight when ``max_tokens=`` is not set, so a budget can't be passed by long answers.
+MAX_OUTPUT_TOKENS: dict[str, int] = {
+    "gpt-5.4": 128_000,
+    "gpt-5.1": 128_000,
+    "gpt-5": 128_000,
+    "gpt-5-mini": 128_000,
+    "gpt-5-nano": 128_000,
+    "gpt-4.1": 32_768,
+    "gpt-4.1-mini": 32_768,
+    "gpt-4.1-nano": 32_768,
+    "gpt-4o": 16_384,
+    "gpt-4o-mini": 16_384,
+    "o3": 100_000,
+    "o3-mini": 100_000,
+    "o4-mini": 100_000,
+    "gpt-3.5-turbo": 4_096,
+}
+#: what a model not in :data:`MAX_OUTPUT_TOKENS` is assumed to give at most: as much as any of them
+DEFAULT_MAX_OUTPUT_TOKENS = UNKNOWN_MAX_OUTPUT_TOKENS
 
 _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|latest)$")
 
@@ -66,3 +89,24 @@ def price_for(model: str, prices: Mapping[str, Any] | None = None) -> tuple[floa
             if name in table:
                 return _price(table[name], name)
     return None
+
+
+def max_output_for(model: str, max_tokens: int | None = None) -> int:
+    """The most output tokens one request can be billed: ``max_tokens``, else the model's maximum.
+
+    A model missing from :data:`MAX_OUTPUT_TOKENS` gets :data:`DEFAULT_MAX_OUTPUT_TOKENS`, which
+    is meant to be too many rather than too few: pass ``max_tokens=`` to book less.
+
+    Examples
+    --------
+    >>> max_output_for("gpt-4o-mini"), max_output_for("gpt-4o-mini-2024-07-18"), max_output_for("llama3")
+    (16384, 16384, 128000)
+    >>> max_output_for("gpt-4o-mini", max_tokens=50)
+    50
+    """
+    if max_tokens is not None:
+        return max_tokens
+    for name in (model, _SNAPSHOT.sub("", model)):
+        if name in MAX_OUTPUT_TOKENS:
+            return MAX_OUTPUT_TOKENS[name]
+    return DEFAULT_MAX_OUTPUT_TOKENS

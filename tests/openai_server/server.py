@@ -25,6 +25,7 @@ its own brackets; a marker is removed from an echoed answer):
 - ``[[latency=0.2]]``: this request waits 0.2 s more than the server's global latency.
 - ``[[usage=100,20]]``: report these prompt and completion tokens.
 - ``[[answer=SOME TEXT]]``: answer exactly this.
+- ``[[long=2000]]``: a long answer, exactly 2,000 completion tokens (cut at ``max_tokens`` like any other).
 
 Every request is recorded (arrival time on ``time.monotonic()``, the body, the answer's status) so a
 test can measure the request rate. Run it in a background thread with :class:`OpenAIServer`, or as a
@@ -162,6 +163,8 @@ def answer_for(body: dict[str, Any], markers: dict[str, str], malformed: bool = 
     user = next((_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
     if "answer" in markers:
         return markers["answer"]
+    if "long" in markers:
+        return "abcd" * int(markers["long"])  # ceil(chars / 4): exactly that many tokens
     clean = _MARKER.sub("", user).strip()
     response_format = body.get("response_format") or {}
     if response_format.get("type") == "json_schema":

@@ -17,13 +17,14 @@ from __future__ import annotations
 from .failures import (APIConnectionError, APIError, APIStatusError, AuthenticationError, BudgetExceeded, EmptyAnswer,
                        InternalServerError, LLMError, MissingValue, RateLimitError, SchemaValidationError,
                        error_for_status, redact)
-from .limits import (Budget, Limits, Meter, RateLimiter, Request, backoff_s, estimate_tokens, retry_after_s, usd)
+from .limits import (Budget, Limits, Meter, RateLimiter, Request, backoff_s, estimate_tokens, prompt_tokens_bound,
+                     retry_after_s, usd)
 from .session import ContainerRow, Session, WorkerRow, is_missing, usage_of, validate_structured
 
 __all__ = [
     "APIConnectionError", "APIError", "APIStatusError", "AuthenticationError", "Budget", "BudgetExceeded",
     "ContainerRow", "EmptyAnswer", "InternalServerError", "LLMError", "Limits", "Meter", "MissingValue",
     "RateLimitError", "RateLimiter", "Request", "SchemaValidationError", "Session", "WorkerRow", "backoff_s",
-    "error_for_status", "estimate_tokens", "is_missing", "redact", "retry_after_s", "usage_of", "usd",
+    "error_for_status", "estimate_tokens", "is_missing", "prompt_tokens_bound", "redact", "retry_after_s", "usage_of", "usd",
     "validate_structured",
 ]

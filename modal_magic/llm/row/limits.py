@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .failures import BudgetExceeded
@@ -23,8 +24,20 @@ from .failures import BudgetExceeded
 #: first wait before retrying a failed request without ``Retry-After``; doubles each try, with jitter
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 20.0
-#: output tokens assumed for a request without ``max_tokens``, until answers have been seen
+#: output tokens assumed for the *rate limiter* for a request without ``max_tokens``, until answers
+#: have been seen (the budget never assumes: it books the worst case, see :func:`prompt_tokens_bound`)
 DEFAULT_OUTPUT_ESTIMATE = 256
+#: tokens the chat format adds per message beyond its role and content (OpenAI's own count is 3 or 4:
+#: ``<|start|>``, ``<|message|>``, ``<|end|>``...), and per request (the reply's priming, 3); both doubled
+#: the most output tokens booked for a model whose maximum is unknown (no ``max_tokens=``, not in
+#: :data:`modal_magic.llm.prices.MAX_OUTPUT_TOKENS`): as much as any OpenAI chat model can give
+UNKNOWN_MAX_OUTPUT_TOKENS = 128_000
+MESSAGE_OVERHEAD_TOKENS = 8
+REQUEST_OVERHEAD_TOKENS = 16
+#: body fields that are plain settings, not text the model reads
+_SETTINGS = frozenset({"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "n",
+                       "seed", "stream", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
+                       "user", "store", "service_tier", "parallel_tool_calls", "reasoning_effort"})
 
 # --- what is asked, and how fast ---------------------------------------------------------------------
 
@@ -47,7 +60,9 @@ class Request:
     schema: Any = None  # a pydantic model class, a JSON schema dict, or None
     response_format: Any = None  # the request's response_format, built once from the schema
     schema_columns: tuple[str, ...] = ()  # one result column per schema property
-    base_url: str | None = None  # None: OpenAI's (on Modal: the container's OPENAI_BASE_URL, if set)
+    # None: OpenAI's (on Modal: the container's OPENAI_BASE_URL, if set). Out of the repr: it may
+    # carry credentials (user-info, ?api_key=...).
+    base_url: str | None = field(default=None, repr=False)
     price: tuple[float, float] | None = None  # USD per million input and output tokens
     extra_body: tuple[tuple[str, Any], ...] = ()
 
@@ -67,6 +82,9 @@ class Limits:
     budget_usd: float | None = None
     max_retries: int = 5
     request_timeout_s: float = 120.0
+    #: the most output tokens one request can be billed: ``max_tokens=``, else the model's maximum
+    #: (:data:`modal_magic.llm.prices.MAX_OUTPUT_TOKENS`); the budget books it before sending
+    max_output_tokens: int | None = None
 
     def share(self, ways: int) -> Limits:
         """One of ``ways`` equal shares, for each of that many processes or containers.
@@ -74,12 +92,21 @@ class Limits:
         Examples
         --------
         >>> Limits(rpm=600, budget_usd=2.0).share(4)
-        Limits(rpm=150.0, tpm=None, budget_usd=0.5, max_retries=5, request_timeout_s=120.0)
+        Limits(rpm=150.0, tpm=None, budget_usd=0.5, max_retries=5, request_timeout_s=120.0, max_output_tokens=None)
+
+        Each share is a hard cap of its own, so the shares together never pass the whole; a budget
+        is rounded *down* to the cent's millionth so that ``ways`` shares can't add up to more.
+
+        >>> sum([Limits(budget_usd=0.01).share(3).budget_usd] * 3) <= 0.01
+        True
         """
+        budget = None
+        if self.budget_usd:
+            budget = math.floor(self.budget_usd / ways * 1e8) / 1e8
         return Limits(
             rpm=self.rpm / ways if self.rpm else None, tpm=self.tpm / ways if self.tpm else None,
-            budget_usd=self.budget_usd / ways if self.budget_usd else None, max_retries=self.max_retries,
-            request_timeout_s=self.request_timeout_s,
+            budget_usd=budget, max_retries=self.max_retries, request_timeout_s=self.request_timeout_s,
+            max_output_tokens=self.max_output_tokens,
         )
 
 
@@ -154,47 +181,108 @@ class RateLimiter:
 
 
 class Budget:
-    """Stops new requests once the money spent plus what is in flight would pass ``limit_usd``.
+    """A hard cap on dollars: each request books its worst case before it is sent.
 
-    Once a request is refused, every later one is too (no cheap row sneaks in after an expensive
-    one was turned away), so a run stops cleanly where the budget ran out.
+    :meth:`acquire` books ``worst_usd`` (the most the request can be billed: its prompt's token
+    bound plus every output token it may be given, see :func:`prompt_tokens_bound`) and
+    :meth:`settle` gives back what the answer's usage shows was not used. A request is sent only
+    when the money spent, plus what requests in flight have booked, plus its own worst case fits in
+    ``limit_usd``; so what is spent never passes the limit, however many requests are in flight. A
+    request that doesn't fit *yet* waits for those in flight to settle; one that can't fit even
+    then (what is spent plus its worst case passes the limit) is refused with
+    :class:`~modal_magic.llm.row.failures.BudgetExceeded`, and so is every later one (no cheap row
+    sneaks in after an expensive one was turned away), so a run stops cleanly where the budget ran
+    out, possibly with less than one worst case left unspent.
 
     Examples
     --------
+    >>> import asyncio
     >>> budget = Budget(0.10)
-    >>> budget.reserve(0.06); budget.settle(0.06, 0.05)
-    >>> budget.reserve(0.06)
+    >>> async def run():
+    ...     await budget.acquire(0.06); budget.settle(0.06, 0.05)
+    ...     await budget.acquire(0.06, "1,000 prompt tokens at most + 500 output")
+    >>> asyncio.run(run())
     Traceback (most recent call last):
     ...
-    modal_magic.llm.row.failures.BudgetExceeded: budget_usd=0.10 reached after $0.05: the next request would cost about $0.06, ...
+    modal_magic.llm.row.failures.BudgetExceeded: budget_usd=0.10: $0.05 spent, and the next request could cost up to $0.06 (1,000 prompt tokens at most + 500 output), ...
     """
 
     def __init__(self, limit_usd: float | None) -> None:
         self.limit_usd = limit_usd
         self.spent_usd = 0.0
         self.in_flight_usd = 0.0
+        self._in_flight = 0  # requests booked and not yet settled: at 0, nothing is booked (no float residue)
         self.stopped: str | None = None
+        self.overrun: str | None = None  # the endpoint billed more than a request's worst case
+        self._waiters: list[Any] = []  # futures of requests waiting for those in flight to settle
 
-    def reserve(self, estimate_usd: float) -> None:
-        if self.limit_usd is None:
-            return
-        if self.stopped is None and self.spent_usd + self.in_flight_usd + estimate_usd > self.limit_usd:
-            in_flight = f" (+${usd(self.in_flight_usd)} in flight)" if self.in_flight_usd else ""
+    def _limit(self) -> str:
+        # A share of a budget (0.015 of 0.03) is shown as it is, not rounded to the cent.
+        limit = self.limit_usd or 0.0
+        return usd(limit) if abs(limit * 100 - round(limit * 100)) < 1e-9 else f"{limit:.6g}"
+
+    def _refuse(self, worst_usd: float, detail: str) -> BudgetExceeded:
+        if self.stopped is None:
+            why = f" ({detail})" if detail else ""
             self.stopped = (
-                f"budget_usd={usd(self.limit_usd)} reached after ${usd(self.spent_usd)}{in_flight}: the next "
-                f"request would cost about ${usd(estimate_usd)}, so it and every later one was not sent. "
-                "Raise budget_usd and run again: rows already answered are not paid for twice"
+                f"budget_usd={self._limit()}: ${usd(self.spent_usd)} spent, and the next request could cost "
+                f"up to ${usd(worst_usd)}{why}, which would pass it, so it and every later one was not sent. "
+                "Raise budget_usd, or pass a smaller max_tokens= so that each request books less, and run "
+                "again: rows already answered are not paid for twice"
             )
-        if self.stopped is not None:
-            raise BudgetExceeded(self.stopped)
-        self.in_flight_usd += estimate_usd
+            if self.overrun:
+                self.stopped += f". {self.overrun}"
+            self._wake()  # the requests waiting for room are refused too, now rather than later
+        return BudgetExceeded(self.stopped)
 
-    def settle(self, estimate_usd: float, actual_usd: float) -> None:
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def acquire(self, worst_usd: float, detail: str = "") -> None:
+        """Book ``worst_usd`` for one request, waiting for requests in flight if they hold the room it needs."""
         if self.limit_usd is None:
-            self.spent_usd += actual_usd
             return
-        self.in_flight_usd = max(0.0, self.in_flight_usd - estimate_usd)
+        while True:
+            if self.stopped is not None or self.spent_usd + worst_usd > self.limit_usd:
+                raise self._refuse(worst_usd, detail)
+            if self.spent_usd + self.in_flight_usd + worst_usd <= self.limit_usd:
+                self.in_flight_usd += worst_usd
+                self._in_flight += 1
+                return
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def settle(self, worst_usd: float, actual_usd: float) -> None:
+        """A request booked ``worst_usd`` and was billed ``actual_usd`` (0 when it got no answer)."""
         self.spent_usd += actual_usd
+        if self.limit_usd is None:
+            return
+        self._in_flight = max(0, self._in_flight - 1)
+        self.in_flight_usd = max(0.0, self.in_flight_usd - worst_usd) if self._in_flight else 0.0
+        if actual_usd > worst_usd * (1 + 1e-9):
+            # Only an endpoint that bills past max_tokens, or counts a prompt at more than a token a
+            # byte, does this; say so, and send nothing more.
+            self.overrun = (f"the endpoint billed ${usd(actual_usd)} for a request whose worst case was "
+                            f"${usd(worst_usd)}: it counts tokens differently from OpenAI, so the cap can't be kept "
+                            "with it")
+            self.stopped = f"budget_usd={self._limit()}: ${usd(self.spent_usd)} spent. {self.overrun}"
+        self._wake()
+
+    def restart(self) -> None:
+        """A new run of the same function (e.g. ``retry_failed()``): keep what was spent, look again.
+
+        What is booked for requests in flight stays booked: each is settled when its try ends.
+        """
+        self.stopped = None
+        self._waiters = []
 
 
 class Meter:
@@ -242,8 +330,40 @@ class Meter:
 
 
 def estimate_tokens(text: str) -> int:
-    """A rough token count (4 characters a token) for rate limits and budgets before the answer says."""
+    """A rough token count (4 characters a token) for the rate limiter, before the answer says.
+
+    Never for the budget, which needs a count that can't be too low: :func:`prompt_tokens_bound`.
+    """
     return math.ceil(len(text) / 4)
+
+
+def prompt_tokens_bound(body: dict[str, Any]) -> int:
+    """At least as many prompt tokens as OpenAI can bill for the chat completion ``body``.
+
+    OpenAI's tokenizers (``cl100k_base``, ``o200k_base``) are byte-level BPE: every token of text
+    stands for at least one byte of its UTF-8 encoding, so a text has at most as many tokens as
+    bytes. The bound is therefore each message's role and content in UTF-8 bytes, plus
+    :data:`MESSAGE_OVERHEAD_TOKENS` a message for the chat format's own tokens, plus
+    :data:`REQUEST_OVERHEAD_TOKENS`, plus every other field the model reads (``response_format``'s
+    schema, tools from ``extra_body``...) as the bytes of its JSON. It needs no tokenizer (``tiktoken``
+    downloads its BPE files on first use, which a machine without internet can't), and for English
+    text it is about 4 times the real count: a budget books that much more per request in flight,
+    and gives it back as soon as the answer's usage says.
+
+    Examples
+    --------
+    >>> prompt_tokens_bound({"model": "m", "messages": [{"role": "user", "content": "héllo"}]})
+    34
+    """
+    total = REQUEST_OVERHEAD_TOKENS
+    for message in body.get("messages") or ():
+        total += MESSAGE_OVERHEAD_TOKENS
+        for value in message.values():
+            total += len((value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)).encode())
+    for name, value in body.items():
+        if name not in _SETTINGS:
+            total += len(json.dumps(value, ensure_ascii=False, default=str).encode())
+    return total
 
 
 

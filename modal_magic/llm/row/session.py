@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 from typing import Any, Mapping
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from .failures import (APIConnectionError, APIError, AuthenticationError, EmptyAnswer, LLMError, MissingValue,
-                       SchemaValidationError, error_for_status, redact)
-from .limits import DEFAULT_OUTPUT_ESTIMATE, Limits, Meter, RateLimiter, Budget, Request, backoff_s, estimate_tokens, retry_after_s
+                       SchemaValidationError, error_for_status, redact, redact_url, url_secrets)
+from .limits import (DEFAULT_OUTPUT_ESTIMATE, UNKNOWN_MAX_OUTPUT_TOKENS, Budget, Limits, Meter, RateLimiter, Request,
+                     backoff_s, estimate_tokens, prompt_tokens_bound, retry_after_s)
 
 #: a server asking to wait longer than this gets no retry: the row fails and says how long it asked
 MAX_RETRY_AFTER_S = 300.0
@@ -36,6 +39,30 @@ RETRYABLE_STATUS = frozenset({408, 409, 429})
 IDLE_CLOSE_S = 1.0
 #: models that take ``max_completion_tokens`` and refuse ``max_tokens``
 _COMPLETION_TOKENS_MODELS = re.compile(r"^(o\d|gpt-5)")
+
+#: the HTTP libraries' loggers, which write each request's full URL (credentials and all) at INFO/DEBUG
+_HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "openai", "openai._base_client", "aiohttp.client")
+
+
+class _RedactingFilter(logging.Filter):
+    """Rewrites an HTTP library's log record with URL credentials and key-like values as ``***``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+_REDACTING_FILTER = _RedactingFilter()
+
+
+def _hide_secrets_in_http_logs() -> None:
+    """Put :class:`_RedactingFilter` on the HTTP libraries' loggers (once: ``addFilter`` ignores a repeat)."""
+    for name in _HTTP_LOGGERS:
+        logging.getLogger(name).addFilter(_REDACTING_FILTER)
+
 
 def is_missing(value: Any) -> bool:
     """None, NaN, pandas' NA or NaT (without importing pandas)."""
@@ -73,6 +100,7 @@ class Session:
         self.budget = Budget(limits.budget_usd)
         self._api_key = api_key
         self._base_url = base_url
+        self._secrets = (api_key, *url_secrets(base_url))  # what no message may show
         self._key_hint = key_hint  # what to do when there is no key, for the row's error
         self._client: Any = None
         self._active = 0
@@ -84,9 +112,10 @@ class Session:
         self._max_tokens_param = ("max_completion_tokens" if _COMPLETION_TOKENS_MODELS.match(request.model)
                                   else "max_tokens")
 
-    # The key never leaves this object: not in repr, not in errors (they are redacted), not pickled.
+    # The key never leaves this object: not in repr, not in errors (they are redacted), not pickled;
+    # nor do the credentials a base URL may carry (user-info, ?api_key=...).
     def __repr__(self) -> str:
-        return f"<Session model={self.request.model!r} base_url={self._base_url!r}>"
+        return f"<Session model={self.request.model!r} base_url={redact_url(self._base_url)!r}>"
 
     def __reduce__(self) -> Any:
         raise TypeError("a Session holds an API key and is never pickled; ship the Request instead")
@@ -102,12 +131,23 @@ class Session:
             raise AuthenticationError(f"no API key where this row ran{self._key_hint}")
         http_client = None
         aiohttp_client = getattr(openai, "DefaultAioHttpClient", None)
-        if aiohttp_client is not None:
+        # aiohttp refuses a URL with user-info next to the client's Authorization header (a
+        # ValueError for every row); httpx, the default transport, sends the request.
+        userinfo = "@" in urlsplit(self._base_url or "").netloc
+        if aiohttp_client is not None and not userinfo:
             try:  # aiohttp moves a request in about half the CPU time of the default transport
                 http_client = aiohttp_client(timeout=self.limits.request_timeout_s)
             except Exception:  # aiohttp isn't installed here: the default transport works too
                 http_client = None
-        return openai.AsyncOpenAI(api_key=self._api_key, base_url=self._base_url, max_retries=0,
+        # The SDK appends paths to the base URL as a string ("/v1?api_key=Xchat/completions"): a
+        # query string (Azure's api-version, a gateway's key) goes in default_query instead.
+        base_url, query = self._base_url, None
+        if base_url and urlsplit(base_url).query:
+            parts = urlsplit(base_url)
+            base_url = urlunsplit(parts._replace(query=""))
+            query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        _hide_secrets_in_http_logs()
+        return openai.AsyncOpenAI(api_key=self._api_key, base_url=base_url, default_query=query, max_retries=0,
                                   timeout=self.limits.request_timeout_s, http_client=http_client)
 
     def prompt(self, values: tuple[Any, ...]) -> str:
@@ -131,8 +171,14 @@ class Session:
         body.update(request.extra_body)
         return body
 
-    def _estimates(self, prompt: str) -> tuple[int, float]:
-        """Tokens to book with the rate limiter, and dollars to book with the budget, before sending."""
+    def _estimates(self, prompt: str, body: dict[str, Any]) -> tuple[int, float, str]:
+        """What to book before sending: tokens with the rate limiter, and the worst case with the budget.
+
+        The rate limiter gets an estimate (settled with the real count afterwards); the budget gets
+        the most this request can be billed (the prompt's token bound and every output token it may
+        be given, see :func:`~modal_magic.llm.row.limits.prompt_tokens_bound`), and what that is
+        made of, for the message of a row that doesn't fit.
+        """
         request = self.request
         tokens_in = estimate_tokens(prompt) + estimate_tokens(request.system or "") + 8
         if request.max_tokens is not None:
@@ -141,7 +187,16 @@ class Session:
             tokens_out = math.ceil(2 * self._output_seen / self._answers_seen)
         else:
             tokens_out = DEFAULT_OUTPUT_ESTIMATE
-        return tokens_in + tokens_out, self.cost(tokens_in, tokens_out) or 0.0
+        if self.budget.limit_usd is None:
+            return tokens_in + tokens_out, 0.0, ""
+        worst_in = prompt_tokens_bound(body)
+        if request.max_tokens is not None:
+            worst_out, why = request.max_tokens, "max_tokens"
+        else:
+            worst_out = self.limits.max_output_tokens or UNKNOWN_MAX_OUTPUT_TOKENS
+            why = f"{request.model}'s most, as max_tokens is not set"
+        detail = f"{worst_in:,} prompt tokens at most + {worst_out:,} output tokens ({why})"
+        return tokens_in + tokens_out, self.cost(worst_in, worst_out) or 0.0, detail
 
     def cost(self, tokens_in: int | None, tokens_out: int | None) -> float | None:
         price = self.request.price
@@ -158,23 +213,16 @@ class Session:
         try:
             prompt = self.prompt(values)
             body = self.body(prompt)
-            tokens_booked, usd_booked = self._estimates(prompt)
-            self.budget.reserve(usd_booked)
-            spent = 0.0
+            data = await self._send(body, *self._estimates(prompt, body))
+            tokens_in, tokens_out = usage_of(data)
+            # Paid for even when the answer then fails validation.
+            usage = ((tokens_in or 0) + (tokens_out or 0), self.cost(tokens_in, tokens_out))
+            self.meter.add(*usage)
             try:
-                data = await self._send(body, tokens_booked)
-                tokens_in, tokens_out = usage_of(data)
-                # Paid for even when the answer then fails validation.
-                usage = ((tokens_in or 0) + (tokens_out or 0), self.cost(tokens_in, tokens_out))
-                spent = usage[1] or 0.0
-                self.meter.add(*usage)
-                try:
-                    return self.parse(data, tokens_in, tokens_out)
-                except (EmptyAnswer, SchemaValidationError) as error:
-                    error.row_usage = usage  # travels back from Modal (modal_magic.errors.RowReport)
-                    raise
-            finally:
-                self.budget.settle(usd_booked, spent)
+                return self.parse(data, tokens_in, tokens_out)
+            except (EmptyAnswer, SchemaValidationError) as error:
+                error.row_usage = usage  # travels back from Modal (modal_magic.errors.RowReport)
+                raise
         finally:
             self._active -= 1
             if self._active == 0 and self._idle_close_s:
@@ -188,7 +236,7 @@ class Session:
         """
         if self._loop is not None:
             self._client = None
-            self.budget.stopped = None
+            self.budget.restart()
         self._loop = loop
 
     def _close_when_quiet(self) -> None:
@@ -208,35 +256,28 @@ class Session:
         if client is not None:
             await client.close()
 
-    async def _send(self, body: dict[str, Any], tokens_booked: int) -> Any:
-        import openai
-
+    async def _send(self, body: dict[str, Any], tokens_booked: int, usd_booked: float, worst: str) -> Any:
+        """Send ``body`` until it is answered or may not be tried again; every try books its worst case."""
         attempt = 0
         while True:
             attempt += 1
-            await self.limiter.acquire(tokens_booked)
-            if self._client is None:
-                self._client = self._make_client()
-            failure: tuple[type[LLMError], str, int | None, float | None] | None = None
+            # Each try books its own worst case: a try that timed out may still have been billed.
+            await self.budget.acquire(usd_booked, worst)
+            billed = 0.0  # nothing goes out before the rate limiter's wait is over
             try:
-                data = await self._client.post("/chat/completions", cast_to=object, body=body)
-            except openai.APIStatusError as e:
-                status = e.status_code
-                failure = (error_for_status(status), self._describe(e, status), status, retry_after_s(e.response.headers))
-                code = getattr(e, "code", None)
-                retryable = (status in RETRYABLE_STATUS or status >= 500) and code != "insufficient_quota"
-            except openai.APIConnectionError as e:  # APITimeoutError included
-                failure = (APIConnectionError, self._describe_connection(e), None, None)
-                retryable = True
-            except openai.OpenAIError as e:
-                failure = (APIError, f"{type(e).__name__}: {self._clean(str(e))}", None, None)
-                retryable = False
+                await self.limiter.acquire(tokens_booked)
+                if self._client is None:
+                    self._client = self._make_client()
+                # From here the request may go out and be billed: cancelled now (a row timeout, Stop),
+                # it is settled at its worst case.
+                billed = usd_booked
+                billed, data, failure, retryable = await self._post(body, tokens_booked, usd_booked)
+            finally:
+                self.budget.settle(usd_booked, billed)
             if failure is None:
-                self.limiter.settle(tokens_booked, _total_tokens(data, tokens_booked))
                 return data
             # Outside the except block: the openai exception (which holds the request and its
             # Authorization header) is not chained to the row's error.
-            self.limiter.settle(tokens_booked, 0)
             cls, message, status, wait = failure
             if wait is not None and wait > MAX_RETRY_AFTER_S:
                 retryable = False
@@ -249,11 +290,48 @@ class Session:
                 self.limiter.pause(delay)
             await asyncio.sleep(delay)
 
+    async def _post(self, body: dict[str, Any], tokens_booked: int,
+                    usd_booked: float) -> tuple[float, Any, tuple[type[LLMError], str, int | None, float | None] | None, bool]:
+        """One HTTP try: ``(billed_usd, data, failure, retryable)``.
+
+        ``billed_usd`` is what the try may have cost: the answer's usage; nothing for an HTTP error
+        (the endpoint refused it); the worst case for a try whose answer never came back (timed out,
+        connection lost), which may have been billed all the same.
+        """
+        import openai
+
+        failure: tuple[type[LLMError], str, int | None, float | None] | None = None
+        retryable = False
+        data: Any = None
+        billed = usd_booked
+        try:
+            data = await self._client.post("/chat/completions", cast_to=object, body=body)
+        except openai.APIStatusError as e:
+            status = e.status_code
+            failure = (error_for_status(status), self._describe(e, status), status, retry_after_s(e.response.headers))
+            code = getattr(e, "code", None)
+            retryable = (status in RETRYABLE_STATUS or status >= 500) and code != "insufficient_quota"
+        except openai.APIConnectionError as e:  # APITimeoutError included
+            failure = (APIConnectionError, self._describe_connection(e), None, None)
+            retryable = True
+        except openai.OpenAIError as e:
+            failure = (APIError, f"{type(e).__name__}: {self._clean(str(e))}", None, None)
+        if failure is None:
+            self.limiter.settle(tokens_booked, _total_tokens(data, tokens_booked))
+            tokens_in, tokens_out = usage_of(data)
+            cost = self.cost(tokens_in, tokens_out)
+            # An answer without usage was billed, for how much is unknown: keep the worst case.
+            return (usd_booked if cost is None else cost), data, None, False
+        self.limiter.settle(tokens_booked, 0)
+        if failure[2] is not None:  # the endpoint answered with an HTTP error: not billed
+            billed = 0.0
+        return billed, data, failure, retryable
+
     def _where(self) -> str:
-        return self._base_url or "api.openai.com"
+        return redact_url(self._base_url) or "api.openai.com"
 
     def _clean(self, text: str) -> str:
-        return redact(" ".join(text.split()), self._api_key)
+        return redact(" ".join(text.split()), *self._secrets)
 
     def _describe_connection(self, error: BaseException) -> str:
         # The SDK's message ("Connection error.", "Request timed out.") hides the cause; the transport's says it.
