@@ -22,7 +22,9 @@ from IPython.core.magic import Magics, cell_magic, magics_class
 from traitlets import TraitError, validate
 
 from ..checks import FunctionError, default_into
-from ..engine import RunSpec, map_frame, rerun_failed, runs_columns
+from ..engine import map_frame
+from ..retry import rerun_failed
+from ..runs import RunSpec, runs_columns
 from ..errors import MapInterrupted, ModalSetupError, OptionsError
 from ..options import OPTION_NAMES, OPTIONS, MapOptions, check_option
 from .parsing import (CellArgs, add_option_flags, bind, in_flag_words, lookup, make_parser, map_options,

@@ -26,7 +26,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic_arguments import MagicArgumentParser
 from traitlets import Bool, Dict, Enum, Float, Int, List, TraitType, Unicode, Union
 
-from ..engine import RunSpec
+from ..runs import RunSpec
 from ..errors import OptionsError
 from ..llm.options import LLM_OPTIONS
 from ..options import OPTIONS, MapOptions

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import pandas as pd
 
-from ..engine import _last as _engine_state  # the record last_run() reads (see _record_usage)
-from ..engine import last_run, map_frame
+from ..engine import map_frame
+from ..runs import last_run, set_last_run
 from ..errors import OptionsError
 from .function import _RUNTIMES, LLMRowFunction  # noqa: F401  (_RUNTIMES: tests look inside a run's session)
 from .keys import MissingAPIKey, resolve_api_key, resolve_base_url
@@ -217,7 +217,7 @@ def _record_usage(before: RunSummary | None, meter: Meter) -> None:
     summary = last_run()
     if summary is None or summary is before:
         return
-    _engine_state["summary"] = dataclasses.replace(summary, tokens=meter.tokens, cost_usd=meter.cost_usd)
+    set_last_run(dataclasses.replace(summary, tokens=meter.tokens, cost_usd=meter.cost_usd))
 
 
 def _map_shipped(frame: pd.DataFrame, row: LLMRowFunction, fields: tuple[str, ...], into: str,
