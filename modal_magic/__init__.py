@@ -17,6 +17,7 @@ from . import accessor as _accessor  # noqa: F401  (registers df.modal and serie
 from . import cache
 from .backends import register_backend
 from .checks import FunctionError
+from .deploy import Deployment, deploy, deployments, undeploy
 from .runs import last_result, last_run
 from .errors import Cancelled, MapInterrupted, ModalSetupError, RowError, RowFailed, UnpicklableResult, WorkerCrashed
 from .llm.keys import MissingAPIKey
@@ -63,14 +64,18 @@ __all__ = [
     "ModuleStateWarning",
     "UntestedModalClient",
     # the rest of the public API
+    "Deployment",
     "MapOptions",
     "RunSummary",
     "cache",
+    "deploy",
+    "deployments",
     "last_result",
     "last_run",
     "load_ipython_extension",
     "register_backend",
     "shutdown",
+    "undeploy",
     "unload_ipython_extension",
 ]
 

@@ -143,11 +143,26 @@ def _installed_paths(paths):
     return keep
 
 
+def _package_roots(packages):
+    """Where the image's mounted local packages come from (``Image.add_local_python_source``)."""
+    import importlib.util
+
+    roots = []
+    for name in packages:
+        found = importlib.util.find_spec(name)
+        if found is not None and found.submodule_search_locations:
+            roots.append(os.path.dirname(list(found.submodule_search_locations)[0]))
+    return roots
+
+
 def _load_function(spec):
     paths = spec.get("sys_path") or []
     if spec["kind"] == "serialized":  # a client's function: only what pickling sent, plus the image
-        sys.meta_path.insert(0, _NotInTheImage())
-        paths = _installed_paths(paths)
+        in_image = spec.get("image_packages") or []
+        blocker = _NotInTheImage()
+        blocker.blocked = tuple(b for b in blocker.blocked if b not in in_image)
+        sys.meta_path.insert(0, blocker)
+        paths = _installed_paths(paths) + _package_roots(in_image)
     # (a function deployed through the test server stands for an app whose code is in its image)
     for p in reversed(paths):
         if p not in sys.path:

@@ -137,6 +137,14 @@ def _retry_policy_dict(policy: api_pb2.FunctionRetryPolicy | None) -> dict | Non
     }
 
 
+def _schedule_dict(schedule: api_pb2.Schedule) -> dict:
+    if schedule.HasField("cron"):
+        return {"cron": schedule.cron.cron_string, "timezone": schedule.cron.timezone}
+    p = schedule.period
+    return {"period": {k: getattr(p, k) for k in ("years", "months", "weeks", "days", "hours", "minutes", "seconds")
+                       if getattr(p, k)}}
+
+
 def _pickled_internal_failure(msg: str) -> bytes:
     from modal._serialization import serialize
     from modal.exception import InternalFailure
@@ -350,7 +358,13 @@ class _Servicer(api_grpc.ModalClientBase):
 
     @_unary
     async def AppStop(self, req):
-        await self.server._stop_app(req.app_id, reason=None, exception="")
+        s = self.server
+        app = s._apps.get(req.app_id)
+        if app is not None and app.state == api_pb2.APP_STATE_DEPLOYED:  # `modal app stop` / App.stop()
+            s._deployed_apps = {name: a for name, a in s._deployed_apps.items() if a is not app}
+            app.state = api_pb2.APP_STATE_STOPPED
+            s.apps_stopped.append(app.name)
+        await s._stop_app(req.app_id, reason=None, exception="")
         return empty_pb2.Empty()
 
     async def AppGetLogs(self, stream: grpclib.server.Stream) -> None:
@@ -680,6 +694,7 @@ class ModalTestServer:
     def _init_state(self) -> None:
         self._apps: dict[str, _App] = {}
         self._deployed_apps: dict[str, _App] = {}
+        self.apps_stopped: list[str] = []  # names of deployed apps stopped with AppStop
         self._functions: dict[str, _Fn] = {}
         self._calls: dict[str, _Call] = {}
         self._images: dict[str, dict] = {}
@@ -774,6 +789,9 @@ class ModalTestServer:
         if fn is None:
             fn = _Fn(id=fid, app_id=req.app_id, name=definition.function_name)
             self._functions[fid] = fn
+        if fn.runtime is not None:  # a redeploy: new code runs on new containers, as on Modal
+            old_runtime, fn.runtime = fn.runtime, None
+            asyncio.get_running_loop().create_task(old_runtime.close())
         fn.app_id = req.app_id
         fn.name = definition.function_name
         fn.definition = definition
@@ -918,6 +936,8 @@ class ModalTestServer:
             "image_env": image_env,
             "env": env,
             "mount_ids": list(d.mount_ids),
+            "image_python_packages": self._mounted_packages(d),
+            "schedule": _schedule_dict(d.schedule) if d.HasField("schedule") else None,
             "cloud": d.cloud_provider_str or None,
             "regions": list(d.scheduler_placement.regions) if d.HasField("scheduler_placement") else [],
             "nonpreemptible": d.scheduler_placement.nonpreemptible if d.HasField("scheduler_placement") else False,
@@ -935,7 +955,8 @@ class ModalTestServer:
         if d.definition_type == api_pb2.Function.DEFINITION_TYPE_SERIALIZED:
             if not d.function_serialized:
                 return None, "serialized function has no payload"
-            return WorkerSpec(kind="serialized", payload=bytes(d.function_serialized), **common), None
+            return WorkerSpec(kind="serialized", payload=bytes(d.function_serialized),
+                              image_packages=self._mounted_packages(d), **common), None
         module_name = d.module_name
         module_dir = ""
         mod = sys.modules.get(module_name)
@@ -951,6 +972,17 @@ class ModalTestServer:
             ),
             None,
         )
+
+    def _mounted_packages(self, d: api_pb2.Function) -> list[str]:
+        """Top-level Python packages the image's mounts carry (``Image.add_local_python_source``)."""
+        found = []
+        for mount_id in d.mount_ids:
+            for name in self._mounts.get(mount_id, {}).get("files", []):
+                parts = name.strip("/").split("/")
+                if parts[-1] == "__init__.py" and len(parts) >= 2 and parts[-2] not in found:
+                    if len(parts) == 3 and parts[0] == "root":  # /root/PACKAGE/__init__.py
+                        found.append(parts[-2])
+        return found
 
     def _lookup_deployed(self, app_name: str, tag: str) -> _Fn | None:
         app = self._deployed_apps.get(app_name)

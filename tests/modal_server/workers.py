@@ -61,6 +61,7 @@ class WorkerSpec:
     env: dict = field(default_factory=dict)
     sys_path: list = field(default_factory=list)
     cwd: str = ""
+    image_packages: list = field(default_factory=list)  # packages the image carries (mounted local source)
 
 
 class WorkerInitError(Exception):
@@ -115,6 +116,7 @@ class Worker:
             "module_dir": spec.module_dir,
             "sys_path": spec.sys_path,
             "cwd": spec.cwd,
+            "image_packages": spec.image_packages,
             "env": env,
             "task_id": self.task_id,
         }
