@@ -5,7 +5,7 @@
     out = df.modal.map(classify, column="text", into="label")          # local processes
     out = df.modal.map(embed, column="text", backend="modal", gpu="T4")  # Modal containers
 
-``%load_ext modal_magic`` does the same in IPython and adds the ``%%modal_map`` and ``%%modal_llm``
+``%load_ext modal_magic`` does the same in IPython and adds the ``%%modal_map``, ``%%modal_llm`` and ``%%modal_deploy``
 cell magics (the IPython side lives in :mod:`modal_magic.ipython`, which the library never imports).
 """
 
@@ -94,14 +94,14 @@ def shutdown() -> None:
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """``%load_ext modal_magic``: register ``%%modal_map`` and ``%%modal_llm`` (the accessors are registered on import)."""
+    """``%load_ext modal_magic``: register ``%%modal_map``, ``%%modal_llm`` and ``%%modal_deploy`` (the accessors are registered on import)."""
     from .ipython import load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    """``%unload_ext modal_magic``: remove both magics and their ``%config`` entries."""
+    """``%unload_ext modal_magic``: remove the magics and their ``%config`` entries."""
     from .ipython import unload
 
     unload(ipython)

@@ -148,3 +148,54 @@ def test_schedule_helpers_read_back_what_they_were_given():
     assert describe(modal.Cron("0 6 * * *", timezone="America/New_York")) == 'cron "0 6 * * *" (America/New_York)'
     with pytest.raises(OptionsError, match=r"every='6 hours' is not valid: expected a number and a unit"):
         parse_every("6 hours")
+
+
+# --- %%modal_deploy --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ip():
+    import atexit
+
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryManager.enabled = False
+    shell = InteractiveShell.instance(config=config)
+    shell.run_line_magic("load_ext", "modal_magic")
+    yield shell
+    atexit.unregister(shell.atexit_operations)
+    InteractiveShell.clear_instance()
+
+
+def test_the_magic_deploys_the_cells_function_and_says_how_to_call_it(modal_server, cache_dir, ip, capsys):
+    ip.run_line_magic("config", "ModalMagic.memory = 2048")
+    ip.run_cell_magic("modal_deploy", 'jobs/nightly --every 6h --pip regex --max-containers 2',
+                      "def helper(x):\n    return x\n\ndef nightly():\n    return 'ran'\n")
+
+    printed = capsys.readouterr().out
+    assert "Deployed jobs/nightly (runs every 6 hours" in printed
+    assert 'backend="modal:jobs/nightly"' in printed
+    record = modal_server.function("nightly")
+    assert record["schedule"] == {"period": {"hours": 6}}
+    assert (record["memory"], record["max_containers"], "regex" in record["pip_packages"]) == (2048, 2, True)
+    assert callable(ip.user_ns["nightly"])  # the cell ran in the notebook's namespace
+    assert modal.Function.from_name("jobs", "nightly").remote() == "ran"
+
+
+def test_the_magic_turns_mistakes_into_one_line(modal_server, cache_dir, ip):
+    from IPython.core.error import UsageError
+
+    body = "def nightly():\n    return 1\n"
+    with pytest.raises(UsageError, match=r"not a valid cron string: hour: 24 is outside 0-23"):
+        ip.run_cell_magic("modal_deploy", 'jobs/nightly --schedule "0 24 * * *"', body)
+    with pytest.raises(UsageError, match=r"--every '6' is not valid: expected a number and a unit"):
+        ip.run_cell_magic("modal_deploy", "jobs/nightly --every 6", body)
+    with pytest.raises(UsageError, match=r"not allowed with argument"):
+        ip.run_cell_magic("modal_deploy", 'jobs/nightly --every 6h --schedule "0 2 * * *"', body)
+    with pytest.raises(UsageError, match=r"unknown flag --batch-size"):
+        ip.run_cell_magic("modal_deploy", "jobs/nightly --batch-size 4", body)
+    with pytest.raises(UsageError, match=r"the cell defines no function: write the function for %%modal_deploy"):
+        ip.run_cell_magic("modal_deploy", "jobs/nightly", "x = 1\n")
+    assert modal_server.functions_created == []

@@ -1,7 +1,7 @@
-"""The IPython face of modal_magic: the ``%%modal_map`` and ``%%modal_llm`` cell magics.
+"""The IPython face of modal_magic: the ``%%modal_map``, ``%%modal_llm`` and ``%%modal_deploy`` cell magics.
 
 One ``Magics`` class per concern (:class:`~modal_magic.ipython.map_magic.ModalMagic`,
-:class:`~modal_magic.ipython.llm_magic.LLMMagic`) over one shared parser module
+:class:`~modal_magic.ipython.llm_magic.LLMMagic`, :class:`~modal_magic.ipython.deploy_magic.DeployMagic`) over one shared parser module
 (:mod:`~modal_magic.ipython.parsing`). Nothing outside this package imports it: the library works
 without IPython, and ``%load_ext modal_magic`` reaches it through :func:`load`.
 """
@@ -12,16 +12,17 @@ from typing import Any
 
 from IPython.core.magic import Magics
 
+from .deploy_magic import DeployMagic
 from .llm_magic import LLMMagic
 from .map_magic import ModalMagic
 
-__all__ = ["LLMMagic", "ModalMagic", "load", "unload"]
+__all__ = ["DeployMagic", "LLMMagic", "ModalMagic", "load", "unload"]
 
-_MAGICS: tuple[type[Magics], ...] = (ModalMagic, LLMMagic)
+_MAGICS: tuple[type[Magics], ...] = (ModalMagic, LLMMagic, DeployMagic)
 
 
 def load(ipython: Any) -> None:
-    """Register ``%%modal_map`` and ``%%modal_llm`` (``%load_ext modal_magic``); loading twice keeps one copy.
+    """Register ``%%modal_map``, ``%%modal_llm`` and ``%%modal_deploy`` (``%load_ext modal_magic``); loading twice keeps one copy.
 
     Examples
     --------
@@ -35,7 +36,7 @@ def load(ipython: Any) -> None:
 
 
 def unload(ipython: Any) -> None:
-    """Remove both magics and their ``%config`` entries (``%unload_ext modal_magic``)."""
+    """Remove the magics and their ``%config`` entries (``%unload_ext modal_magic``)."""
     manager = ipython.magics_manager
     for cls in _MAGICS:
         magics = manager.registry.pop(cls.__name__, None)

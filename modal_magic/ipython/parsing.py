@@ -14,6 +14,7 @@ words (:func:`in_flag_words`).
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import re
 import shlex
@@ -38,6 +39,7 @@ __all__ = [
     "CellArgs",
     "add_option_flags",
     "bind",
+    "define_function",
     "in_flag_words",
     "lookup",
     "make_parser",
@@ -375,6 +377,32 @@ def in_flag_words(message: str) -> str:
         return f"{spelled} {value.strip(chr(39) + chr(34))}"
 
     return _OPTION_IN_MESSAGE.sub(flag, message)
+
+
+def define_function(shell: Any, cell: str, fn_name: str | None, *, magic: str) -> Callable[..., Any]:
+    """Run a magic's cell in the user namespace; return the function it names (``--fn``) or defines last.
+
+    Running it there makes the functions ``__main__`` functions, which cloudpickle sends by value:
+    worker processes and Modal containers need no copy of the notebook.
+    """
+    source = shell.transform_cell(cell)
+    # Cached under a name IPython knows, so tracebacks and syntax errors show the cell's lines.
+    filename = shell.compile.cache(source, shell.execution_count, raw_code=cell)
+    try:
+        tree = shell.compile.ast_parse(source, filename=filename)
+    except SyntaxError as error:  # raised from inside a magic, IPython would show its whole stack
+        raise UsageError(syntax_error_text(error)) from None
+    defined = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    if fn_name is None and not defined:
+        raise UsageError(f"the cell defines no function: write the function for %%{magic} in it as a `def` "
+                         "(the last top-level def is used), or name one with --fn NAME")
+    exec(shell.compile(tree, filename, "exec"), shell.user_global_ns, shell.user_ns)
+    if fn_name is None:
+        return shell.user_ns[defined[-1]]
+    fn = lookup(shell.user_ns, fn_name, flag="--fn", kind="a function", preferred=callable)
+    if not callable(fn):
+        raise UsageError(f"--fn {fn_name}: {fn_name} is a {type(fn).__name__}, not a function")
+    return fn
 
 
 def syntax_error_text(error: SyntaxError) -> str:
