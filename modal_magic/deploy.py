@@ -15,6 +15,7 @@ next to the result cache): :func:`deployments` lists them and :func:`undeploy` s
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import inspect
 import json
 import math
@@ -230,16 +231,37 @@ def _deploy_function(fn: Callable[..., Any], app_name: str, function_name: str, 
     if schedule is not None:
         kwargs["schedule"] = schedule
     app = modal.App(app_name)
+    deployed = _with_accessor(fn)
     loop = LoopThread("modal_magic-deploy")
     try:
         # Modal's client pickles the function when it deploys: the user's modules go by value then.
         with by_value([*by_value_packages(fn), *cloudpickle.list_registry_pickle_by_value()]):
-            app.function(**kwargs)(fn)
+            app.function(**kwargs)(deployed)
             loop.call(app.deploy.aio(name=app_name)).result(timeout=DEPLOY_TIMEOUT_S)
     except Exception as e:
         raise _setup_error(e) from None
     finally:
         loop.stop()
+
+
+def _with_accessor(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with modal_magic imported first in the container, so ``df.modal`` works in its body."""
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def deployed_async(*args: Any, **kwargs: Any) -> Any:
+            import modal_magic  # noqa: F401  (registers the df.modal accessor in the container)
+
+            return await fn(*args, **kwargs)
+
+        return deployed_async
+
+    @functools.wraps(fn)
+    def deployed(*args: Any, **kwargs: Any) -> Any:
+        import modal_magic  # noqa: F401  (registers the df.modal accessor in the container)
+
+        return fn(*args, **kwargs)
+
+    return deployed
 
 
 def undeploy(app: str) -> None:

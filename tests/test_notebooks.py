@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 ALL = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb") if not p.name.endswith(".executed.ipynb"))
 #: notebooks written for Modal's cloud: here their kernel talks to the local Modal test server
-ON_MODAL = {"modal_gpu.ipynb"}
+ON_MODAL = {"modal_gpu.ipynb", "nightly_job.ipynb"}
 #: notebooks written for an OpenAI-compatible endpoint: here their kernel talks to the local one
 ON_OPENAI = {"llm_classify.ipynb"}
 
@@ -67,6 +67,9 @@ def run(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
         with pytest.MonkeyPatch.context() as env, tempfile.TemporaryDirectory() as config_dir:
             for key, value in client_env(server, config_dir).items():
                 env.setenv(key, value)
+            # The nightly job's Volume: a local folder standing for its mount path in the container.
+            env.setenv("NIGHTLY_DATA_DIR", str(tmp_path_factory.mktemp("volume")))
+            env.setenv("MODAL_MAGIC_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
             try:
                 executed, summary = execute_notebook(NOTEBOOKS / name, output_path=folder / name, timeout=120)
                 done[name] = Executed(nbformat.read(executed, as_version=4), summary, server.functions_created)
@@ -233,3 +236,32 @@ def test_modal_gpu_flags_and_config_reach_modal(run):
     assert by_config["short_name"].endswith("classify_or_blank")
     assert (by_config["gpus"], by_config["max_containers"]) == ([], 8)
     assert "vaderSentiment==3.3.2" in by_config["pip_packages"]
+
+
+def test_nightly_job_deploys_on_a_schedule_and_maps_inside_its_container(run):
+    executed = run("nightly_job.ipynb")
+    nb = executed.nb
+    created = {f["function_name"]: f for f in executed.functions_created}
+
+    nightly = created["nightly"]
+    assert nightly["schedule"] == {"cron": "0 2 * * *", "timezone": "UTC"}
+    assert nightly["volumes"] == {"/data": "reviews"}
+    assert nightly["image_python_packages"] == ["modal_magic"]  # deploy() put modal_magic in the image
+    assert "vaderSentiment==3.3.2" in nightly["pip_packages"] and nightly["cpu"] == 2
+    printed = text_of(outputs_of(nb, "%%modal_deploy reviews/nightly"))
+    assert 'Deployed reviews/nightly (runs cron "0 2 * * *" (UTC)' in printed
+
+    today = load_reviews().head(300)
+    labels = [classify_sentiment(t) if t.strip() else None for t in today["text"]]
+    expected = {label: labels.count(label) for label in set(labels) if label}
+    counts = eval(text_of(outputs_of(nb, "counts = modal.Function")))  # a dict's repr
+    assert counts == expected
+    assert counts_in(text_of(outputs_of(nb, "pd.read_csv(f\"{DATA}/scored.csv\")"))) == expected
+
+    assert "score" in created and created["score"]["schedule"] is None
+    first20 = labels[:20]
+    assert counts_in(text_of(outputs_of(nb, "by_name = "))) == {lab: first20.count(lab) for lab in set(first20) if lab}
+
+    listed = text_of(outputs_of(nb, "modal_magic.deployments()"))
+    assert "reviews/nightly" in listed and "reviews/score" in listed
+    assert "Empty DataFrame" in text_of(outputs_of(nb, "modal_magic.undeploy"))
