@@ -79,11 +79,13 @@ def _referenced_names(code: types.CodeType) -> set[str]:
     return names
 
 
-def check_picklable(fn: Callable[..., Any], *, where: str) -> bytes:
+def check_picklable(fn: Callable[..., Any], *, where: str,
+                    otherwise: str = ", or run with backend='threads', which doesn't pickle") -> bytes:
     """Pickle ``fn`` with cloudpickle, or name the global or closure variable that can't be.
 
-    ``where`` says where the function was going (for the message). Returns the pickled bytes, the
-    user's own modules by value (:func:`modal_magic.shipping.dumps_function`).
+    ``where`` says where the function was going and ``otherwise`` what else the user can do (for the
+    message). Returns the pickled bytes, the user's own modules by value
+    (:func:`modal_magic.shipping.dumps_function`).
     """
     try:
         return dumps_function(fn)
@@ -92,7 +94,7 @@ def check_picklable(fn: Callable[..., Any], *, where: str) -> bytes:
         detail = f" it uses {culprit}, which can't be pickled" if culprit else f" {type(error).__name__}: {error}"
         raise FunctionError(
             f"{_name(fn)} can't be sent to {where}:{detail}. Create that object inside the function "
-            "(or in a module the function imports), or run with backend='threads', which doesn't pickle"
+            f"(or in a module the function imports){otherwise}"
         ) from error
 
 

@@ -14,6 +14,7 @@ next to the result cache): :func:`deployments` lists them and :func:`undeploy` s
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import inspect
@@ -22,11 +23,17 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import cloudpickle
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; records are still replaced atomically
+    fcntl = None  # type: ignore[assignment]
 
 from .checks import FunctionError, check_picklable
 from .errors import ModalSetupError, OptionsError
@@ -187,14 +194,15 @@ def deploy(fn: Callable[..., Any], name: str, schedule: Any = None, **options: A
     from .backends.modal import check_credentials, check_python_version, check_reachable
 
     check_python_version(opts)
-    check_picklable(fn, where="Modal")
+    check_picklable(fn, where="Modal", otherwise="")
     check_credentials()
     check_reachable()
     _deploy_function(fn, app_name, function_name, modal_schedule, opts)
     record = Deployment(app=app_name, function=function_name, schedule=describe(modal_schedule),
                         deployed_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                         image=_image_words(opts))
-    _save_record(record)
+    with _records() as records:
+        records[record.name] = asdict(record)
     return record
 
 
@@ -321,16 +329,20 @@ def deployments() -> Any:
 # --- the records file: JSON (nothing in it is executed), in the cache's private directory ---------------
 
 
-def _records_path() -> Path:
-    from .cache.location import default_cache_dir, make_private_directory
+def _records_dir() -> Path | None:
+    """The cache's directory, or ``None`` (after a warning) where it isn't safe to write to."""
+    from .cache.location import CacheWarning, UnsafeCacheError, default_cache_dir, make_private_directory
 
     directory = default_cache_dir()
-    make_private_directory(directory)
-    return directory / _RECORDS
+    try:
+        make_private_directory(directory)
+    except (UnsafeCacheError, OSError) as e:
+        warnings.warn(f"deployments are not recorded on this machine: {e}", CacheWarning, stacklevel=3)
+        return None
+    return directory
 
 
-def _load_records() -> dict[str, dict[str, Any]]:
-    path = _records_path()
+def _read(path: Path) -> dict[str, dict[str, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -338,31 +350,45 @@ def _load_records() -> dict[str, dict[str, Any]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ModalSetupError(f"the deployments record {path} is damaged ({e}); delete it to start a new one "
-                              "(deployed apps are not affected: `modal app list` shows them)") from None
-    return data if isinstance(data, dict) else {}
+        data = e
+    if not isinstance(data, dict) or not all(isinstance(r, dict) for r in data.values()):
+        raise ModalSetupError(f"the deployments record {path} is damaged ({data}); delete it to start a new one "
+                              "(deployed apps are not affected: `modal app list` shows them)")
+    return data
 
 
-def _write_records(records: dict[str, dict[str, Any]]) -> None:
-    path = _records_path()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".deployments-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(records, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one, never half of one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+@contextlib.contextmanager
+def _records() -> Iterator[dict[str, dict[str, Any]]]:
+    """The records, to change in place: written back atomically, one process at a time."""
+    directory = _records_dir()
+    if directory is None:
+        yield {}
+        return
+    path = directory / _RECORDS
+    with open(directory / f"{_RECORDS}.lock", "a") as lock:  # two kernels deploying at once keep both records
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        records = _read(path)
+        before = json.dumps(records, sort_keys=True)
+        yield records
+        if json.dumps(records, sort_keys=True) == before:
+            return
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".deployments-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(records, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one, never half of one
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
-def _save_record(record: Deployment) -> None:
-    records = _load_records()
-    records[record.name] = asdict(record)
-    _write_records(records)
+def _load_records() -> dict[str, dict[str, Any]]:
+    with _records() as records:
+        return dict(records)
 
 
 def _forget(app: str) -> None:
-    records = _load_records()
-    kept = {k: v for k, v in records.items() if v.get("app") != app}
-    if kept != records:
-        _write_records(kept)
+    with _records() as records:
+        for name in [k for k, v in records.items() if v.get("app") == app]:
+            del records[name]

@@ -199,3 +199,53 @@ def test_the_magic_turns_mistakes_into_one_line(modal_server, cache_dir, ip):
     with pytest.raises(UsageError, match=r"the cell defines no function: write the function for %%modal_deploy"):
         ip.run_cell_magic("modal_deploy", "jobs/nightly", "x = 1\n")
     assert modal_server.functions_created == []
+
+
+async def shout_async(text):
+    return text.upper() + "?"
+
+
+def test_async_functions_and_lambdas_deploy_and_answer(modal_server, cache_dir):
+    modal_magic.deploy(shout_async, "words/ask")
+    modal_magic.deploy(lambda text: text[::-1], "words/reverse")
+
+    assert modal.Function.from_name("words", "ask").remote("why") == "WHY?"
+    assert modal.Function.from_name("words", "reverse").remote("abc") == "cba"
+
+
+def test_an_unpicklable_function_is_refused_before_any_call(modal_server, cache_dir):
+    import threading
+
+    lock = threading.Lock()
+
+    def guarded(text):
+        with lock:
+            return text
+
+    with pytest.raises(modal_magic.FunctionError, match=r"guarded can't be sent to Modal: it uses the closure variable `lock`.*the function imports\)$"):
+        modal_magic.deploy(guarded, "words/guarded")
+    assert modal_server.functions_created == []
+
+
+def test_records_from_concurrent_deploys_are_all_kept(cache_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from modal_magic.deploy import _records
+
+    def add(i):
+        with _records() as records:
+            records[f"app{i}/f"] = {"app": f"app{i}", "function": "f", "schedule": None,
+                                   "deployed_at": f"2026-12-03T00:00:{i:02d}+00:00", "image": "x"}
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(add, range(40)))
+    assert len(modal_magic.deployments()) == 40
+    assert modal_magic.deployments()["name"].iloc[0] == "app39/f"  # newest first
+
+
+def test_an_unsafe_cache_directory_skips_the_records_with_a_warning(modal_server, cache_dir):
+    cache_dir.mkdir(mode=0o777)
+    cache_dir.chmod(0o777)
+    with pytest.warns(modal_magic.cache.CacheWarning, match="deployments are not recorded on this machine"):
+        deployment = modal_magic.deploy(shout, "words/shout")
+    assert deployment.name == "words/shout" and ("words", "shout") in modal_server.deployed_functions
