@@ -304,14 +304,11 @@ def test_many_tiny_inputs(modal_server):
     def inc(x):
         return x + 1
 
-    n = 10_000  # ~4 s on an idle 2-core machine; 100,000 take ~40 s, mostly in the modal client itself
-    t0 = time.monotonic()
+    n = 10_000  # ~4 s on an idle 2-core machine (timing is bench/'s job: here, only that every input returns)
     with app.run():
         total = sum(inc.map(range(n)))
-    elapsed = time.monotonic() - t0
     assert total == n * (n + 1) // 2
     assert modal_server.inputs_received == n
-    assert elapsed < 60, elapsed
 
 
 def test_running_modal_server_outside_pytest_fixtures():
