@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from modal_magic import fingerprint
+from modal_magic import code_origin
 from modal_magic.cache import function_fingerprint
 
 _cells = itertools.count(1)
@@ -228,18 +228,18 @@ def test_an_installed_module_function_is_hashed_by_code(tmp_path, monkeypatch):
     module = "def _clean(t):\n    return t.strip()\n\ndef classify(t):\n    return len(_clean(t))\n"
     (package / "text.py").write_text(module)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setattr(fingerprint, "_LIBRARY_ROOTS", (*fingerprint._LIBRARY_ROOTS, str(tmp_path / "site") + "/"))
-    fingerprint._is_library.cache_clear()
+    monkeypatch.setattr(code_origin, "LIBRARY_ROOTS", (*code_origin.LIBRARY_ROOTS, str(tmp_path / "site") + "/"))
+    code_origin.forget()
     try:
         from fp_demo_pkg import text
 
-        assert fingerprint._is_library("fp_demo_pkg.text")
+        assert code_origin.is_library_module("fp_demo_pkg.text")
         before = fp(text.classify)
         (package / "text.py").write_text(module.replace("strip", "lower"))
         importlib.reload(text)
         assert fp(text.classify) != before
     finally:
-        fingerprint._is_library.cache_clear()
+        code_origin.forget()
         for name in ("fp_demo_pkg.text", "fp_demo_pkg"):
             sys.modules.pop(name, None)
 
