@@ -174,7 +174,7 @@ class FunctionHasher:
                 self.value(dict(vars(obj)) if hasattr(obj, "__dict__") else {})
         elif kind is types.BuiltinFunctionType:
             owner = obj.__self__
-            if owner is None or isinstance(owner, types.ModuleType):
+            if owner is None or _is_module(owner):
                 self.emit("builtin", f"{getattr(obj, '__module__', None)}.{obj.__qualname__}")
             else:  # a bound builtin method such as "".join or a_list.append
                 self.emit("builtin-method", obj.__name__)
@@ -253,7 +253,7 @@ class FunctionHasher:
             elif name in namespace:
                 found = namespace[name]
                 self.value(found)
-                if isinstance(found, types.ModuleType):
+                if _is_module(found):
                     for chain in chains:
                         self._module_attribute(found, chain)
             elif hasattr(builtins, name):
@@ -269,7 +269,7 @@ class FunctionHasher:
         found: Any = module
         path = []
         for attribute in chain:
-            if not isinstance(found, types.ModuleType):
+            if not _is_module(found):
                 break
             path.append(attribute)
             try:
@@ -279,7 +279,7 @@ class FunctionHasher:
                 # can't load; the function will fail reading it too, and defining it changes this
                 self.emit("missing-attribute", ".".join(path))
                 return
-        if path and not isinstance(found, types.ModuleType):
+        if path and not _is_module(found):
             self.emit("attribute", ".".join(path))
             self.value(found)
 
@@ -333,6 +333,11 @@ class FunctionHasher:
         self.emit("object", type_path(cls))
         self.emit("version", version_of(cls.__module__))
         self.emit("pickled", pickle_digest(obj))
+
+
+def _is_module(obj: Any) -> bool:
+    """``isinstance(obj, ModuleType)`` without asking the object (whose ``__class__`` may be a property that raises)."""
+    return issubclass(type(obj), types.ModuleType)
 
 
 # --- bytecode ---------------------------------------------------------------------------------------

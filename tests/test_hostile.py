@@ -3,6 +3,7 @@ notebook changed, results no nullable dtype can hold, and frames with repeated c
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 import warnings
@@ -120,3 +121,31 @@ def test_a_repeated_column_name_is_a_clear_error_before_any_work():
     assert calls == []
     out = frame.modal.map(lambda v: v + 1, column="y", into="z", backend="sequential", progress=False)
     assert out.columns.tolist() == ["x", "x", "y", "z", "z_error"] and out["z"].tolist() == [4]
+
+
+def test_a_script_that_imported_multiprocessing_ships_its_functions_without_a_warning(tmp_path):
+    """multiprocessing adds ``__mp_main__`` as an alias of ``__main__``; it is one module, sent once."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent("""
+        import multiprocessing  # noqa: F401  (adds sys.modules["__mp_main__"])
+        import warnings
+
+        import pandas as pd
+
+        import modal_magic
+
+        SCALE = 3
+
+        def scale(x):
+            return x * SCALE
+
+        if __name__ == "__main__":
+            warnings.simplefilter("error", modal_magic.ModuleStateWarning)
+            out = pd.DataFrame({"x": [1, 2]}).modal.map(scale, column="x", backend="local", progress=False,
+                                                        cache=False)
+            print(out["scale"].tolist())
+            modal_magic.shutdown()
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[3, 6]"
