@@ -1,9 +1,9 @@
 """Threads for I/O-bound functions (HTTP calls, file reads): ``max_containers`` threads in this process.
 
 Threads start as batches need them, up to ``max_containers`` (default: the core count) and at most
-:data:`MAX_THREADS` (a larger ``max_containers`` is capped with a one-time warning: past a few
-hundred threads, switching and memory cost more than the extra concurrency gives; use an
-``async def`` function for thousands of requests in flight).
+:data:`~modal_magic.options.MAX_THREADS` (a larger ``max_containers`` is capped with a one-time
+warning: past a few hundred threads, switching and memory cost more than the extra concurrency
+gives; use an ``async def`` function for thousands of requests in flight).
 
 Threads share the kernel's memory, so nothing is pickled and notebook objects just work. A thread
 can't be killed, so a row over ``timeout`` is reported as a ``TimeoutError`` at once and its thread
@@ -16,15 +16,14 @@ import queue
 import threading
 import time
 
-from ._worker import run_rows
-from .base import Backend, Batch, BatchResult, Task, drain
-from .processes import capped_workers
-
-#: the most threads one run starts
-MAX_THREADS = 256
+from ..options import MAX_THREADS
+from .base import Backend, Batch, BatchResult, Task, capped_concurrency, drain
+from .row_runner import run_rows
 
 
-class _Worker:
+class RowThread:
+    """One thread of a run, taking batches from the run's inbox until told to stop or abandoned."""
+
     def __init__(self, backend: ThreadBackend) -> None:
         self.backend = backend
         self.batch: Batch | None = None
@@ -67,14 +66,14 @@ class ThreadBackend(Backend):
         self._inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._outbox: queue.SimpleQueue[BatchResult] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._workers: list[_Worker] = []
+        self._workers: list[RowThread] = []
         self._task: Task | None = None
         self._cancelled = False
 
     def start(self, task: Task) -> None:
         self._task = task
-        self._size = capped_workers(task.options.workers(), MAX_THREADS, "threads",
-                                    f"{MAX_THREADS} at most; an async def function suits more requests in flight")
+        self._size = capped_concurrency(task.options.local_concurrency(), MAX_THREADS, "threads",
+                                        f"{MAX_THREADS} at most; an async def function suits more requests in flight")
 
     @property
     def capacity(self) -> int:
@@ -84,7 +83,7 @@ class ThreadBackend(Backend):
         with self._lock:
             live = sum(not w.abandoned for w in self._workers)
             if live < self._size:
-                self._workers.append(_Worker(self))
+                self._workers.append(RowThread(self))
         self._inbox.put(batch)
 
     def results(self, timeout: float | None) -> list[BatchResult]:
