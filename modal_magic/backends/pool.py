@@ -49,7 +49,6 @@ def describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-
 #: one message from a worker as the reader thread hands it on: (worker, bytes or None at EOF, when read)
 Message = tuple["WorkerProcess", "bytes | None", float]
 
@@ -112,9 +111,11 @@ class WorkerProcess:
         self._outbox.put(pickle.dumps(message, protocol=5))
 
     def send_bytes(self, data: bytes) -> None:
+        """Queue an already pickled message (the same bytes go to every worker of a run)."""
         self._outbox.put(data)
 
     def kill(self) -> None:
+        """End the process now (SIGKILL) and wait for its reader to report the end."""
         if self.proc.poll() is None:
             self.proc.kill()
         try:
@@ -124,6 +125,7 @@ class WorkerProcess:
         self._reader.join(timeout=5)
 
     def stop(self) -> None:
+        """Ask the process to exit; kill it if it hasn't within 2 seconds."""
         self.send(("exit",))
         try:
             self.proc.wait(timeout=2)
@@ -131,7 +133,6 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.wait(timeout=5)
         self._reader.join(timeout=5)
-
 
 
 class WarmPool:
@@ -163,11 +164,13 @@ class WarmPool:
             self.workers.remove(idle)
 
     def start_worker(self) -> WorkerProcess:
+        """Start one more worker process and keep it in the pool."""
         worker = WorkerProcess(self.messages)
         self.workers.append(worker)
         return worker
 
     def replace(self, worker: WorkerProcess) -> WorkerProcess:
+        """Kill a dead or stuck worker and put a fresh one in its place."""
         worker.kill()
         fresh = WorkerProcess(self.messages)
         self.workers[self.workers.index(worker)] = fresh
@@ -193,6 +196,7 @@ class WarmPool:
                 self.lock.release()
 
     def shutdown(self) -> None:
+        """Stop every worker and the reaping timer."""
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
@@ -205,7 +209,14 @@ SHARED_POOL = WarmPool()
 
 
 def shutdown_pool() -> None:
-    """Stop the warm worker processes (they start again on the next run)."""
+    """Stop the warm worker processes (they start again on the next run).
+
+    Examples
+    --------
+    >>> shutdown_pool()
+    >>> SHARED_POOL.workers
+    []
+    """
     with SHARED_POOL.lock:
         SHARED_POOL.shutdown()
 
