@@ -1,14 +1,16 @@
-"""Whose code a module is: an installed library, or the user's own (a notebook, a package being written).
+"""Whose code a module is: an installed library, an editable install, or the user's own.
 
-One answer serves two places that must agree. The cache's function fingerprint hashes the user's
-own code by its bytecode (an edit invalidates cached rows) and a library by its name and version;
-shipping sends the user's own modules to workers and containers by value (with the state the kernel
-gave them) and a library by reference (the other side imports it). A module is a library when it
-is built in or in the standard library, when its file lies under the interpreter's library folders
-(the standard library, site-packages, the user site), or when it belongs to an installed
-distribution that is not an *editable* install. An editable install (``pip install -e .``) is the
-user's package in development: it counts as their own code, so editing it changes fingerprints and
-its current state is what workers see.
+One answer serves two places that must agree. A module is a **library** when it is built in or in
+the standard library, when its file lies under the interpreter's library folders (the standard
+library, site-packages, the user site), or when it belongs to an installed distribution that is
+not editable. An **editable** install (``pip install -e .``) is the user's package in development,
+importable wherever the kernel's environment is. Anything else imported is the user's **own**
+code (a notebook's ``__main__``, ``pkg/scoring.py`` next to it).
+
+The cache's function fingerprint hashes editable and own code by its bytecode (an edit
+invalidates cached rows) and a library by its name and version. Shipping sends only own code by
+value (with the state the kernel gave it): a library or an editable install is importable where
+the workers run, and pickling a large package in development by value would be slow or fail.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import os
 import site
 import sys
 import sysconfig
+from typing import Literal
 
-__all__ = ["is_library_module", "top_package", "version_of"]
+__all__ = ["Origin", "is_library_module", "module_origin", "top_package", "version_of"]
 
 
 def _library_roots() -> tuple[str, ...]:
@@ -34,9 +37,11 @@ def _library_roots() -> tuple[str, ...]:
 
 LIBRARY_ROOTS = _library_roots()
 
+Origin = Literal["library", "editable", "own"]
+
 #: (module name, its file) -> answer; keyed by the file so a module imported later, or from
 #: somewhere else, is looked at again
-_answers: dict[tuple[str, str | None], bool] = {}
+_answers: dict[tuple[str, str | None], Origin] = {}
 _ANSWERS_LIMIT = 8192
 
 
@@ -46,7 +51,7 @@ def top_package(module_name: str | None) -> str:
 
 
 def is_library_module(module_name: str | None) -> bool:
-    """Whether a module is installed library code rather than the user's own.
+    """Whether a module is installed library code, hashed by name and version rather than by code.
 
     Parameters
     ----------
@@ -65,11 +70,22 @@ def is_library_module(module_name: str | None) -> bool:
     >>> is_library_module("json"), is_library_module("pandas"), is_library_module("__main__")
     (True, True, False)
     """
+    return module_origin(module_name) == "library"
+
+
+def module_origin(module_name: str | None) -> Origin:
+    """Whose code a module is: ``"library"``, ``"editable"`` (an editable install) or ``"own"``.
+
+    Examples
+    --------
+    >>> module_origin("json"), module_origin("__main__")
+    ('library', 'own')
+    """
     if not module_name or module_name == "__main__" or module_name.startswith("__main__."):
-        return False
+        return "own"
     top = top_package(module_name)
     if top in sys.builtin_module_names or top in sys.stdlib_module_names:
-        return True
+        return "library"
     file = _file_of(module_name)
     key = (module_name, file)
     found = _answers.get(key)
@@ -94,15 +110,17 @@ def _file_of(module_name: str) -> str | None:
     return None
 
 
-def _decide(top: str, file: str | None) -> bool:
+def _decide(top: str, file: str | None) -> Origin:
     if file is None:
         # Built in, frozen, or made at run time without a file (Cython's ``_cython_3_*``
         # modules): nothing a worker could import or a user would edit.
-        return True
+        return "library"
     if os.path.realpath(file).startswith(LIBRARY_ROOTS):
-        return True
+        return "library"
     distributions = _distributions_of(top)
-    return bool(distributions) and not any(_is_editable(d) for d in distributions)
+    if not distributions:
+        return "own"
+    return "editable" if any(_is_editable(d) for d in distributions) else "library"
 
 
 @functools.lru_cache(maxsize=1)

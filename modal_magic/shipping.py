@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import cloudpickle
 
-from .code_origin import is_library_module
+from .code_origin import module_origin
 
 __all__ = ["ModuleStateWarning", "by_value", "by_value_packages", "dumps_function", "own_packages"]
 
@@ -34,7 +34,7 @@ class ModuleStateWarning(UserWarning):
 
 
 def own_packages() -> list[str]:
-    """The imported top-level packages and modules that are the user's own code (not installed).
+    """The imported top-level packages and modules that are the user's own code (not installed at all).
 
     Examples
     --------
@@ -49,7 +49,7 @@ def own_packages() -> list[str]:
             # an alias, such as the ``__mp_main__`` that multiprocessing adds for ``__main__``:
             # cloudpickle registers a module under its own name, so the alias would be a duplicate
             continue
-        if not is_library_module(name):
+        if module_origin(name) == "own":  # an editable install is importable in the workers too
             found.append(name)
     return found
 

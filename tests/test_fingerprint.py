@@ -13,6 +13,7 @@ import pytest
 
 from modal_magic import code_origin
 from modal_magic.cache import function_fingerprint
+from modal_magic.shipping import own_packages
 
 _cells = itertools.count(1)
 
@@ -400,7 +401,10 @@ def test_an_editable_install_is_the_users_own_code_and_an_installed_one_a_librar
     code_origin.forget()
     try:
         scoring = importlib.import_module(f"{name}.scoring")
+        assert code_origin.module_origin(scoring.__name__) == ("editable" if editable else "library")
         assert code_origin.is_library_module(scoring.__name__) is not editable
+        # either way the workers import it (it is installed); only modules installed nowhere go by value
+        assert name not in own_packages()
         namespace = cell(f"from {name} import scoring\n\ndef f(x):\n    return scoring.score(x) + 1\n")
         before = fp(namespace["f"])
         (tmp_path / "src" / name / "scoring.py").write_text("SCALE = 3\n\ndef score(x):\n    return x * SCALE\n")
