@@ -149,3 +149,27 @@ def test_a_script_that_imported_multiprocessing_ships_its_functions_without_a_wa
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[3, 6]"
+
+
+class _Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no str either")
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise _Unprintable()
+
+
+def _returns_unpicklable_on_1(x):
+    return _Unpicklable() if x == 1 else x
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_a_result_that_cant_be_pickled_for_a_reason_that_cant_be_printed_fails_only_its_row():
+    out = pd.DataFrame({"x": range(3)}).modal.map(_returns_unpicklable_on_1, column="x", backend="local",
+                                                  batch_size=3, progress=False, cache=False)
+    assert out["_returns_unpicklable_on_1_error"].tolist() == [
+        None, "UnpicklableResult: the function returned a _Unpicklable that can't be pickled: <unprintable _Unprintable>",
+        None]
+    assert out["_returns_unpicklable_on_1"].tolist()[::2] == [0, 2]

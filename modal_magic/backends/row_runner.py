@@ -258,14 +258,18 @@ def pack_results(values: list[Any], errors: list[ErrorTuple], elapsed: float) ->
     """Serialise a batch's results; a value or exception that can't travel becomes that row's error only."""
     try:
         return dumps((values, errors, elapsed))
-    except Exception:
-        pass  # find the offending rows one by one below
+    except Exception:  # noqa: BLE001 - a value's own __reduce__ may raise anything: find it row by row
+        return _pack_row_by_row(values, errors, elapsed)
+
+
+def _pack_row_by_row(values: list[Any], errors: list[ErrorTuple], elapsed: float) -> bytes:
+    """:func:`pack_results` for a batch that didn't pickle whole: each row that can't travel says so."""
     safe_errors: list[ErrorTuple] = []
     for err in errors:
         try:
             dumps(err[5])
             safe_errors.append(err)
-        except Exception:
+        except Exception:  # noqa: BLE001 - the exception object can't travel: its type, message and traceback do
             safe_errors.append(err[:5] + (None,))
     failed = {e[0] for e in safe_errors}
     for i, value in enumerate(values):
@@ -273,9 +277,9 @@ def pack_results(values: list[Any], errors: list[ErrorTuple], elapsed: float) ->
             continue
         try:
             dumps(value)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the value's own __reduce__ may raise anything
             values[i] = None
-            message = f"the function returned a {type(value).__name__} that can't be pickled: {e}"
+            message = f"the function returned a {type(value).__name__} that can't be pickled: {describe(e)}"
             safe_errors.append((i, "UnpicklableResult", message, "", 1, None))
     return dumps((values, safe_errors, elapsed))
 
