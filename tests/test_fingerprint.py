@@ -361,7 +361,8 @@ def test_a_module_attribute_missing_when_hashed_counts_and_defining_it_changes_t
     import fp_lazy_helpers
 
     try:
-        namespace = cell("import fp_lazy_helpers\n\ndef f(x):\n    return fp_lazy_helpers.later(x), fp_lazy_helpers.broken\n")
+        namespace = cell("import fp_lazy_helpers\n\n"
+                         "def f(x):\n    return fp_lazy_helpers.later(x), fp_lazy_helpers.broken\n")
         before = fp(namespace["f"])
         assert fp(namespace["f"]) == before
         fp_lazy_helpers.later = abs

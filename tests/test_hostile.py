@@ -170,6 +170,8 @@ def test_a_result_that_cant_be_pickled_for_a_reason_that_cant_be_printed_fails_o
     out = pd.DataFrame({"x": range(3)}).modal.map(_returns_unpicklable_on_1, column="x", backend="local",
                                                   batch_size=3, progress=False, cache=False)
     assert out["_returns_unpicklable_on_1_error"].tolist() == [
-        None, "UnpicklableResult: the function returned a _Unpicklable that can't be pickled: <unprintable _Unprintable>",
-        None]
+        None,
+        "UnpicklableResult: the function returned a _Unpicklable that can't be pickled: <unprintable _Unprintable>",
+        None,
+    ]
     assert out["_returns_unpicklable_on_1"].tolist()[::2] == [0, 2]

@@ -66,7 +66,7 @@ class ThreadBackend(Backend):
         self._inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._outbox: queue.SimpleQueue[BatchResult] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._workers: list[RowThread] = []
+        self._threads: list[RowThread] = []
         self._task: Task | None = None
         self._cancelled = False
 
@@ -81,9 +81,9 @@ class ThreadBackend(Backend):
 
     def submit(self, batch: Batch) -> None:
         with self._lock:
-            live = sum(not w.abandoned for w in self._workers)
+            live = sum(not w.abandoned for w in self._threads)
             if live < self._size:
-                self._workers.append(RowThread(self))
+                self._threads.append(RowThread(self))
         self._inbox.put(batch)
 
     def results(self, timeout: float | None) -> list[BatchResult]:
@@ -98,21 +98,22 @@ class ThreadBackend(Backend):
         now = time.monotonic()
         expired: list[BatchResult] = []
         with self._lock:
-            for worker in self._workers:
-                batch = worker.batch
-                if batch is not None and not worker.abandoned and now - worker.started > limit * len(batch.args):
-                    worker.abandoned = True
+            for row_thread in self._threads:
+                batch = row_thread.batch
+                overdue = batch is not None and now - row_thread.started > limit * len(batch.args)
+                if overdue and not row_thread.abandoned:
+                    row_thread.abandoned = True
                     expired.append(BatchResult(batch, lost=TimeoutError(f"the row ran longer than timeout={limit:g}s")))
-            self._workers = [w for w in self._workers if not w.abandoned]
+            self._threads = [w for w in self._threads if not w.abandoned]
         return expired
 
     def cancel(self) -> None:
         with self._lock:
             self._cancelled = True  # results of batches already running are dropped when they finish
-            for worker in self._workers:
-                if worker.batch is not None:
-                    worker.abandoned = True
-            self._workers = [w for w in self._workers if not w.abandoned]
+            for row_thread in self._threads:
+                if row_thread.batch is not None:
+                    row_thread.abandoned = True
+            self._threads = [w for w in self._threads if not w.abandoned]
         try:
             while True:
                 self._inbox.get_nowait()
@@ -120,6 +121,6 @@ class ThreadBackend(Backend):
             pass
 
     def finish(self) -> None:
-        for _ in self._workers:
+        for _ in self._threads:
             self._inbox.put(None)
-        self._workers = []
+        self._threads = []
