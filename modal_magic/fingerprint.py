@@ -274,10 +274,15 @@ class FunctionHasher:
             path.append(attribute)
             try:
                 found = getattr(found, attribute)
-            except (AttributeError, ImportError):
-                # not there (yet): deleted since, defined later, or a lazily loaded submodule that
-                # can't load; the function will fail reading it too, and defining it changes this
+            except AttributeError:
+                # not there (yet): deleted since, or defined later; the function will fail reading
+                # it too, and defining it changes the fingerprint
                 self.emit("missing-attribute", ".".join(path))
+                return
+            except Exception as e:  # noqa: BLE001 - a module's own __getattr__ (a lazy loader) may raise anything
+                # e.g. transformers' lazy modules raise RuntimeError when a submodule can't load:
+                # counted by the path and the exception's type, as an object whose code raises is
+                self.emit("unreadable-attribute", f"{'.'.join(path)}:{type(e).__name__}")
                 return
         if path and not _is_module(found):
             self.emit("attribute", ".".join(path))

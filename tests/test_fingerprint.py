@@ -355,6 +355,8 @@ def test_a_module_attribute_missing_when_hashed_counts_and_defining_it_changes_t
         def __getattr__(name):
             if name == "broken":
                 raise ImportError("the optional dependency isn't installed")
+            if name == "lazy":
+                raise RuntimeError("Failed to import fp_lazy_helpers.lazy")  # as transformers' lazy modules do
             raise AttributeError(name)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -362,7 +364,8 @@ def test_a_module_attribute_missing_when_hashed_counts_and_defining_it_changes_t
 
     try:
         namespace = cell("import fp_lazy_helpers\n\n"
-                         "def f(x):\n    return fp_lazy_helpers.later(x), fp_lazy_helpers.broken\n")
+                         "def f(x):\n"
+                         "    return fp_lazy_helpers.later(x), fp_lazy_helpers.broken, fp_lazy_helpers.lazy\n")
         before = fp(namespace["f"])
         assert fp(namespace["f"]) == before
         fp_lazy_helpers.later = abs
