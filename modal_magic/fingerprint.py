@@ -43,6 +43,9 @@ _GLOBAL_WRITES = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL"})
 _ATTRIBUTE_READS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
 #: containers longer than this that hold only scalars are hashed through pickle, not item by item
 _BULK = 64
+#: ints wider than this are hashed by their bytes: well under the 4300 decimal digits past which
+#: ``repr`` raises (``sys.set_int_max_str_digits``)
+_REPR_INT_BITS = 4096
 #: kinds the walk takes apart without running any code of the object's: an exception while
 #: hashing one of these is a bug in the walk, never the value's doing
 _WALKED_KINDS = frozenset({*SCALARS, tuple, list, dict, set, frozenset, types.FunctionType, types.MethodType,
@@ -211,6 +214,9 @@ class FunctionHasher:
             self.emit("str", obj)
         elif kind is bytes:
             self.emit("bytes", obj)
+        elif kind is int and obj.bit_length() > _REPR_INT_BITS:
+            # past Python's limit on int -> str conversion (4300 digits) repr raises; the bytes don't
+            self.emit("bigint", obj.to_bytes((obj.bit_length() + 8) // 8, "little", signed=True))
         else:
             self.emit(kind.__name__, repr(obj))
 

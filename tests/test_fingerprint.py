@@ -420,3 +420,11 @@ def test_an_editable_install_is_the_users_own_code_and_an_installed_one_a_librar
         code_origin.forget()
         for module in [m for m in sys.modules if m.startswith(name)]:
             del sys.modules[module]
+
+
+def test_an_int_too_large_to_print_counts_by_its_value():
+    namespace = cell("BIG = 10**5000\n\ndef f(x):\n    return x + BIG\n")
+    before = fp(namespace["f"])
+    assert fp(namespace["f"]) == before
+    namespace["BIG"] += 1
+    assert fp(namespace["f"]) != before
