@@ -88,7 +88,7 @@ def shutdown() -> None:
     >>> import modal_magic
     >>> modal_magic.shutdown()
     """
-    from .backends.processes import shutdown_pool
+    from .backends.pool import shutdown_pool
 
     shutdown_pool()
 

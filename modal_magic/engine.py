@@ -26,7 +26,7 @@ import pandas as pd
 
 from . import join, runs
 from .backends import Backend, BackendFailed, Batch, BatchResult, Runtime, Task, create_backend
-from .backends._worker import backoff_delay, run_rows
+from .backends.row_runner import backoff_s, run_rows
 from .cache.rows import RunCache
 from .checks import check_function, check_picklable, default_into
 from .errors import Cancelled, MapInterrupted, RowError, RowFailed
@@ -482,7 +482,7 @@ def _requeue_lost(result: BatchResult, task: Task, outcomes: _Outcomes, retry_at
             heapq.heappush(retry_at, (now, next(_TIEBREAK), single))
     elif batch.attempt < allowed:
         again = Batch(0, batch.positions, batch.args, attempt=batch.attempt + 1, max_attempts=allowed)
-        heapq.heappush(retry_at, (now + backoff_delay(batch.attempt), next(_TIEBREAK), again))
+        heapq.heappush(retry_at, (now + backoff_s(batch.attempt), next(_TIEBREAK), again))
     else:
         position = batch.positions[0]
         outcomes.fail(position, RowError.from_exception(cause, attempts=batch.attempt))

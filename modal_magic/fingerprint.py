@@ -7,8 +7,11 @@ classes defined in the notebook or in modules outside the installed packages) re
 counts installed libraries by name and version. Names, file names, line numbers and the docstring
 don't count, so re-running an unchanged cell, or moving the function around, keeps its fingerprint.
 
-Values are hashed by their structure (containers, functions, classes) or their pickle; a value that
-can't be pickled counts by its ``repr`` with memory addresses removed. A global the function
+Values are hashed by their structure (containers, functions, classes) or, through
+:mod:`modal_magic.value_digest`, by their pickle; a value that can't be pickled, or whose own code
+raises while it is read, counts by its type and ``repr`` with memory addresses removed (that module
+says what the cache can't see then). Which modules are the user's and which are libraries is
+:func:`modal_magic.code_origin.is_library_module`'s answer, the one shipping uses. A global the function
 assigns (``global x; x = ...``, e.g. a lazily built model) is its own state, not an input: it
 counts by name only, so building it on the first run doesn't change the fingerprint of the next.
 """
@@ -18,18 +21,14 @@ from __future__ import annotations
 import builtins
 import dis
 import functools
-import importlib.metadata
-import io
-import os
-import pickle
-import re
-import site
 import struct
 import sys
-import sysconfig
 import types
 from hashlib import blake2b
 from typing import Any, Callable, Mapping
+
+from .code_origin import is_library_module, top_package, version_of
+from .value_digest import SCALARS, all_scalars, is_handle, pickle_digest, scalars_digest, stable_repr, type_path
 
 __all__ = ["function_fingerprint"]
 
@@ -42,17 +41,15 @@ _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__"
 _GLOBAL_READS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"})
 _GLOBAL_WRITES = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL"})
 _ATTRIBUTE_READS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
-#: what makes a repr differ between processes: memory addresses, in hex or (``id()``) in decimal
-_ADDRESS = re.compile(r"0x[0-9a-fA-F]{4,}|(?<![0-9.])[0-9]{12,}(?![0-9.])")
-_SCALARS = (type(None), bool, int, float, complex, str, bytes)
-_SCALAR_SET = frozenset(_SCALARS)
 #: containers longer than this that hold only scalars are hashed through pickle, not item by item
 _BULK = 64
-#: library packages whose objects are connections to the outside (clients, sessions, channels):
-#: which server answers is in the request a function builds, never in the client object's state
-_HANDLE_PACKAGES = frozenset({"httpx", "requests", "aiohttp", "urllib3", "openai", "anthropic", "grpc",
-                              "grpclib", "modal", "ssl", "socket", "selectors", "sqlite3", "multiprocessing",
-                              "concurrent", "asyncio", "threading", "queue", "logging", "weakref", "io", "_io"})
+#: ints wider than this are hashed by their bytes: well under the 4300 decimal digits past which
+#: ``repr`` raises (``sys.set_int_max_str_digits``)
+_REPR_INT_BITS = 4096
+#: kinds the walk takes apart without running any code of the object's: an exception while
+#: hashing one of these is a bug in the walk, never the value's doing
+_WALKED_KINDS = frozenset({*SCALARS, tuple, list, dict, set, frozenset, types.FunctionType, types.MethodType,
+                           types.CodeType, types.ModuleType, types.BuiltinFunctionType})
 
 
 def function_fingerprint(fn: Callable[..., Any], *, star: bool, result_options: Mapping[str, Any]) -> str:
@@ -129,19 +126,26 @@ class FunctionHasher:
     # --- dispatch ------------------------------------------------------------------------------
 
     def value(self, obj: Any, *, top: bool = False) -> None:
+        """Hash ``obj`` into the digest: by structure, code, pickle or type (see the module docstring)."""
         try:
             self._value(obj, top)
         except RecursionError:
-            self.emit("too-deep", _type_path(type(obj)))
-        except Exception:  # a hostile __getattr__, __repr__ or __eq__ must not break a run
-            self.emit("unhashable", _stable_repr(obj))
+            # nested deeper than the interpreter's stack allows: from there on it counts by its type
+            self.emit("too-deep", type_path(type(obj)))
+        except Exception:
+            if type(obj) in _WALKED_KINDS:
+                raise  # the walk itself failed on a plain value: a bug here, never hidden as a marker
+            # The object's own code (a property, a __getattr__, a metaclass) raised while it was
+            # read: it counts by its type and address-free repr, as a value that can't be pickled
+            # does (modal_magic.value_digest says what the cache can't see then).
+            self.emit("unhashable", stable_repr(obj))
 
     def _value(self, obj: Any, top: bool) -> None:
         kind = type(obj)
-        if kind in _SCALARS:
+        if kind in SCALARS:
             self._scalar(obj)
-        elif (kind is tuple or kind is list or kind is dict) and len(obj) > _BULK and _all_scalars(obj):
-            self.emit(f"bulk-{kind.__name__}", _scalars_digest(obj))  # a vocabulary, a lookup table: at C speed
+        elif (kind is tuple or kind is list or kind is dict) and len(obj) > _BULK and all_scalars(obj):
+            self.emit(f"bulk-{kind.__name__}", scalars_digest(obj))  # a vocabulary, a lookup table: at C speed
         elif kind is tuple or kind is list:
             if self._first_visit(obj):
                 self.emit(kind.__name__, str(len(obj)))
@@ -173,7 +177,7 @@ class FunctionHasher:
                 self.value(dict(vars(obj)) if hasattr(obj, "__dict__") else {})
         elif kind is types.BuiltinFunctionType:
             owner = obj.__self__
-            if owner is None or isinstance(owner, types.ModuleType):
+            if owner is None or _is_module(owner):
                 self.emit("builtin", f"{getattr(obj, '__module__', None)}.{obj.__qualname__}")
             else:  # a bound builtin method such as "".join or a_list.append
                 self.emit("builtin-method", obj.__name__)
@@ -194,13 +198,13 @@ class FunctionHasher:
         elif kind in (types.MethodDescriptorType, types.WrapperDescriptorType, types.MethodWrapperType,
                       types.MemberDescriptorType, types.GetSetDescriptorType, types.ClassMethodDescriptorType):
             owner = getattr(obj, "__objclass__", None) or type(getattr(obj, "__self__", None))
-            self.emit("descriptor", f"{_type_path(owner)}.{getattr(obj, '__name__', '?')}")
+            self.emit("descriptor", f"{type_path(owner)}.{getattr(obj, '__name__', '?')}")
             if kind is types.MethodWrapperType:
                 self.value(obj.__self__)
-        elif _is_handle(obj):
+        elif is_handle(obj):
             # A random generator, a lock, a client or session, a file: its state changes as the
             # program runs (or differs per process) without changing what the function computes.
-            self.emit("handle", _type_path(kind))
+            self.emit("handle", type_path(kind))
         else:
             self._object(obj)
 
@@ -210,6 +214,9 @@ class FunctionHasher:
             self.emit("str", obj)
         elif kind is bytes:
             self.emit("bytes", obj)
+        elif kind is int and obj.bit_length() > _REPR_INT_BITS:
+            # past Python's limit on int -> str conversion (4300 digits) repr raises; the bytes don't
+            self.emit("bigint", obj.to_bytes((obj.bit_length() + 8) // 8, "little", signed=True))
         else:
             self.emit(kind.__name__, repr(obj))
 
@@ -224,9 +231,9 @@ class FunctionHasher:
         if not self._first_visit(fn):
             return
         module = getattr(fn, "__module__", None)
-        if not top and _is_library(module) and _top_package(module) not in self._own_packages:
+        if not top and is_library_module(module) and top_package(module) not in self._own_packages:
             self.emit("library-function", f"{module}.{fn.__qualname__}")
-            self.emit("version", _version_of(module))
+            self.emit("version", version_of(module))
             return
         code = fn.__code__
         doc = fn.__doc__ if code.co_consts and code.co_consts[0] is fn.__doc__ else None
@@ -252,7 +259,7 @@ class FunctionHasher:
             elif name in namespace:
                 found = namespace[name]
                 self.value(found)
-                if isinstance(found, types.ModuleType):
+                if _is_module(found):
                     for chain in chains:
                         self._module_attribute(found, chain)
             elif hasattr(builtins, name):
@@ -268,31 +275,38 @@ class FunctionHasher:
         found: Any = module
         path = []
         for attribute in chain:
-            if not isinstance(found, types.ModuleType):
+            if not _is_module(found):
                 break
             path.append(attribute)
             try:
                 found = getattr(found, attribute)
-            except Exception:
+            except AttributeError:
+                # not there (yet): deleted since, or defined later; the function will fail reading
+                # it too, and defining it changes the fingerprint
                 self.emit("missing-attribute", ".".join(path))
                 return
-        if path and not isinstance(found, types.ModuleType):
+            except Exception as e:  # noqa: BLE001 - a module's own __getattr__ (a lazy loader) may raise anything
+                # e.g. transformers' lazy modules raise RuntimeError when a submodule can't load:
+                # counted by the path and the exception's type, as an object whose code raises is
+                self.emit("unreadable-attribute", f"{'.'.join(path)}:{type(e).__name__}")
+                return
+        if path and not _is_module(found):
             self.emit("attribute", ".".join(path))
             self.value(found)
 
     def _module(self, module: types.ModuleType) -> None:
         name = module.__name__
         self.emit("module", name)
-        if _is_library(name):
-            self.emit("version", _version_of(name))
+        if is_library_module(name):
+            self.emit("version", version_of(name))
 
     def _class(self, cls: type) -> None:
         if not self._first_visit(cls):
             return
         module = getattr(cls, "__module__", None)
-        if _is_library(module) and _top_package(module) not in self._own_packages:
+        if is_library_module(module) and top_package(module) not in self._own_packages:
             self.emit("library-class", f"{module}.{cls.__qualname__}")
-            self.emit("version", _version_of(module))
+            self.emit("version", version_of(module))
             return
         self.emit("class", cls.__qualname__)
         self.emit("bases", str(len(cls.__bases__)))
@@ -308,7 +322,7 @@ class FunctionHasher:
         if not self._first_visit(obj):
             return
         cls = type(obj)
-        if not _is_library(getattr(cls, "__module__", None)) or _top_package(cls.__module__) in self._own_packages:
+        if not is_library_module(getattr(cls, "__module__", None)) or top_package(cls.__module__) in self._own_packages:
             # An instance of the user's class (e.g. a callable object): its class's code and its state.
             self.emit("instance")
             self.value(cls)
@@ -320,16 +334,21 @@ class FunctionHasher:
                 self.emit("slot", name)
                 self.value(getattr(obj, name, None))
             if isinstance(obj, (list, tuple, dict, set, frozenset, str, bytes, int, float)):
-                self.emit("pickled", _pickle_digest(obj))  # the builtin part of e.g. class Row(dict)
+                self.emit("pickled", pickle_digest(obj))  # the builtin part of e.g. class Row(dict)
             return
         wrapped = getattr(obj, "__wrapped__", None)
         if wrapped is not None and callable(obj):  # functools.lru_cache and friends
-            self.emit("wrapper", _type_path(cls))
+            self.emit("wrapper", type_path(cls))
             self.value(wrapped)
             return
-        self.emit("object", _type_path(cls))
-        self.emit("version", _version_of(cls.__module__))
-        self.emit("pickled", _pickle_digest(obj))
+        self.emit("object", type_path(cls))
+        self.emit("version", version_of(cls.__module__))
+        self.emit("pickled", pickle_digest(obj))
+
+
+def _is_module(obj: Any) -> bool:
+    """``isinstance(obj, ModuleType)`` without asking the object (whose ``__class__`` may be a property that raises)."""
+    return issubclass(type(obj), types.ModuleType)
 
 
 # --- bytecode ---------------------------------------------------------------------------------------
@@ -401,61 +420,7 @@ def _global_names(code: types.CodeType) -> tuple[tuple[tuple[str, tuple[tuple[st
     return result
 
 
-# --- libraries vs the user's code ------------------------------------------------------------------
-
-
-def _library_roots() -> tuple[str, ...]:
-    paths = sysconfig.get_paths()
-    roots = {paths.get(key) for key in ("stdlib", "platstdlib", "purelib", "platlib")}
-    try:
-        roots.update(site.getsitepackages())
-    except AttributeError:  # some embedded interpreters have no getsitepackages
-        pass
-    user_site = getattr(site, "USER_SITE", None)
-    roots.add(user_site)
-    return tuple(os.path.join(os.path.realpath(r), "") for r in roots if r)
-
-
-_LIBRARY_ROOTS = _library_roots()
-
-
-@functools.lru_cache(maxsize=1024)
-def _is_library(module_name: str | None) -> bool:
-    """Whether a module is installed code (stdlib or site-packages) rather than the user's own."""
-    if not module_name or module_name == "__main__" or module_name.startswith("__main__."):
-        return False
-    top = _top_package(module_name)
-    if top in sys.builtin_module_names or module_name in sys.builtin_module_names:
-        return True
-    module = sys.modules.get(module_name) or sys.modules.get(top)
-    file = getattr(module, "__file__", None)
-    if not file:
-        return top in getattr(sys, "stdlib_module_names", ())
-    return os.path.realpath(file).startswith(_LIBRARY_ROOTS)
-
-
-def _top_package(module_name: str | None) -> str:
-    return (module_name or "").partition(".")[0]
-
-
-@functools.lru_cache(maxsize=1024)
-def _version_of(module_name: str | None) -> str:
-    """The version of the distribution a module comes from; the Python version for the stdlib."""
-    top = _top_package(module_name)
-    if top in sys.builtin_module_names or top in getattr(sys, "stdlib_module_names", ()):
-        return f"python-{sys.version.split()[0]}"
-    version = getattr(sys.modules.get(top), "__version__", None)
-    if isinstance(version, str):
-        return version
-    try:
-        return importlib.metadata.version(top)
-    except Exception:
-        pass
-    try:
-        distributions = importlib.metadata.packages_distributions().get(top, [])
-        return ",".join(f"{d}-{importlib.metadata.version(d)}" for d in distributions) or "unknown"
-    except Exception:
-        return "unknown"
+# --- which package the mapped function comes from ------------------------------------------------
 
 
 def _packages_of(fn: Any) -> frozenset[str]:
@@ -471,91 +436,7 @@ def _packages_of(fn: Any) -> frozenset[str]:
     module = getattr(target, "__module__", None)
     if not isinstance(module, str) or module == "__main__":
         module = getattr(type(target), "__module__", None)
-    top = _top_package(module if isinstance(module, str) else None)
+    top = top_package(module if isinstance(module, str) else None)
     return frozenset({top}) if top and top not in ("__main__", "builtins") else frozenset()
 
 
-# --- values that aren't structure -------------------------------------------------------------------
-
-
-class _HashWriter(io.RawIOBase):
-    """A file-like sink that hashes what a pickler writes, so a large global is never held twice."""
-
-    def __init__(self) -> None:
-        self.h = blake2b(digest_size=16)
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        self.h.update(data)
-        return len(data)
-
-
-def _pickle_digest(obj: Any) -> bytes:
-    """Hash of ``obj``'s pickle (cloudpickle for what pickle refuses), else of its address-free repr."""
-    import cloudpickle
-
-    for pickler in (pickle.Pickler, cloudpickle.Pickler):
-        sink = _HashWriter()
-        try:
-            pickler(sink, protocol=5).dump(obj)
-        except Exception:
-            continue
-        return b"p" + sink.h.digest()
-    return b"r" + _stable_repr(obj).encode("utf-8", "surrogatepass")
-
-
-def _all_scalars(obj: tuple | list | dict) -> bool:
-    if type(obj) is dict:
-        return all(type(k) in _SCALAR_SET for k in obj) and all(type(v) in _SCALAR_SET for v in obj.values())
-    return all(type(item) in _SCALAR_SET for item in obj)
-
-
-def _scalars_digest(obj: tuple | list | dict) -> bytes:
-    """Digest of a container of plain scalars; without pickle's memo, so identity doesn't count."""
-    sink = _HashWriter()
-    pickler = pickle.Pickler(sink, protocol=5)
-    pickler.fast = True
-    pickler.dump(obj)
-    return sink.h.digest()
-
-
-def _stable_repr(obj: Any) -> str:
-    try:
-        text = repr(obj)
-    except Exception:
-        text = "<unrepresentable>"
-    return f"{_type_path(type(obj))}:{_ADDRESS.sub('0x?', text)}"
-
-
-def _type_path(cls: Any) -> str:
-    return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', getattr(cls, '__name__', '?'))}"
-
-
-@functools.lru_cache(maxsize=2)
-def _handle_types(with_numpy: bool) -> tuple[type, ...]:
-    import random
-    import threading
-
-    found: list[type] = [random.Random, type(threading.Lock()), type(threading.RLock()), io.IOBase]
-    if with_numpy:  # only when the program imported it: hashing must not import numpy
-        numpy = sys.modules["numpy"]
-        found += [numpy.random.Generator, numpy.random.RandomState, numpy.random.BitGenerator]
-    return tuple(found)
-
-
-def _is_handle(obj: Any) -> bool:
-    """Whether ``obj`` is a library object whose state is not an input to what a function computes.
-
-    Random generators (whose state moves with every draw: ``random.random`` is a bound method of
-    one, and any helper that retries with jitter reaches it), locks, files, and the objects of
-    networking, concurrency and logging libraries. The user's own classes are never handles.
-    """
-    cls = type(obj)
-    module = getattr(cls, "__module__", None)
-    if not _is_library(module):
-        return False
-    if _top_package(module) in _HANDLE_PACKAGES:
-        return True
-    return isinstance(obj, _handle_types("numpy" in sys.modules))

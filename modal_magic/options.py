@@ -26,6 +26,10 @@ from .errors import OptionsError
 
 __all__ = [
     "DEFAULT_BACKEND",
+    "DEFAULT_LLM_CONCURRENCY",
+    "DEFAULT_MODAL_CONTAINERS",
+    "MAX_THREADS",
+    "PROCESSES_PER_CORE",
     "OPTIONS",
     "OPTION_NAMES",
     "Flag",
@@ -33,18 +37,58 @@ __all__ = [
     "Option",
     "OptionsError",
     "check_option",
+    "cores",
     "declared_options",
     "invalid",
     "non_negative_int",
     "option",
     "positive_int",
     "positive_number",
+    "process_ceiling",
     "strings",
     "true_or_false",
 ]
 
 DEFAULT_BACKEND = "local"
 LOCAL_BACKENDS = ("local", "threads", "sequential")
+
+# --- how many rows run at once: every default and cap of max_containers, in one place -----------
+# Each backend reads its default and its cap from here, and says so in its docstring; a cap
+# lowers a larger max_containers with a one-time warning (backends.base.capped_concurrency).
+
+#: Modal containers a run plans its batches for when ``max_containers`` isn't given (Modal
+#: itself scales further when the work is there)
+DEFAULT_MODAL_CONTAINERS = 32
+#: requests in flight at once for ``df.modal.llm`` when ``max_containers`` isn't given
+DEFAULT_LLM_CONCURRENCY = 64
+#: local worker processes per core at most: past that, CPU work only gains memory use
+PROCESSES_PER_CORE = 2
+#: threads one run starts at most: past a few hundred, switching and memory cost more than the
+#: extra concurrency gives (an ``async def`` function suits thousands of requests in flight)
+MAX_THREADS = 256
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, not the machine's count).
+
+    Examples
+    --------
+    >>> cores() >= 1
+    True
+    """
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def process_ceiling() -> int:
+    """The most local worker processes one run may use: :data:`PROCESSES_PER_CORE` per core.
+
+    Examples
+    --------
+    >>> process_ceiling() == PROCESSES_PER_CORE * cores()
+    True
+    """
+    return PROCESSES_PER_CORE * cores()
+
 
 OnError = Literal["capture", "raise"]
 CacheMode = bool | Literal["refresh"]
@@ -289,7 +333,8 @@ class MapOptions:
         trait="whole", flag=Flag(type=int, metavar="N"))
     max_containers: int | None = option(
         None, positive_int,
-        "Rows running at once: Modal containers, or local workers (default: the core count).",
+        "Rows running at once: Modal containers (default 32), or local worker processes or threads "
+        "(default: the core count; at most twice the cores, or 256 threads).",
         trait="whole", flag=Flag(type=int, metavar="N"))
     batch_size: int | None = option(
         None, positive_int,
@@ -355,9 +400,12 @@ class MapOptions:
         """True when the run goes to Modal (an ephemeral app or a deployed function)."""
         return self.backend == "modal" or self.backend.startswith("modal:")
 
-    def workers(self) -> int:
-        """How many rows may run at once on a local backend (``max_containers`` or the core count)."""
-        return self.max_containers or (os.cpu_count() or 1)
+    def local_concurrency(self) -> int:
+        """How many rows may run at once on a local backend: ``max_containers``, else one per core.
+
+        The backends cap it (:func:`process_ceiling`, :data:`MAX_THREADS`).
+        """
+        return self.max_containers or cores()
 
 
 #: Every option of a map, in declaration order.

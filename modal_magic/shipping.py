@@ -13,19 +13,16 @@ function goes by reference as before and one warning says what differs.
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.metadata
-import os
-import site
 import sys
-import sysconfig
+import types
 import warnings
 from typing import Any, Callable, Iterator
 
 import cloudpickle
 
-__all__ = ["ModuleStateWarning", "by_value", "by_value_packages", "dumps_function", "is_library_module",
-           "own_packages"]
+from .code_origin import module_origin
+
+__all__ = ["ModuleStateWarning", "by_value", "by_value_packages", "dumps_function", "own_packages"]
 
 #: never shipped by value: modal_magic's own code is importable wherever it runs rows, or is
 #: shipped by the backend itself (the Modal row runner)
@@ -36,48 +33,8 @@ class ModuleStateWarning(UserWarning):
     """The user's module had to go by reference: the workers import it afresh, without the kernel's changes."""
 
 
-def _library_roots() -> tuple[str, ...]:
-    paths = sysconfig.get_paths()
-    roots = {paths.get(key) for key in ("stdlib", "platstdlib", "purelib", "platlib")}
-    roots.update(getattr(site, "getsitepackages", lambda: [])())
-    roots.add(getattr(site, "USER_SITE", None))
-    return tuple(os.path.join(os.path.realpath(r), "") for r in roots if r)
-
-
-_LIBRARY_ROOTS = _library_roots()
-
-
-@functools.lru_cache(maxsize=1)
-def _installed_packages() -> frozenset[str]:
-    """Top-level packages that belong to an installed distribution (editable installs included)."""
-    return frozenset(importlib.metadata.packages_distributions())
-
-
-@functools.lru_cache(maxsize=4096)
-def is_library_module(module_name: str | None, file: str | None = None) -> bool:
-    """Whether a module is installed code (stdlib, site-packages, an installed distribution).
-
-    ``file`` is the module's ``__file__`` when known (it's read from ``sys.modules`` otherwise).
-
-    Examples
-    --------
-    >>> is_library_module("json"), is_library_module("pandas"), is_library_module("__main__")
-    (True, True, False)
-    """
-    if not module_name or module_name == "__main__" or module_name.startswith("__main__."):
-        return False
-    top = module_name.partition(".")[0]
-    if top in sys.builtin_module_names or top in sys.stdlib_module_names:
-        return True
-    if file is None:
-        file = getattr(sys.modules.get(module_name) or sys.modules.get(top), "__file__", None)
-    if not file:
-        return True  # namespace or frozen module without code of the user's to ship
-    return os.path.realpath(file).startswith(_LIBRARY_ROOTS) or top in _installed_packages()
-
-
 def own_packages() -> list[str]:
-    """The imported top-level packages and modules that are the user's own code (not installed).
+    """The imported top-level packages and modules that are the user's own code (not installed at all).
 
     Examples
     --------
@@ -86,9 +43,13 @@ def own_packages() -> list[str]:
     """
     found = []
     for name, module in list(sys.modules.items()):
-        if "." in name or name in _NEVER_BY_VALUE or module is None:
+        if "." in name or name in _NEVER_BY_VALUE or not isinstance(module, types.ModuleType):
             continue
-        if not is_library_module(name, getattr(module, "__file__", None)):
+        if getattr(module, "__name__", None) != name:
+            # an alias, such as the ``__mp_main__`` that multiprocessing adds for ``__main__``:
+            # cloudpickle registers a module under its own name, so the alias would be a duplicate
+            continue
+        if module_origin(name) == "own":  # an editable install is importable in the workers too
             found.append(name)
     return found
 
@@ -106,21 +67,22 @@ def by_value(names: list[str] | None = None) -> Iterator[list[str]]:
     ...     isinstance(names, list)
     True
     """
-    registered: list[tuple[Any, str]] = []
+    registered: list[tuple[Any, types.ModuleType]] = []
     try:
         for name in own_packages() if names is None else names:
             module = sys.modules.get(name)
             if module is None:
                 continue
             for pickler in _picklers():
-                if name in pickler.list_registry_pickle_by_value():
-                    continue  # registered already (by an enclosing run): its owner unregisters it
+                # by the module's own name: an alias (``__mp_main__``) is the module registered once
+                if module.__name__ in pickler.list_registry_pickle_by_value():
+                    continue  # registered already (by an enclosing run, or as an alias): its owner unregisters it
                 pickler.register_pickle_by_value(module)
-                registered.append((pickler, name))
-        yield list(dict.fromkeys(name for _, name in registered))
+                registered.append((pickler, module))
+        yield list(dict.fromkeys(module.__name__ for _, module in registered))
     finally:
-        for pickler, name in registered:
-            pickler.unregister_pickle_by_value(sys.modules[name])
+        for pickler, module in registered:
+            pickler.unregister_pickle_by_value(module)
 
 
 def _picklers() -> list[Any]:

@@ -41,7 +41,7 @@ def no_leaked_workers():
     modal_magic.shutdown()
     children = [p for p in psutil.Process(os.getpid()).children(recursive=True) if p.is_running()
                 and p.status() != psutil.STATUS_ZOMBIE]
-    workers = [p for p in children if "_worker.py" in " ".join(p.cmdline())]
+    workers = [p for p in children if "row_runner.py" in " ".join(p.cmdline())]
     assert not workers, f"worker processes left running: {workers}"
     stuck = [t.name for t in threading.enumerate() if t.name.startswith("modal_magic") and t.is_alive()]
     # threads abandoned by a timeout test finish their sleep and exit; give them a moment

@@ -120,6 +120,29 @@ def test_no_generic_layer_reads_attributes_off_the_users_function():
     assert hits == []
 
 
+def _mentions(pattern: str) -> list[str]:
+    found = re.compile(pattern)
+    return sorted({str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if found.search(p.read_text())})
+
+
+def test_one_place_decides_which_modules_are_libraries():
+    """Shipping and the fingerprint must agree on what is the user's code: one function says."""
+    assert _mentions(r"sysconfig|getsitepackages|packages_distributions") == ["code_origin.py"]
+    assert _mentions(r"def _?is_library") == ["code_origin.py"]
+
+
+def test_every_default_and_cap_of_max_containers_is_declared_in_options():
+    from modal_magic import llm, options
+    from modal_magic.backends import modal as modal_backend
+    from modal_magic.backends import threads
+
+    assert modal_backend.DEFAULT_CONTAINERS is options.DEFAULT_MODAL_CONTAINERS
+    assert llm.DEFAULT_CONCURRENCY is options.DEFAULT_LLM_CONCURRENCY
+    assert threads.MAX_THREADS is options.MAX_THREADS
+    # no backend or LLM module spells a concurrency number of its own
+    assert _mentions(r"(?m)^[A-Z_]*(CONTAINERS|CONCURRENCY|THREADS|PER_CORE)\s*=\s*\d") == ["options.py"]
+
+
 def test_dev_only_code_is_not_shipped():
     assert not (PACKAGE / "_notebook.py").exists()
     assert not (PACKAGE / "datasets" / "_make_reviews.py").exists()

@@ -285,3 +285,14 @@ def test_cheap_rows_finish_in_this_process_unless_batch_size_is_fixed():
     assert pids.iloc[-1] == here, "the rest, too cheap to ship, ran here"
     fixed = df.modal.map(where, column="x", backend="local", batch_size=5000, progress=False, cache=False)
     assert (fixed["result"] != here).all(), "a fixed batch_size keeps every row in the workers"
+
+
+def test_threads_past_the_cap_are_capped_with_one_clear_warning():
+    from modal_magic.options import MAX_THREADS
+
+    df = pd.DataFrame({"x": range(3)})
+    with pytest.warns(RuntimeWarning, match=rf"max_containers=100000 asks for more threads than this machine can use: "
+                                            rf"using {MAX_THREADS} \({MAX_THREADS} at most; an async def function"):
+        out = df.modal.map(double_plus_one, column="x", backend="threads", max_containers=100_000, progress=False,
+                           cache=False)
+    assert out["double_plus_one"].tolist() == [1, 3, 5]

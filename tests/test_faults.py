@@ -26,9 +26,8 @@ import modal_magic
 from modal_magic import MapInterrupted
 from modal_magic.backends import Runtime
 from modal_magic.engine import map_frame
-from modal_magic.options import MapOptions
-from modal_magic.backends import processes
-from modal_magic.options import OptionsError
+from modal_magic.backends import pool, processes
+from modal_magic.options import MapOptions, OptionsError, process_ceiling
 
 
 @pytest.fixture
@@ -80,7 +79,7 @@ def slow(x):
 
 def _worker_pids() -> set[int]:
     me = psutil.Process(os.getpid())
-    return {p.pid for p in me.children(recursive=True) if "_worker.py" in " ".join(p.cmdline())}
+    return {p.pid for p in me.children(recursive=True) if "row_runner.py" in " ".join(p.cmdline())}
 
 
 class InTwoProcesses:
@@ -204,10 +203,10 @@ def test_retries_record_attempts(tmp_path):
 
 
 def test_retry_backoff_grows():
-    from modal_magic.backends._worker import backoff_delay
+    from modal_magic.backends.row_runner import backoff_s
 
-    assert [backoff_delay(a) for a in (1, 2, 3)] == [0.1, 0.2, 0.4]
-    assert backoff_delay(20) == 5.0
+    assert [backoff_s(a) for a in (1, 2, 3)] == [0.1, 0.2, 0.4]
+    assert backoff_s(20) == 5.0
 
 
 @pytest.mark.parametrize("backend", ["local", "threads", "sequential"])
@@ -342,7 +341,7 @@ def test_a_row_raising_keyboard_interrupt_or_system_exit_is_that_rows_error(back
 
 @pytest.mark.timeout(60, method="thread")
 def test_cheap_rows_run_in_the_kernel_keep_a_rows_keyboard_interrupt_as_its_error(sigint_raises):
-    from modal_magic.backends._worker import run_rows
+    from modal_magic.backends.row_runner import run_rows
 
     values, errors = run_rows(interrupt_on_1, False, [0, 1, 2, 3])  # what the engine's in-kernel path calls
     assert values == [0, None, None, 3]
@@ -366,7 +365,7 @@ def test_a_run_starts_no_more_workers_than_it_has_rows_and_huge_max_containers_i
     modal_magic.shutdown()
     df = pd.DataFrame({"x": range(3)})
     with pytest.warns(RuntimeWarning, match=r"max_containers=120 asks for more worker processes than this "
-                                            rf"machine can use: using {processes.process_ceiling()}"):
+                                            rf"machine can use: using {process_ceiling()}"):
         out = df.modal.map(slow, column="x", max_containers=120, progress=False, cache=False)
     assert out["slow"].tolist() == [0, 1, 2]
     assert 1 <= _pool_size() <= 3
@@ -377,7 +376,7 @@ def test_a_run_starts_no_more_workers_than_it_has_rows_and_huge_max_containers_i
         many.modal.map(slow, column="x", max_containers=10**6, batch_size=1, progress=False, cache=False)
     capped = [w for w in caught if "max_containers=1000000" in str(w.message)]
     assert len(capped) == 1, "the cap is said once"
-    assert _pool_size() == processes.process_ceiling()
+    assert _pool_size() == process_ceiling()
 
 
 @pytest.mark.timeout(120, method="thread")
@@ -388,7 +387,7 @@ def test_idle_workers_are_reaped_and_a_smaller_run_uses_only_what_it_needs(monke
     assert _pool_size() == 3
     out = df.modal.map(slow, column="x", max_containers=1, batch_size=1, progress=False, cache=False)
     assert len(set(out["slow"])) == 8 and _pool_size() == 3  # warm workers stay until idle too long...
-    monkeypatch.setattr(processes, "IDLE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(pool, "IDLE_TIMEOUT_S", 0.5)
     time.sleep(0.6)
     df.modal.map(slow, column="x", max_containers=1, batch_size=1, progress=False, cache=False)
     assert _pool_size() == 1  # ...then the next run's start stops the idle ones
@@ -454,14 +453,14 @@ def sleepy_after_start(x):
 def test_a_rows_timeout_does_not_count_worker_start_up(monkeypatch):
     modal_magic.shutdown()
     # Workers that take 1.5 s to start (as under load, or importing a heavy library) with a 0.3 s row timeout.
-    real = processes._Worker.__init__
+    real = pool.WorkerProcess.__init__
 
     def slow_start(self, messages):
         real(self, messages)
         self.send(("fn", __import__("cloudpickle").dumps(lambda x: time.sleep(1.5)), False, 0, None, False))
         self.send(("batch", 2**62, 1, __import__("pickle").dumps([0])))
 
-    monkeypatch.setattr(processes._Worker, "__init__", slow_start)
+    monkeypatch.setattr(pool.WorkerProcess, "__init__", slow_start)
     monkeypatch.setattr(processes, "_STUCK_GRACE_S", 0.2)
     df = pd.DataFrame({"x": range(4)})
     out = df.modal.map(sleepy_after_start, column="x", timeout=0.3, max_containers=2, batch_size=1,

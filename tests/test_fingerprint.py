@@ -11,8 +11,9 @@ import textwrap
 
 import pytest
 
-from modal_magic import fingerprint
+from modal_magic import code_origin
 from modal_magic.cache import function_fingerprint
+from modal_magic.shipping import own_packages
 
 _cells = itertools.count(1)
 
@@ -228,18 +229,18 @@ def test_an_installed_module_function_is_hashed_by_code(tmp_path, monkeypatch):
     module = "def _clean(t):\n    return t.strip()\n\ndef classify(t):\n    return len(_clean(t))\n"
     (package / "text.py").write_text(module)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setattr(fingerprint, "_LIBRARY_ROOTS", (*fingerprint._LIBRARY_ROOTS, str(tmp_path / "site") + "/"))
-    fingerprint._is_library.cache_clear()
+    monkeypatch.setattr(code_origin, "LIBRARY_ROOTS", (*code_origin.LIBRARY_ROOTS, str(tmp_path / "site") + "/"))
+    code_origin.forget()
     try:
         from fp_demo_pkg import text
 
-        assert fingerprint._is_library("fp_demo_pkg.text")
+        assert code_origin.is_library_module("fp_demo_pkg.text")
         before = fp(text.classify)
         (package / "text.py").write_text(module.replace("strip", "lower"))
         importlib.reload(text)
         assert fp(text.classify) != before
     finally:
-        fingerprint._is_library.cache_clear()
+        code_origin.forget()
         for name in ("fp_demo_pkg.text", "fp_demo_pkg"):
             sys.modules.pop(name, None)
 
@@ -303,3 +304,127 @@ def test_module_state_that_cannot_change_results_does_not_count():
     before = fp(make())
     random.random(), rng.random()
     assert fp(make()) == before
+
+
+# --- what can't be hashed, and where the user's own code ends ------------------------------------
+
+
+def test_an_object_whose_own_code_raises_while_read_counts_by_its_repr():
+    """A hostile __getattribute__ must not break a run; the object counts by its type and repr."""
+    namespace = cell("""
+        class Hostile:
+            def __init__(self, label):
+                object.__setattr__(self, "label", label)
+
+            def __getattribute__(self, name):
+                if name in ("__dict__", "__wrapped__", "__class__"):
+                    raise RuntimeError("no peeking")
+                return object.__getattribute__(self, name)
+
+            def __repr__(self):
+                return f"Hostile({object.__getattribute__(self, 'label')})"
+
+        GUARD = Hostile("a")
+
+        def f(x):
+            return x, GUARD
+    """)
+    before = fp(namespace["f"])
+    assert fp(namespace["f"]) == before
+    namespace["GUARD"] = namespace["Hostile"]("b")  # a different repr: a different value
+    assert fp(namespace["f"]) != before
+
+
+def test_a_value_that_neither_pickles_nor_prints_counts_by_its_type():
+    from modal_magic.value_digest import pickle_digest, stable_repr
+
+    class Sealed:
+        def __reduce__(self):
+            raise RuntimeError("sealed")
+
+        def __repr__(self):
+            raise ValueError("no repr either")
+
+    assert stable_repr(Sealed()).endswith("Sealed:<unrepresentable>")
+    assert pickle_digest(Sealed()) == b"r" + stable_repr(Sealed()).encode()
+    assert pickle_digest(Sealed()) != pickle_digest(object())
+
+
+def test_a_module_attribute_missing_when_hashed_counts_and_defining_it_changes_the_fingerprint(tmp_path, monkeypatch):
+    (tmp_path / "fp_lazy_helpers.py").write_text(textwrap.dedent("""
+        def __getattr__(name):
+            if name == "broken":
+                raise ImportError("the optional dependency isn't installed")
+            if name == "lazy":
+                raise RuntimeError("Failed to import fp_lazy_helpers.lazy")  # as transformers' lazy modules do
+            raise AttributeError(name)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fp_lazy_helpers
+
+    try:
+        namespace = cell("import fp_lazy_helpers\n\n"
+                         "def f(x):\n"
+                         "    return fp_lazy_helpers.later(x), fp_lazy_helpers.broken, fp_lazy_helpers.lazy\n")
+        before = fp(namespace["f"])
+        assert fp(namespace["f"]) == before
+        fp_lazy_helpers.later = abs
+        assert fp(namespace["f"]) != before
+    finally:
+        sys.modules.pop("fp_lazy_helpers", None)
+
+
+def test_a_library_version_comes_from_its_distribution_when_the_module_has_none():
+    import google.protobuf  # noqa: F401  (the 'google' namespace package, from the protobuf distribution)
+    from importlib.metadata import version
+
+    assert code_origin.version_of("google.protobuf") == f"protobuf-{version('protobuf')}"
+    assert code_origin.version_of("fp_no_such_module_anywhere") == "unknown"
+
+
+def _fake_install(root, name: str, *, editable: bool) -> None:
+    """An installed distribution of ``name`` whose code lives outside site-packages (as pip -e leaves it)."""
+    source = root / "src" / name
+    source.mkdir(parents=True)
+    (source / "__init__.py").write_text("")
+    (source / "scoring.py").write_text("SCALE = 2\n\ndef score(x):\n    return x * SCALE\n")
+    info = root / "site" / f"{name}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "top_level.txt").write_text(f"{name}\n")
+    if editable:
+        (info / "direct_url.json").write_text('{"url": "file:///src", "dir_info": {"editable": true}}')
+
+
+@pytest.mark.parametrize("editable", [True, False])
+def test_an_editable_install_is_the_users_own_code_and_an_installed_one_a_library(tmp_path, monkeypatch, editable):
+    name = f"fp_dist_{'editable' if editable else 'installed'}"
+    _fake_install(tmp_path, name, editable=editable)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    code_origin.forget()
+    try:
+        scoring = importlib.import_module(f"{name}.scoring")
+        assert code_origin.module_origin(scoring.__name__) == ("editable" if editable else "library")
+        assert code_origin.is_library_module(scoring.__name__) is not editable
+        # either way the workers import it (it is installed); only modules installed nowhere go by value
+        assert name not in own_packages()
+        namespace = cell(f"from {name} import scoring\n\ndef f(x):\n    return scoring.score(x) + 1\n")
+        before = fp(namespace["f"])
+        (tmp_path / "src" / name / "scoring.py").write_text("SCALE = 3\n\ndef score(x):\n    return x * SCALE\n")
+        importlib.reload(scoring)
+        # an edit to a package in development re-runs the rows of a notebook function that calls
+        # it; an installed library counts by its name and version
+        assert (fp(namespace["f"]) != before) is editable
+    finally:
+        code_origin.forget()
+        for module in [m for m in sys.modules if m.startswith(name)]:
+            del sys.modules[module]
+
+
+def test_an_int_too_large_to_print_counts_by_its_value():
+    namespace = cell("BIG = 10**5000\n\ndef f(x):\n    return x + BIG\n")
+    before = fp(namespace["f"])
+    assert fp(namespace["f"]) == before
+    namespace["BIG"] += 1
+    assert fp(namespace["f"]) != before

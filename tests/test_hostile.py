@@ -3,6 +3,7 @@ notebook changed, results no nullable dtype can hold, and frames with repeated c
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 import warnings
@@ -120,3 +121,57 @@ def test_a_repeated_column_name_is_a_clear_error_before_any_work():
     assert calls == []
     out = frame.modal.map(lambda v: v + 1, column="y", into="z", backend="sequential", progress=False)
     assert out.columns.tolist() == ["x", "x", "y", "z", "z_error"] and out["z"].tolist() == [4]
+
+
+def test_a_script_that_imported_multiprocessing_ships_its_functions_without_a_warning(tmp_path):
+    """multiprocessing adds ``__mp_main__`` as an alias of ``__main__``; it is one module, sent once."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent("""
+        import multiprocessing  # noqa: F401  (adds sys.modules["__mp_main__"])
+        import warnings
+
+        import pandas as pd
+
+        import modal_magic
+
+        SCALE = 3
+
+        def scale(x):
+            return x * SCALE
+
+        if __name__ == "__main__":
+            warnings.simplefilter("error", modal_magic.ModuleStateWarning)
+            out = pd.DataFrame({"x": [1, 2]}).modal.map(scale, column="x", backend="local", progress=False,
+                                                        cache=False)
+            print(out["scale"].tolist())
+            modal_magic.shutdown()
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[3, 6]"
+
+
+class _Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no str either")
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise _Unprintable()
+
+
+def _returns_unpicklable_on_1(x):
+    return _Unpicklable() if x == 1 else x
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_a_result_that_cant_be_pickled_for_a_reason_that_cant_be_printed_fails_only_its_row():
+    out = pd.DataFrame({"x": range(3)}).modal.map(_returns_unpicklable_on_1, column="x", backend="local",
+                                                  batch_size=3, progress=False, cache=False)
+    assert out["_returns_unpicklable_on_1_error"].tolist() == [
+        None,
+        "UnpicklableResult: the function returned a _Unpicklable that can't be pickled: <unprintable _Unprintable>",
+        None,
+    ]
+    assert out["_returns_unpicklable_on_1"].tolist()[::2] == [0, 2]

@@ -13,7 +13,7 @@ import logging
 import queue
 import time
 
-from ._worker import run_rows_async
+from .row_runner import run_rows_async
 from .base import Backend, Batch, BatchResult, LoopThread, Task, drain
 
 
@@ -30,7 +30,7 @@ class AsyncBackend(Backend):
 
     def start(self, task: Task) -> None:
         self._task = task
-        self._size = task.options.workers()
+        self._size = task.options.local_concurrency()
         self._loop = LoopThread("modal_magic-asyncio")
 
     @property

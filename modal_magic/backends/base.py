@@ -14,6 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, Sequence, TypeVar
@@ -177,6 +178,28 @@ def error_tuples_for(batch: Batch, exc: BaseException, attempts: int) -> list[tu
 
 
 T = TypeVar("T")
+
+
+_warned_caps: set[tuple[str, str, int]] = set()
+
+
+def capped_concurrency(requested: int, ceiling: int, what: str, why: str, option: str = "max_containers") -> int:
+    """``requested`` limited to ``ceiling``, warning once per requested size when it's capped.
+
+    The ceilings live in :mod:`modal_magic.options` (``process_ceiling()``, ``MAX_THREADS``).
+
+    Examples
+    --------
+    >>> capped_concurrency(4, 8, "threads", "8 at most")
+    4
+    """
+    if requested <= ceiling:
+        return requested
+    if (option, what, requested) not in _warned_caps:
+        _warned_caps.add((option, what, requested))
+        warnings.warn(f"{option}={requested} asks for more {what} than this machine can use: "
+                      f"using {ceiling} ({why})", RuntimeWarning, stacklevel=5)
+    return ceiling
 
 
 def drain(outbox: queue.SimpleQueue[T], timeout: float | None) -> list[T]:

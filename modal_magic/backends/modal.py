@@ -2,7 +2,7 @@
 
 ``backend="modal"`` builds one ephemeral ``modal.App`` per run from the options (image, GPU, CPU,
 memory, secrets, volumes, timeout, retries, max_containers) with the user's function wrapped by
-:func:`~modal_magic.backends._worker.batch_runner` and shipped with ``serialized=True``. Each remote
+:func:`~modal_magic.backends.row_runner.batch_runner` and shipped with ``serialized=True``. Each remote
 input carries a batch of rows and returns per-row outcomes, so a row's exception never fails its
 input; an input lost with its container (crash, timeout, preemption) comes back as an exception
 with no index under ``order_outputs=False``, and is identified once every other input in flight has
@@ -29,8 +29,8 @@ from urllib.parse import urlparse
 import cloudpickle
 
 from ..errors import ModalSetupError, WorkerCrashed
-from ..options import MapOptions
-from . import _worker
+from ..options import DEFAULT_MODAL_CONTAINERS, MapOptions
+from . import row_runner as _worker
 from ..shipping import by_value, by_value_packages
 from .base import Backend, BackendFailed, Batch, BatchResult, LoopThread, Task, drain
 
@@ -39,7 +39,7 @@ PAYLOAD_TARGET_BYTES = 1 << 20
 #: remote inputs should compute long enough to hide Modal's per-input overhead
 TARGET_BATCH_S = 1.0
 #: containers to plan batches for when max_containers isn't set (Modal scales further on its own)
-DEFAULT_CONTAINERS = 32
+DEFAULT_CONTAINERS = DEFAULT_MODAL_CONTAINERS
 _DONE = object()
 
 

@@ -1,22 +1,19 @@
 """Local worker processes: the default backend, for CPU-bound Python functions.
 
-A pool of worker processes is kept between runs (starting Python costs more than most batches) and
-sized by what a run can use: a run starts workers only as its batches need them, never more than
-``max_containers`` (default: the core count) and never more than :func:`process_ceiling` (twice
-the cores: more processes than that only add memory for CPU work; a larger ``max_containers`` is
-capped with a one-time warning). A worker idle for :data:`IDLE_TIMEOUT_S` is stopped, at the next
-run's start or by a timer, as loky's reusable executor does, so the pool shrinks again.
+A run borrows the warm :class:`~modal_magic.backends.pool.WarmPool` (another run in another thread
+gets a pool of its own) and sizes its share by what it can use: it adds workers only as its batches
+need them, never more than ``max_containers`` (default: the core count) and never more than
+:func:`~modal_magic.options.process_ceiling` (twice the cores: more processes than that only add
+memory for CPU work; a larger ``max_containers`` is capped with a one-time warning). Batches are
+bounded in bytes as well as rows (:data:`MAX_BATCH_BYTES`), and each worker holds two: the one it
+runs and the next, so it never idles for a round trip.
 
-The function travels with cloudpickle, so lambdas, closures and functions defined in a notebook
-work. Each worker has its own socket, so the pool always knows which batch a worker held: when a
-worker dies (``os._exit``, a segfault, the OOM killer) only that batch is lost, the worker is
-replaced, and the engine retries the rows in isolation.
-
-**Framing that can't deadlock.** In the kernel, every worker socket has a reader thread that
-always drains it (messages go to one queue the run waits on) and a writer thread that sends what
-the run queued for it. So the kernel's main thread never blocks on a socket, and a worker blocked
-sending a large result always has a reader on the other side: two sides can never both sit in
-``send`` waiting for each other, whatever the batch and result sizes.
+The function travels with cloudpickle (the user's own modules by value, see
+:mod:`modal_magic.shipping`), so lambdas, closures and functions defined in a notebook work. Each
+worker has its own socket, so the run always knows which batch a worker held: when a worker dies
+(``os._exit``, a segfault, the OOM killer) only that batch is lost, the worker is replaced, and the
+engine retries the rows in isolation. A watchdog kills a worker stuck past its rows' timeouts,
+counted from when the worker said a batch started, so Python starting and imports never count.
 
 Each run resets the workers it uses to the kernel's current working directory, environment and
 ``sys.path``, so one function's ``os.chdir`` or ``os.environ[...] = ...`` doesn't leak into the
@@ -26,238 +23,31 @@ interrupt stops everything at once and the idle workers stay warm.
 
 from __future__ import annotations
 
-import atexit
 import os
 import pickle
 import queue
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-import warnings
 from collections import deque
-from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
-import cloudpickle
-
 from ..errors import WorkerCrashed
+from ..options import cores, process_ceiling
 from ..shipping import dumps_function
-from ._worker import dumps
-from .base import Backend, Batch, BatchResult, Task
+from .base import Backend, Batch, BatchResult, Task, capped_concurrency
+from .pool import SHARED_POOL, Message, WarmPool, WorkerProcess, describe_exit
+from .row_runner import dumps
 
-_WORKER_SCRIPT = str(Path(__file__).with_name("_worker.py"))
 #: extra seconds a worker gets past its rows' timeouts before it's killed as stuck
 _STUCK_GRACE_S = 2.0
 #: how long a batch sent to a worker may wait to start (Python starting, the function unpickling
 #: and importing its modules) before the watchdog counts it; its rows' timeouts start only then
 _STARTUP_ALLOWANCE_S = 60.0
-#: a warm worker idle this long is stopped
-IDLE_TIMEOUT_S = 300.0
 #: the most bytes of arguments one batch carries (estimated from a sample of rows)
 MAX_BATCH_BYTES = 8 * 1024 * 1024
 #: rows sampled to estimate the pickled size of a row's arguments
 _SIZE_SAMPLE_ROWS = 64
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def process_ceiling() -> int:
-    """The most worker processes a run may use: twice the cores (CPU work gains nothing past that)."""
-    return 2 * _cores()
-
-
-_warned_caps: set[tuple[str, int]] = set()
-
-
-def capped_workers(requested: int, ceiling: int, what: str, why: str, option: str = "max_containers") -> int:
-    """``requested`` limited to ``ceiling``, warning once per requested size when it's capped."""
-    if requested <= ceiling:
-        return requested
-    if (option, what, requested) not in _warned_caps:
-        _warned_caps.add((option, what, requested))
-        warnings.warn(f"{option}={requested} asks for more {what} than this machine can use: "
-                      f"using {ceiling} ({why})", RuntimeWarning, stacklevel=5)
-    return ceiling
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "stopped responding"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
-#: one message from a worker as the reader thread hands it on: (worker, bytes or None at EOF, when read)
-_Message = tuple["_Worker", "bytes | None", float]
-
-
-class _Worker:
-    """One worker process, the socket to it, and the two threads that move its messages."""
-
-    def __init__(self, messages: queue.SimpleQueue[_Message]) -> None:
-        parent_sock, child_sock = socket.socketpair()
-        fd = child_sock.fileno()
-        self.proc = subprocess.Popen(
-            [sys.executable, _WORKER_SCRIPT, str(fd)],
-            pass_fds=(fd,),
-            stdin=subprocess.DEVNULL,
-            close_fds=True,
-        )
-        child_sock.close()
-        self.conn = Connection(parent_sock.detach())
-        self.fn_token: int | None = None
-        # by id, in the order sent: for plain functions the running one first, then one queued
-        # behind it; an async function's batches all run at once and come back in any order
-        self.batches: dict[int, Batch] = {}
-        # when each batch was sent, and when the worker said it started it (its rows' clocks start then)
-        self.sent_at: dict[int, float] = {}
-        self.started_at: dict[int, float] = {}
-        self.last_used = time.monotonic()
-        self.gone = False  # its reader saw the socket close
-        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._writer = threading.Thread(target=self._write, name="modal_magic-worker-writer", daemon=True)
-        self._reader = threading.Thread(target=self._read, args=(messages,), name="modal_magic-worker-reader",
-                                        daemon=True)
-        self._writer.start()
-        self._reader.start()
-
-    def _write(self) -> None:
-        while True:
-            data = self._outbox.get()
-            if data is None:
-                return
-            try:
-                self.conn.send_bytes(data)
-            except OSError:
-                return  # the worker is gone; the reader reports it
-
-    def _read(self, messages: queue.SimpleQueue[_Message]) -> None:
-        while True:
-            try:
-                data = self.conn.recv_bytes()
-            except (EOFError, OSError):
-                break
-            messages.put((self, data, time.monotonic()))
-        self.gone = True
-        self._outbox.put(None)
-        self._writer.join(timeout=10)
-        self.conn.close()
-        messages.put((self, None, time.monotonic()))
-
-    def send(self, message: tuple) -> None:
-        """Queue ``message`` for the worker; never blocks (the writer thread sends it)."""
-        self._outbox.put(pickle.dumps(message, protocol=5))
-
-    def send_bytes(self, data: bytes) -> None:
-        self._outbox.put(data)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL not delivered; nothing else to try
-            pass
-        self._reader.join(timeout=5)
-
-    def stop(self) -> None:
-        self.send(("exit",))
-        try:
-            self.proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        self._reader.join(timeout=5)
-
-
-class _Pool:
-    """The warm workers kept between runs; one run at a time owns them."""
-
-    def __init__(self) -> None:
-        self.workers: list[_Worker] = []
-        self.lock = threading.Lock()
-        self.messages: queue.SimpleQueue[_Message] = queue.SimpleQueue()
-        self._reaper: threading.Timer | None = None
-
-    def prepare(self) -> None:
-        """At a run's start: forget dead and long-idle workers, and messages left from earlier runs."""
-        for dead in [w for w in self.workers if w.gone or w.proc.poll() is not None]:
-            dead.kill()
-            self.workers.remove(dead)
-        self.reap()
-        while True:
-            try:
-                self.messages.get_nowait()
-            except queue.Empty:
-                break
-
-    def reap(self) -> None:
-        """Stop the workers idle for longer than :data:`IDLE_TIMEOUT_S`."""
-        cutoff = time.monotonic() - IDLE_TIMEOUT_S
-        for idle in [w for w in self.workers if not w.batches and w.last_used < cutoff]:
-            idle.stop()
-            self.workers.remove(idle)
-
-    def start_worker(self) -> _Worker:
-        worker = _Worker(self.messages)
-        self.workers.append(worker)
-        return worker
-
-    def replace(self, worker: _Worker) -> _Worker:
-        worker.kill()
-        fresh = _Worker(self.messages)
-        self.workers[self.workers.index(worker)] = fresh
-        return fresh
-
-    def schedule_reap(self) -> None:
-        """After a run: a timer stops the workers once they have idled past the timeout."""
-        if self._reaper is not None:
-            self._reaper.cancel()
-        if not self.workers:
-            return
-        self._reaper = threading.Timer(IDLE_TIMEOUT_S + 1.0, self._reap_when_free)
-        self._reaper.name = "modal_magic-reaper"
-        self._reaper.daemon = True
-        self._reaper.start()
-
-    def _reap_when_free(self) -> None:
-        if self.lock.acquire(blocking=False):  # a run holds the pool: it reaps at its own end
-            try:
-                self.reap()
-                self.schedule_reap()
-            finally:
-                self.lock.release()
-
-    def shutdown(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            self._reaper = None
-        for worker in self.workers:
-            worker.stop()
-        self.workers = []
-
-
-_POOL = _Pool()
-
-
-def shutdown_pool() -> None:
-    """Stop the warm worker processes (they start again on the next run)."""
-    with _POOL.lock:
-        _POOL.shutdown()
-
-
-atexit.register(shutdown_pool)
-
 
 #: batches a worker holds at once: the one it runs and one waiting, so it never idles for a round trip
 _PER_WORKER = 2
@@ -274,9 +64,9 @@ class ProcessBackend(Backend):
     inline_when_tiny = True
 
     def __init__(self) -> None:
-        self._pool: _Pool | None = None
+        self._pool: WarmPool | None = None
         self._own_pool = False
-        self._workers: list[_Worker] = []
+        self._workers: list[WorkerProcess] = []
         self._target = 1
         self._fn_bytes = b""
         self._run_bytes = b""
@@ -285,22 +75,22 @@ class ProcessBackend(Backend):
 
     def start(self, task: Task) -> None:
         self._task = task
-        if _POOL.lock.acquire(blocking=False):
-            self._pool = _POOL
+        if SHARED_POOL.lock.acquire(blocking=False):
+            self._pool = SHARED_POOL
         else:  # another run (another thread) has the warm pool: this one gets workers of its own
-            self._pool, self._own_pool = _Pool(), True
+            self._pool, self._own_pool = WarmPool(), True
         self._pool.prepare()
         self._fn_bytes = dumps_function(self._shipped(task))
         # every run starts its workers in the kernel's cwd, environment and sys.path as they are now
         self._run_bytes = pickle.dumps(("run", list(sys.path), os.getcwd(), dict(os.environ)), protocol=5)
         # a worker keeps the last function it was sent; anything that changes how it runs rows is part of the token
         self._token = hash((self._fn_bytes, task.star, task.options.retries, task.options.timeout, task.is_async))
-        self._target = capped_workers(self._worker_count(task), process_ceiling(), "worker processes",
-                                      f"twice its {_cores()} cores", self._count_option)
+        self._target = capped_concurrency(self._worker_count(task), process_ceiling(), "worker processes",
+                                            f"twice its {cores()} cores", self._count_option)
         self._workers = []
 
     def _worker_count(self, task: Task) -> int:
-        return task.options.workers()
+        return task.options.local_concurrency()
 
     #: the option that sets :meth:`_worker_count`, named in the warning when it's capped
     _count_option = "max_containers"
@@ -309,7 +99,7 @@ class ProcessBackend(Backend):
         """What goes to the workers: the function itself."""
         return task.fn
 
-    def _add_worker(self) -> _Worker:
+    def _add_worker(self) -> WorkerProcess:
         """One more worker for this run: a warm one the pool has spare, else a new one."""
         assert self._pool is not None
         taken = set(map(id, self._workers))
@@ -350,7 +140,7 @@ class ProcessBackend(Backend):
         per_row = (opts.timeout + 0.5) * (opts.retries + 1) + 5.0 * opts.retries
         return len(batch.args) * per_row + _STUCK_GRACE_S
 
-    def _deadline(self, worker: _Worker) -> float:
+    def _deadline(self, worker: WorkerProcess) -> float:
         """When the worker counts as stuck: its rows' budgets, counted from when each batch started."""
         deadline = float("inf")
         for batch_id, batch in worker.batches.items():
@@ -374,7 +164,7 @@ class ProcessBackend(Backend):
         assert len(worker.batches) < self._per_worker, "the engine keeps within capacity"
         self._send_to(worker, batch)
 
-    def _send_to(self, worker: _Worker, batch: Batch) -> None:
+    def _send_to(self, worker: WorkerProcess, batch: Batch) -> None:
         task = self._task
         assert task is not None
         worker.batches[batch.id] = batch
@@ -386,14 +176,14 @@ class ProcessBackend(Backend):
         # If the worker is dead already, its reader reports it and results() sends this batch again.
         worker.send(("batch", batch.id, len(batch.args), dumps(batch.args)))
 
-    def _forget(self, worker: _Worker) -> list[Batch]:
+    def _forget(self, worker: WorkerProcess) -> list[Batch]:
         batches = list(worker.batches.values())
         worker.batches.clear()
         worker.sent_at.clear()
         worker.started_at.clear()
         return batches
 
-    def _lost(self, worker: _Worker, cause: BaseException) -> list[BatchResult]:
+    def _lost(self, worker: WorkerProcess, cause: BaseException) -> list[BatchResult]:
         """A worker is gone: its running batch is lost with ``cause``; the one queued behind never ran."""
         batches = self._forget(worker)
         self._swap(worker)
@@ -410,7 +200,7 @@ class ProcessBackend(Backend):
         wait_s = None if first_deadline == float("inf") else max(0.0, first_deadline - time.monotonic())
         if timeout is not None:
             wait_s = timeout if wait_s is None else min(wait_s, timeout)
-        messages: list[_Message] = []
+        messages: list[Message] = []
         try:
             messages.append(self._pool.messages.get(timeout=wait_s))
             while True:
@@ -428,7 +218,7 @@ class ProcessBackend(Backend):
                     "and was replaced")))
         return out
 
-    def _receive(self, worker: _Worker, data: bytes | None, when: float) -> list[BatchResult]:
+    def _receive(self, worker: WorkerProcess, data: bytes | None, when: float) -> list[BatchResult]:
         """One message from a worker: a batch started, a batch finished, or the worker's end."""
         if worker not in self._workers:
             return []  # from a worker this run already replaced, or from an earlier run
@@ -440,7 +230,7 @@ class ProcessBackend(Backend):
                 except subprocess.TimeoutExpired:  # it closed its socket but lives on: end it
                     worker.proc.kill()
                     code = worker.proc.wait(timeout=5)
-            return self._lost(worker, WorkerCrashed(f"the worker process running this row {_describe_exit(code)}"))
+            return self._lost(worker, WorkerCrashed(f"the worker process running this row {describe_exit(code)}"))
         kind, batch_id = data[:1], int.from_bytes(data[1:9], "little")
         if batch_id not in worker.batches:
             return []  # not a batch this run sent (e.g. from a process the function forked)
@@ -453,7 +243,7 @@ class ProcessBackend(Backend):
         values, errors, elapsed = pickle.loads(memoryview(data)[9:])
         return [BatchResult(batch, values, errors, elapsed)]
 
-    def _swap(self, worker: _Worker) -> None:
+    def _swap(self, worker: WorkerProcess) -> None:
         """Replace a dead or stuck worker in the pool and in this run."""
         assert self._pool is not None
         fresh = self._pool.replace(worker)
@@ -504,7 +294,7 @@ class AsyncProcessBackend(ProcessBackend):
         self._per_worker = max(1, -(-(task.options.max_containers or self._target) // self._target))
         self._pending: deque[Batch] = deque()  # batches no worker can take yet
         self._alone: set[int] = set()  # ids of workers running a batch sent again, by itself
-        self._draining: _Worker | None = None  # emptied for the next batch sent again
+        self._draining: WorkerProcess | None = None  # emptied for the next batch sent again
         # Each run starts its workers' function afresh: its state (an LLM run's client, rate limits
         # and budget) belongs to one run, even when the next run's function pickles the same.
         self._token = hash((self._token, time.monotonic_ns()))
@@ -556,7 +346,7 @@ class AsyncProcessBackend(ProcessBackend):
         self._place()
         return out
 
-    def _lost(self, worker: _Worker, cause: BaseException) -> list[BatchResult]:
+    def _lost(self, worker: WorkerProcess, cause: BaseException) -> list[BatchResult]:
         """Every batch the worker held was running: all are lost, with others when there were others."""
         batches = self._forget(worker)
         self._alone.discard(id(worker))

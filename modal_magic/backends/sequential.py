@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from ._worker import run_rows
+from .row_runner import run_rows
 from .base import Backend, Batch, BatchResult, Task
 
 

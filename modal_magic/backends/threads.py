@@ -1,9 +1,9 @@
 """Threads for I/O-bound functions (HTTP calls, file reads): ``max_containers`` threads in this process.
 
 Threads start as batches need them, up to ``max_containers`` (default: the core count) and at most
-:data:`MAX_THREADS` (a larger ``max_containers`` is capped with a one-time warning: past a few
-hundred threads, switching and memory cost more than the extra concurrency gives; use an
-``async def`` function for thousands of requests in flight).
+:data:`~modal_magic.options.MAX_THREADS` (a larger ``max_containers`` is capped with a one-time
+warning: past a few hundred threads, switching and memory cost more than the extra concurrency
+gives; use an ``async def`` function for thousands of requests in flight).
 
 Threads share the kernel's memory, so nothing is pickled and notebook objects just work. A thread
 can't be killed, so a row over ``timeout`` is reported as a ``TimeoutError`` at once and its thread
@@ -16,15 +16,14 @@ import queue
 import threading
 import time
 
-from ._worker import run_rows
-from .base import Backend, Batch, BatchResult, Task, drain
-from .processes import capped_workers
-
-#: the most threads one run starts
-MAX_THREADS = 256
+from ..options import MAX_THREADS
+from .base import Backend, Batch, BatchResult, Task, capped_concurrency, drain
+from .row_runner import run_rows
 
 
-class _Worker:
+class RowThread:
+    """One thread of a run, taking batches from the run's inbox until told to stop or abandoned."""
+
     def __init__(self, backend: ThreadBackend) -> None:
         self.backend = backend
         self.batch: Batch | None = None
@@ -67,14 +66,14 @@ class ThreadBackend(Backend):
         self._inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._outbox: queue.SimpleQueue[BatchResult] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._workers: list[_Worker] = []
+        self._threads: list[RowThread] = []
         self._task: Task | None = None
         self._cancelled = False
 
     def start(self, task: Task) -> None:
         self._task = task
-        self._size = capped_workers(task.options.workers(), MAX_THREADS, "threads",
-                                    f"{MAX_THREADS} at most; an async def function suits more requests in flight")
+        self._size = capped_concurrency(task.options.local_concurrency(), MAX_THREADS, "threads",
+                                        f"{MAX_THREADS} at most; an async def function suits more requests in flight")
 
     @property
     def capacity(self) -> int:
@@ -82,9 +81,9 @@ class ThreadBackend(Backend):
 
     def submit(self, batch: Batch) -> None:
         with self._lock:
-            live = sum(not w.abandoned for w in self._workers)
+            live = sum(not w.abandoned for w in self._threads)
             if live < self._size:
-                self._workers.append(_Worker(self))
+                self._threads.append(RowThread(self))
         self._inbox.put(batch)
 
     def results(self, timeout: float | None) -> list[BatchResult]:
@@ -99,21 +98,22 @@ class ThreadBackend(Backend):
         now = time.monotonic()
         expired: list[BatchResult] = []
         with self._lock:
-            for worker in self._workers:
-                batch = worker.batch
-                if batch is not None and not worker.abandoned and now - worker.started > limit * len(batch.args):
-                    worker.abandoned = True
+            for row_thread in self._threads:
+                batch = row_thread.batch
+                overdue = batch is not None and now - row_thread.started > limit * len(batch.args)
+                if overdue and not row_thread.abandoned:
+                    row_thread.abandoned = True
                     expired.append(BatchResult(batch, lost=TimeoutError(f"the row ran longer than timeout={limit:g}s")))
-            self._workers = [w for w in self._workers if not w.abandoned]
+            self._threads = [w for w in self._threads if not w.abandoned]
         return expired
 
     def cancel(self) -> None:
         with self._lock:
             self._cancelled = True  # results of batches already running are dropped when they finish
-            for worker in self._workers:
-                if worker.batch is not None:
-                    worker.abandoned = True
-            self._workers = [w for w in self._workers if not w.abandoned]
+            for row_thread in self._threads:
+                if row_thread.batch is not None:
+                    row_thread.abandoned = True
+            self._threads = [w for w in self._threads if not w.abandoned]
         try:
             while True:
                 self._inbox.get_nowait()
@@ -121,6 +121,6 @@ class ThreadBackend(Backend):
             pass
 
     def finish(self) -> None:
-        for _ in self._workers:
+        for _ in self._threads:
             self._inbox.put(None)
-        self._workers = []
+        self._threads = []

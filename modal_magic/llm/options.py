@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..declarations import Flag, declared_options, option, unknown_option
 from ..errors import OptionsError
-from ..options import invalid, non_negative_int, positive_int, positive_number
+from ..options import DEFAULT_LLM_CONCURRENCY, invalid, non_negative_int, positive_int, positive_number
 from .prices import PRICES_AS_OF, price_for
 from .row.failures import redact_url
 
@@ -30,7 +30,7 @@ DEFAULT_MODEL = "gpt-4o-mini"
 #: the answer column when ``into=`` isn't given (tokens and cost go to ``answer_tokens_in``...)
 DEFAULT_INTO = "answer"
 #: requests in flight at once on the local asyncio backend when ``max_containers=`` isn't given
-DEFAULT_CONCURRENCY = 64
+DEFAULT_CONCURRENCY = DEFAULT_LLM_CONCURRENCY
 
 _MODEL = "The model"
 _LIMITS = "Limits"

@@ -6,7 +6,7 @@ per-row timeout where the platform allows it. Whatever a row raises is its error
 ``KeyboardInterrupt`` or ``SystemExit`` from the function too, and an exception whose ``str()``
 itself raises (described as ``<unprintable ValueError>``); only a real Ctrl-C delivered to the
 calling process's main thread stops the loop. They return plain tuples, never modal_magic objects,
-because this file also runs on its own: ``python _worker.py FD`` is the body of a local worker
+because this file also runs on its own: ``python row_runner.py FD`` is the body of a local worker
 process, started by path so a worker doesn't import pandas or the user's ``__main__`` script.
 Only the standard library and cloudpickle may be imported here.
 """
@@ -26,12 +26,21 @@ from typing import Any, Callable, Sequence
 # An error as it travels: (index in batch, type name, message, formatted traceback, attempts, exception or None)
 ErrorTuple = tuple[int, str, str, str, int, Any]
 
+#: first wait before retrying a row; doubles each try. (An LLM request's own retries have their
+#: schedule, with jitter, in ``llm/row/limits.py``: same idea, same name, but that code must reach
+#: containers without this module, so it keeps its own copy.)
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 
 
-def backoff_delay(attempt: int) -> float:
-    """Seconds to wait before retry number ``attempt`` (1-based): 0.1, 0.2, 0.4 ... capped at 5."""
+def backoff_s(attempt: int) -> float:
+    """Seconds to wait before retry number ``attempt`` (1-based): 0.1, 0.2, 0.4 ... capped at 5.
+
+    Examples
+    --------
+    >>> [backoff_s(a) for a in (1, 2, 3, 20)]
+    [0.1, 0.2, 0.4, 5.0]
+    """
     return min(BACKOFF_FIRST_S * 2 ** (attempt - 1), BACKOFF_MAX_S)
 
 
@@ -158,7 +167,7 @@ def _run_rows(fn: Callable[..., Any], star: bool, args_list: Sequence[Any], retr
                 if attempt > retries:
                     errors.append(_error_tuple(i, exc, attempt))
                     break
-                time.sleep(backoff_delay(attempt))
+                time.sleep(backoff_s(attempt))
                 attempt += 1
     finally:
         if previous is not None:
@@ -230,7 +239,7 @@ async def run_rows_async(
             if attempt > retries:
                 errors.append(_error_tuple(i, exc, attempt))
                 break
-            await asyncio.sleep(backoff_delay(attempt))
+            await asyncio.sleep(backoff_s(attempt))
             attempt += 1
     return values, errors
 
@@ -249,14 +258,18 @@ def pack_results(values: list[Any], errors: list[ErrorTuple], elapsed: float) ->
     """Serialise a batch's results; a value or exception that can't travel becomes that row's error only."""
     try:
         return dumps((values, errors, elapsed))
-    except Exception:
-        pass  # find the offending rows one by one below
+    except Exception:  # noqa: BLE001 - a value's own __reduce__ may raise anything: find it row by row
+        return _pack_row_by_row(values, errors, elapsed)
+
+
+def _pack_row_by_row(values: list[Any], errors: list[ErrorTuple], elapsed: float) -> bytes:
+    """:func:`pack_results` for a batch that didn't pickle whole: each row that can't travel says so."""
     safe_errors: list[ErrorTuple] = []
     for err in errors:
         try:
             dumps(err[5])
             safe_errors.append(err)
-        except Exception:
+        except Exception:  # noqa: BLE001 - the exception object can't travel: its type, message and traceback do
             safe_errors.append(err[:5] + (None,))
     failed = {e[0] for e in safe_errors}
     for i, value in enumerate(values):
@@ -264,9 +277,9 @@ def pack_results(values: list[Any], errors: list[ErrorTuple], elapsed: float) ->
             continue
         try:
             dumps(value)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the value's own __reduce__ may raise anything
             values[i] = None
-            message = f"the function returned a {type(value).__name__} that can't be pickled: {e}"
+            message = f"the function returned a {type(value).__name__} that can't be pickled: {describe(e)}"
             safe_errors.append((i, "UnpicklableResult", message, "", 1, None))
     return dumps((values, safe_errors, elapsed))
 
