@@ -64,6 +64,24 @@ def _hide_secrets_in_http_logs() -> None:
         logging.getLogger(name).addFilter(_REDACTING_FILTER)
 
 
+def openai_client_settings(base_url: str | None) -> tuple[str | None, dict[str, str] | None]:
+    """``(base_url, default_query)`` for an ``openai`` client, with the HTTP libraries' logs redacted.
+
+    The SDK appends paths to the base URL as a string (``"/v1?api_key=Xchat/completions"``): a
+    query string (Azure's ``api-version``, a gateway's key) goes in ``default_query`` instead.
+
+    Examples
+    --------
+    >>> openai_client_settings("https://host/v1?api-version=1")
+    ('https://host/v1', {'api-version': '1'})
+    """
+    _hide_secrets_in_http_logs()
+    if not base_url or not urlsplit(base_url).query:
+        return base_url, None
+    parts = urlsplit(base_url)
+    return urlunsplit(parts._replace(query="")), dict(parse_qsl(parts.query, keep_blank_values=True))
+
+
 def is_missing(value: Any) -> bool:
     """None, NaN, pandas' NA or NaT (without importing pandas)."""
     if value is None:
@@ -139,14 +157,7 @@ class Session:
                 http_client = aiohttp_client(timeout=self.limits.request_timeout_s)
             except Exception:  # aiohttp isn't installed here: the default transport works too
                 http_client = None
-        # The SDK appends paths to the base URL as a string ("/v1?api_key=Xchat/completions"): a
-        # query string (Azure's api-version, a gateway's key) goes in default_query instead.
-        base_url, query = self._base_url, None
-        if base_url and urlsplit(base_url).query:
-            parts = urlsplit(base_url)
-            base_url = urlunsplit(parts._replace(query=""))
-            query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        _hide_secrets_in_http_logs()
+        base_url, query = openai_client_settings(self._base_url)
         return openai.AsyncOpenAI(api_key=self._api_key, base_url=base_url, default_query=query, max_retries=0,
                                   timeout=self.limits.request_timeout_s, http_client=http_client)
 
