@@ -452,10 +452,16 @@ def _version_of(module_name: str | None) -> str:
     except Exception:
         pass
     try:
-        distributions = importlib.metadata.packages_distributions().get(top, [])
+        distributions = _packages_distributions().get(top, [])
         return ",".join(f"{d}-{importlib.metadata.version(d)}" for d in distributions) or "unknown"
     except Exception:
         return "unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def _packages_distributions() -> Mapping[str, list[str]]:
+    # Reads every installed distribution's file list (seconds): once per process, not once per module.
+    return importlib.metadata.packages_distributions()
 
 
 def _packages_of(fn: Any) -> frozenset[str]:

@@ -51,7 +51,7 @@ _log = logging.getLogger("modal_magic")
 def request_scope(request: Request, base_url: str | None) -> str:
     """What a batch's requests are, as a hash: every field that goes into a request line, and the endpoint.
 
-    Batches are recorded under it, and the rows' ``custom_id``\ s are keyed by it, so a batch is found
+    Batches are recorded under it, and the rows' ``custom_id`` values are keyed by it, so a batch is found
     again by any run that would send the same requests there (in another process, or after the
     notebook's code around it changed), and by no other. The key is not part of it.
 
