@@ -8,6 +8,7 @@ import itertools
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -303,3 +304,17 @@ def test_module_state_that_cannot_change_results_does_not_count():
     before = fp(make())
     random.random(), rng.random()
     assert fp(make()) == before
+
+
+def test_which_modules_are_imported_is_not_part_of_a_fingerprint():
+    """A function that reads ``sys.modules`` (the LLM row runtime does) kept changing its fingerprint
+    whenever anything was imported: the first LLM run of a kernel was never reused in that kernel."""
+    def loaded(name):
+        return sys.modules.get(name) is not None
+
+    before = function_fingerprint(loaded, star=False, result_options={})
+    sys.modules["modal_magic_test_fake_module"] = types.ModuleType("modal_magic_test_fake_module")
+    try:
+        assert function_fingerprint(loaded, star=False, result_options={}) == before
+    finally:
+        del sys.modules["modal_magic_test_fake_module"]

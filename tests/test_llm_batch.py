@@ -62,6 +62,18 @@ def wait_for(condition, timeout: float = 60.0) -> None:
         time.sleep(0.02)
 
 
+def stop_once_submitted(server) -> threading.Thread:
+    """Press Stop (a KeyboardInterrupt in the main thread) once the server holds a batch and it was polled."""
+    def stop() -> None:
+        wait_for(lambda: server.batches)
+        time.sleep(0.3)
+        _thread.interrupt_main()
+
+    thread = threading.Thread(target=stop, daemon=True)
+    thread.start()
+    return thread
+
+
 class Complaint(BaseModel):
     product: str
     complaint: str
@@ -276,7 +288,7 @@ def test_a_batch_created_but_not_yet_recorded_is_found_by_its_file(openai_server
     df = pd.DataFrame({"text": ["one", "two"]})
     openai_server.batch_state.batch_delay_s = 600.0
     with pytest.raises(MapInterrupted):
-        threading.Timer(1.0, _thread.interrupt_main).start()
+        stop_once_submitted(openai_server)
         with pytest.warns(llm_batch.BatchStillRunning, match="keeps running at OpenAI"):
             df.modal.llm("Say {text}", **QUIET)
     [batch] = openai_server.batches
@@ -297,7 +309,7 @@ def test_a_batch_created_but_not_yet_recorded_is_found_by_its_file(openai_server
 def test_stop_leaves_the_batch_running_and_running_the_cell_again_collects_it(openai_server):
     openai_server.batch_state.batch_delay_s = 600.0
     df = pd.DataFrame({"text": REVIEWS})
-    threading.Timer(1.0, _thread.interrupt_main).start()
+    stop_once_submitted(openai_server)
     with pytest.warns(llm_batch.BatchStillRunning, match="Run the cell again to collect"):
         with pytest.raises(MapInterrupted) as stopped:
             df.modal.llm(CLASSIFY, into="label", **QUIET)
