@@ -207,6 +207,17 @@ def test_the_key_appears_in_no_error_the_endpoint_writes(openai_server):
     assert TEST_KEY not in str(out.modal.errors().to_dict())
 
 
+def test_an_unreachable_endpoint_fails_every_row_and_shows_no_credentials(monkeypatch):
+    base_url = "http://user:hunter22@127.0.0.1:9/v1?api_key=QQQSECRET"
+    out = pd.DataFrame({"text": ["a", "b"]}).modal.llm("Say {text}", api_key="sk-secretkey123456",
+                                                       base_url=base_url, **QUIET)
+    errors = out["answer_error"].astype(str).tolist()
+    assert errors == ["BatchFailed: submitting the batch to http://***@127.0.0.1:9/v1?api_key=*** failed: "
+                      "APIConnectionError: Connection error.; nothing was submitted for this row"] * 2
+    shown = str(out.modal.errors().to_dict())
+    assert "hunter22" not in shown and "QQQSECRET" not in shown and "sk-secretkey" not in shown
+
+
 # --- split batches and the budget --------------------------------------------------------------------
 
 
