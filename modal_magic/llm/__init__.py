@@ -19,7 +19,7 @@ tokens in and out and cost come back as columns. The package, one module per ide
 The API key is looked up in ``api_key=``, then ``OPENAI_API_KEY``, then a ``.env`` file; with
 ``backend="modal"`` it comes from a Modal secret inside the container and never leaves this
 machine. It is kept off the row function, so it is in no cache key, no repr and no error message;
-the one pickle that carries it is the :class:`~modal_magic.llm.row.session.WorkerRow` sent over a socket
+the one pickle that carries it is the :class:`~modal_magic.llm.row.shipped.WorkerRow` sent over a socket
 to a worker process. The ``%%modal_llm`` magic is on the IPython side, in
 :mod:`modal_magic.ipython.llm_magic`.
 """

@@ -1,7 +1,7 @@
 """The row function an LLM run hands the engine, and the :class:`~modal_magic.backends.base.Runtime` it needs.
 
 :class:`LLMRowFunction` is what the cache fingerprints and what a Modal container receives (as a
-:class:`~modal_magic.llm.row.session.ContainerRow`, without the key); its session (API key, client,
+:class:`~modal_magic.llm.row.shipped.ContainerRow`, without the key); its session (API key, client,
 limiter, budget) is kept off it, in a side table. :meth:`LLMRowFunction.runtime` says what the
 backend needs beyond the function: the meter the progress bar reads, the worker processes, what
 those processes run, and how the run closes its HTTP client.
@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Runtime
 from .row.limits import Budget, Limits, Meter
-from .row.session import ContainerRow, Session, WorkerRow
+from .row.session import Session
+from .row.shipped import ContainerRow, WorkerRow
 
 if TYPE_CHECKING:
     from .row.limits import Request
@@ -77,7 +78,7 @@ class LLMRowFunction:
     """The ``async`` function :func:`~modal_magic.llm.llm_frame` maps: one chat completion per row.
 
     It returns a dict (answer or schema fields, tokens in and out, cost), which the engine spreads
-    into columns. Pickled for Modal it becomes a :class:`~modal_magic.llm.row.session.ContainerRow` that
+    into columns. Pickled for Modal it becomes a :class:`~modal_magic.llm.row.shipped.ContainerRow` that
     carries the request and the container's share of the limits, and never the key.
 
     Examples

@@ -60,7 +60,7 @@ def unfinished_error(batch_id: str, status: str, detail: str = "") -> LLMError:
 
     Examples
     --------
-    >>> str(unfinished_error("batch_1", "expired"))[:70]
+    >>> str(unfinished_error("batch_1", "expired"))[:69]
     "OpenAI's batch batch_1 expired (its 24 h window ended) before this re"
     """
     if status == "expired":

@@ -106,7 +106,7 @@ def fit_budget(requests: list[PlannedRequest], limit_usd: float | None, spent_us
     --------
     >>> r = [PlannedRequest(str(i), None, b"", 0.4, "w") for i in range(3)]
     >>> kept, error = fit_budget(r, 1.0, 0.1)
-    >>> len(kept), str(error)[:60]
+    >>> len(kept), str(error)[:59]
     (2, 'budget_usd=1.00: $0.10 spent and $0.80 booked for 2 request')
     """
     if limit_usd is None:
