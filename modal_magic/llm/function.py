@@ -15,11 +15,14 @@ and the budget with what was spent so far.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Runtime
+from .row.ledger import new_ledger
 from .row.limits import Budget, Limits, Meter
 from .row.session import Session
 from .row.shipped import ContainerRow, WorkerRow
@@ -65,6 +68,7 @@ class _RowState:
     processes: int = 1  # local worker processes sending the requests (1: the kernel's own event loop)
     worker_limits: Limits | None = None  # each worker process's share of the limits
     session: Session | None = None  # the run's session, from its first row to its end; then dropped
+    ledger: str | None = None  # the worker processes' shared budget file (row.ledger), once made
 
 
 # Each row function's session (API key, client, limiter, budget) lives here, off the function: the
@@ -72,6 +76,13 @@ class _RowState:
 # the key must never be part of a fingerprint, and raising budget_usd or rpm must not make finished
 # rows look new. A weak table so a session goes away with its function.
 _RUNTIMES: weakref.WeakKeyDictionary[LLMRowFunction, _RowState] = weakref.WeakKeyDictionary()
+
+
+def _remove_file(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class LLMRowFunction:
@@ -110,10 +121,22 @@ class LLMRowFunction:
                        aclose=self.aclose)
 
     def for_workers(self) -> WorkerRow:
-        """What the worker processes run: the request, each one's share of the limits, and the key."""
-        recipe = _RUNTIMES[self].recipe
-        return WorkerRow(recipe.request, _RUNTIMES[self].worker_limits or recipe.limits, recipe.api_key,
-                         recipe.base_url)
+        """What the worker processes run: the request, each one's share of ``rpm``/``tpm``, and the key.
+
+        With ``budget_usd=`` they share the whole budget through one ledger file
+        (:class:`~modal_magic.llm.row.ledger.SharedBudget`), made on first use and kept for this
+        function's life: a worker that dies, and its replacement, can't together pass it, and
+        neither can ``retry_failed()`` runs.
+        """
+        state = _RUNTIMES[self]
+        recipe = state.recipe
+        limits = state.worker_limits or recipe.limits
+        if recipe.limits.budget_usd is not None:
+            if state.ledger is None:
+                state.ledger = new_ledger()
+                weakref.finalize(self, _remove_file, state.ledger)
+            limits = dataclasses.replace(limits, budget_usd=recipe.limits.budget_usd)
+        return WorkerRow(recipe.request, limits, recipe.api_key, recipe.base_url, state.ledger)
 
     def session(self) -> Session:
         """The session rows of this process use: the run's, or a new one (after :meth:`release`)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .ledger import SharedBudget
 from .limits import Limits, Meter, Request
 from .session import IDLE_CLOSE_S, Session, _import_openai
 
@@ -55,21 +56,29 @@ class ContainerRow:
 class WorkerRow(ContainerRow):
     """The row function in one of the kernel's own worker processes (``processes=``): one session each.
 
-    Like a container's, with this process's share of the limits, but the key travels with it: over
-    the socket to the kernel's worker process, and nowhere else. It is made by the backend just
-    before sending (the cache fingerprints the :class:`~modal_magic.llm.LLMRowFunction`, which
-    pickles without the key), and its repr doesn't show the key either.
+    Like a container's, with this process's share of ``rpm`` and ``tpm``, but the key travels with
+    it: over the socket to the kernel's worker process, and nowhere else. It is made by the backend
+    just before sending (the cache fingerprints the :class:`~modal_magic.llm.LLMRowFunction`, which
+    pickles without the key), and its repr doesn't show the key either. With ``ledger`` (a file
+    path) the budget is the whole ``budget_usd``, booked in that ledger by every worker of the run
+    (:class:`~modal_magic.llm.row.ledger.SharedBudget`), so a worker that dies can't take its
+    spending out of the account.
     """
 
-    def __init__(self, request: Request, limits: Limits, api_key: str | None, base_url: str | None) -> None:
+    def __init__(self, request: Request, limits: Limits, api_key: str | None, base_url: str | None,
+                 ledger: str | None = None) -> None:
         super().__init__(request, limits)
         _import_openai()  # runs as the worker unpickles it: start-up, before any row's clock starts
         self._api_key = api_key
         self._base_url = base_url
+        self._ledger = ledger
 
     def __reduce__(self) -> Any:
-        return (WorkerRow, (self.request, self.limits, self._api_key, self._base_url))
+        return (WorkerRow, (self.request, self.limits, self._api_key, self._base_url, self._ledger))
 
     def _new_session(self) -> Session:
-        return Session(self.request, self.limits, Meter(self.request.price is not None), api_key=self._api_key,
-                       base_url=self._base_url, idle_close_s=IDLE_CLOSE_S)
+        session = Session(self.request, self.limits, Meter(self.request.price is not None), api_key=self._api_key,
+                          base_url=self._base_url, idle_close_s=IDLE_CLOSE_S)
+        if self._ledger is not None:
+            session.budget = SharedBudget(self.limits.budget_usd, self._ledger)
+        return session
