@@ -221,8 +221,8 @@ class ModalFrameAccessor:
             More fields for the request body, e.g. ``{"top_p": 0.9, "seed": 1}``.
         processes
             Send the requests from this many local worker processes instead of the kernel's one
-            event loop (``max_containers`` in flight in all, split evenly, as are ``rpm``, ``tpm``
-            and ``budget_usd``). One process sends at most about 1,500 requests a second through
+            event loop (``max_containers`` in flight in all, split evenly, as are ``rpm`` and
+            ``tpm``; they share one ``budget_usd``, which holds even when a worker dies). One process sends at most about 1,500 requests a second through
             the ``openai`` client; more help only against an endpoint that answers faster than that.
         batch
             Send the rows through OpenAI's Batch API instead: half the price per token, answers within 24

@@ -125,7 +125,7 @@ class LLMOptions:
         None, _mapping, "More fields for the request body, e.g. {'top_p': 0.9, 'seed': 1}.", trait="pairs", flag=None)
     processes: int = option(
         1, _processes, "Send the requests from N local worker processes (1: from the kernel's own event loop); "
-        "the limits are split between them.", trait="whole", flag=Flag(type=int, metavar="N", group=_LIMITS))
+        "rpm and tpm are split between them, and they share one budget_usd.", trait="whole", flag=Flag(type=int, metavar="N", group=_LIMITS))
 
     batch: bool = option(
         False, true_or_false, "Send the rows through OpenAI's Batch API: half the price per token, answers within "
