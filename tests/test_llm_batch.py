@@ -333,6 +333,17 @@ def test_stop_leaves_the_batch_running_and_running_the_cell_again_collects_it(op
     assert len(openai_server.batches) == 1
 
 
+def test_on_error_raise_stops_at_the_first_failed_row_and_a_rerun_pays_nothing_more(openai_server):
+    from modal_magic.errors import RowFailed
+
+    df = pd.DataFrame({"text": ["a", "[[fail=400]] b", "c"]}, index=["x", "y", "z"])
+    with pytest.raises(RowFailed, match="'y'"):
+        df.modal.llm("Say {text}", on_error="raise", **QUIET)
+    out = df.modal.llm("Say {text}", **QUIET)
+    assert out["answer"].tolist()[::2] == ["Say a", "Say c"]
+    assert len(openai_server.batches) == 1  # the rows answered were collected from it, not paid again
+
+
 def test_cache_refresh_submits_again_and_rows_answered_live_are_not_submitted(openai_server):
     df = pd.DataFrame({"text": REVIEWS})
     df.iloc[:1].modal.llm(CLASSIFY, progress=False)  # answered live, and cached

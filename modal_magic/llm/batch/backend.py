@@ -165,7 +165,10 @@ class BatchBackend(Backend):
         try:
             from ...cache.default import default_cache
 
-            self._records = BatchRecords(default_cache().directory)
+            cache = default_cache()
+            if cache.read_only:
+                raise PermissionError(f"{cache.path} is read-only")
+            self._records = BatchRecords(cache.directory)
         except Exception as e:  # an unusable cache: the run goes on, but can't be picked up after a restart
             warnings.warn(f"the batch can't be recorded in the result cache ({type(e).__name__}: {e}): if this "
                           "process stops before it finishes, running the cell again submits it again",
@@ -196,6 +199,9 @@ class BatchBackend(Backend):
         return self._status
 
     def cancel(self) -> None:
+        # The engine stopped part-way through the last results it was handed (Stop, on_error="raise"),
+        # so they may not all be cached: leave their batches for the next run to collect again.
+        self._to_mark = []
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
