@@ -15,7 +15,6 @@ kernel's worker processes are); Modal containers keep their per-container shares
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import os
 import tempfile
@@ -76,6 +75,8 @@ class SharedBudget(Budget):
 
     def _update(self, change: Callable[[float, dict[str, float]], Any]) -> Any:
         """Apply ``change(committed, in_flight)`` (it may edit both; it returns the new committed and a verdict)."""
+        import fcntl  # POSIX, as the worker processes are; imported here so the package imports anywhere
+
         with open(self.path, "r+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             data = json.loads(f.read() or "{}")
