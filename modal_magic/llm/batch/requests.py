@@ -1,9 +1,9 @@
 """What goes into an OpenAI batch: one JSONL line per distinct row, split over the API's limits, at a worst-case price.
 
 Each row still to run becomes a chat completion request line whose ``custom_id`` is the hex of the
-row's key (:func:`modal_magic.cache.keys.row_keys`, the key the cache files its answer under), so
-the answer comes back to the right rows in any process, and rows with the same values share one
-request. :func:`plan_requests` builds the lines, :func:`fit_budget` keeps the rows whose worst case
+row's key (:func:`modal_magic.cache.keys.row_keys`, keyed by the request's scope, see
+:func:`~modal_magic.llm.batch.backend.request_scope`), so the answer comes back to the right rows in
+any process, and rows with the same values share one request. :func:`plan_requests` builds the lines, :func:`fit_budget` keeps the rows whose worst case
 fits ``budget_usd`` and :func:`split` cuts the rest into batches no larger than
 :data:`SETTINGS` allows.
 """
