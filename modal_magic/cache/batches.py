@@ -3,8 +3,8 @@
 ``df.modal.llm(..., batch=True)`` uploads its requests and creates a batch at OpenAI, which may take
 up to a day. The moment the file is uploaded, and again the moment the batch exists, its record is
 written here (one small table, ``llm_batches``, in the same SQLite file as the row cache): which
-rows it holds (their row keys, the same keys the cache files answers under), the endpoint and
-function it was for (a hash of both, ``scope``), and what it may cost at worst. Running the cell
+rows it holds (their row keys, which the requests carry as ``custom_id``), what the requests were
+and where they went (a hash of both, ``scope``), and what they may cost at worst. Running the cell
 again, in this process or a new one, finds the record for its rows and collects the batch instead
 of submitting them again. Once a run has its rows' answers (and so has cached them) they are marked
 handed over, and a record whose rows all were is marked collected.
