@@ -44,7 +44,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS llm_batches (
     file_id TEXT PRIMARY KEY,   -- the uploaded input file: recorded before the batch exists
     batch_id TEXT,              -- NULL until batches.create answered
-    scope TEXT NOT NULL,        -- hash of the row function's fingerprint and the endpoint
+    scope TEXT NOT NULL,        -- hash of what the requests send and the endpoint (request_scope)
     created REAL NOT NULL,      -- Unix seconds
     collected REAL,             -- when its answers were handed to the run (NULL: still to collect)
     n INTEGER NOT NULL,         -- requests in the batch
