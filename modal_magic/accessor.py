@@ -221,9 +221,14 @@ class ModalFrameAccessor:
             More fields for the request body, e.g. ``{"top_p": 0.9, "seed": 1}``.
         processes
             Send the requests from this many local worker processes instead of the kernel's one
-            event loop (``max_containers`` in flight in all, split evenly, as are ``rpm``, ``tpm``
-            and ``budget_usd``). One process sends at most about 1,500 requests a second through
+            event loop (``max_containers`` in flight in all, split evenly, as are ``rpm`` and
+            ``tpm``; they share one ``budget_usd``, which holds even when a worker dies). One process sends at most about 1,500 requests a second through
             the ``openai`` client; more help only against an endpoint that answers faster than that.
+        batch
+            Send the rows through OpenAI's Batch API instead: half the price per token, answers within 24
+            hours, the same columns. The batch is recorded in the cache, so running the cell again (even
+            after a restart) collects it instead of submitting the rows again; see
+            :mod:`modal_magic.llm.batch`.
         **options
             As for :meth:`map`; ``max_containers`` is the number of requests in flight (default 64
             locally), ``retries`` re-runs a failed row (e.g. an answer that failed the schema).

@@ -460,6 +460,9 @@ def _relay_backend_news(backend: Backend, progress: Progress, logs: list[str]) -
     containers = backend.containers()
     if containers is not None:
         progress.update(containers=containers)
+    status = backend.status()
+    if status is not None:
+        progress.update(status=status)
 
 
 def _raise_if_asked(failed: list[int], task: Task, outcomes: _Outcomes, index: pd.Index) -> None:

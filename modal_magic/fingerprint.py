@@ -272,6 +272,11 @@ class FunctionHasher:
 
     def _module_attribute(self, module: types.ModuleType, chain: tuple[str, ...]) -> None:
         """Hash what ``module.a.b`` names, so ``helpers.clean(x)`` follows edits to ``clean``."""
+        if module is sys and chain[:1] == ("modules",):
+            # Which modules happen to be imported is process state, not an input: hashing the
+            # dict changed the fingerprint whenever anything was imported (an LLM run's first client).
+            self.emit("attribute", "sys.modules")
+            return
         found: Any = module
         path = []
         for attribute in chain:

@@ -69,7 +69,7 @@ class Progress:
 
     def update(self, *, done: int = 0, failed: int = 0, cached: int = 0,
                retrying: int | None = None, containers: int | None = None,
-               tokens: int | None = None, cost_usd: float | None = None) -> None:
+               tokens: int | None = None, cost_usd: float | None = None, status: str | None = None) -> None:
         """Count finished rows and set the gauges.
 
         Parameters
@@ -79,6 +79,8 @@ class Progress:
         retrying, containers, tokens, cost_usd : optional
             Absolute values; ``None`` leaves the shown value as it was. ``containers``,
             ``tokens`` and ``cost_usd`` are shown only once they have been set.
+        status : str, optional
+            What the rows wait for (an OpenAI batch's state and request counts), shown first once set.
 
         Examples
         --------
@@ -130,6 +132,7 @@ class _LiveProgress(Progress):
         self.title = title
         self.done = self.failed = self.cached = self.retrying = 0
         self.containers: int | None = None
+        self.status: str | None = None
         self.tokens: int | None = None
         self.cost_usd: float | None = None
         self._clock = clock
@@ -148,13 +151,16 @@ class _LiveProgress(Progress):
 
     def update(self, *, done: int = 0, failed: int = 0, cached: int = 0,
                retrying: int | None = None, containers: int | None = None,
-               tokens: int | None = None, cost_usd: float | None = None) -> None:
+               tokens: int | None = None, cost_usd: float | None = None, status: str | None = None) -> None:
         pending = self._pending + done
         self.done += done
         if failed or cached:  # rare next to done; skipping them is a quarter of this call's cost
             self.failed += failed
             self.cached += cached
             pending += failed + cached
+        if status is not None and status != self.status:
+            self.status = status
+            pending += self._miniters
         if (retrying is not None or containers is not None
                 or tokens is not None or cost_usd is not None):
             if self._set_gauges(retrying, containers, tokens, cost_usd):
@@ -207,7 +213,8 @@ class _LiveProgress(Progress):
         elapsed = max(now - self._start, 0.0)
         computed = self.done + self.failed
         rate = computed / elapsed if elapsed > 0 else None
-        parts = [f"{self.n:,}/{self.total:,} rows",
+        parts = [self.status] if self.status else []
+        parts += [f"{self.n:,}/{self.total:,} rows",
                  f"{self.done:,} done, {self.failed:,} failed, {self.cached:,} cached, "
                  f"{self.retrying:,} retrying"]
         if self.containers is not None:

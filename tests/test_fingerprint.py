@@ -8,6 +8,7 @@ import itertools
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -428,3 +429,15 @@ def test_an_int_too_large_to_print_counts_by_its_value():
     assert fp(namespace["f"]) == before
     namespace["BIG"] += 1
     assert fp(namespace["f"]) != before
+def test_which_modules_are_imported_is_not_part_of_a_fingerprint():
+    """A function that reads ``sys.modules`` (the LLM row runtime does) kept changing its fingerprint
+    whenever anything was imported: the first LLM run of a kernel was never reused in that kernel."""
+    def loaded(name):
+        return sys.modules.get(name) is not None
+
+    before = function_fingerprint(loaded, star=False, result_options={})
+    sys.modules["modal_magic_test_fake_module"] = types.ModuleType("modal_magic_test_fake_module")
+    try:
+        assert function_fingerprint(loaded, star=False, result_options={}) == before
+    finally:
+        del sys.modules["modal_magic_test_fake_module"]

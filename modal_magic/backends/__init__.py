@@ -53,6 +53,8 @@ def _load(factory: str | Callable[[], Backend]) -> Backend:
 
 def create_backend(task: Task) -> Backend:
     """A fresh backend for one run of ``task`` (backends may share warm resources between runs)."""
+    if task.runtime.backend is not None:
+        return task.runtime.backend()
     name = task.options.backend
     if task.is_async and not task.options.is_modal:
         if name == "local" and task.runtime.worker_processes > 1:

@@ -59,6 +59,9 @@ class Runtime:
     for_workers: Callable[[], Callable[..., Any]] | None = None
     #: called (and awaited) once at the end of a run on the event loop that ran the rows
     aclose: Callable[[], Awaitable[None]] | None = None
+    #: makes the backend that runs the rows, when the layer that made the function picks it (an LLM
+    #: run through OpenAI's Batch API); ``None``: the backend named by the options
+    backend: Callable[[], Backend] | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,10 @@ class Backend(ABC):
     def drain_logs(self) -> list[str]:
         """Output lines from where the rows run that arrived since the last call (Modal's logs)."""
         return []
+
+    def status(self) -> str | None:
+        """One line on what the rows are waiting for (an OpenAI batch's state), shown on the bar; else ``None``."""
+        return None
 
 
 def error_tuples_for(batch: Batch, exc: BaseException, attempts: int) -> list[tuple[int, str, str, str, int, Any]]:

@@ -7,7 +7,8 @@ The package is split by idea:
 - :mod:`~modal_magic.cache.chunks`: many rows' results packed into one stored, checked chunk;
 - :mod:`~modal_magic.cache.store`: :class:`RowCache`, the SQLite database of chunks;
 - :mod:`~modal_magic.cache.default`: the process-wide cache and :func:`clear`;
-- :mod:`~modal_magic.cache.rows`: the cache as one run of the engine uses it.
+- :mod:`~modal_magic.cache.rows`: the cache as one run of the engine uses it;
+- :mod:`~modal_magic.cache.batches`: records of the OpenAI batches LLM runs submitted, for resuming.
 
 The names users and tests rely on are importable from here.
 
@@ -27,6 +28,7 @@ from .default import clear, default_cache
 from .keys import KEY_BYTES, RowKeyHasher, row_keys
 from .location import CacheWarning, default_cache_dir
 from .database import DB_NAME
+from .batches import BatchRecords
 from .store import RowCache
 
 __all__ = [
@@ -40,4 +42,5 @@ __all__ = [
     "default_cache_dir",
     "clear",
     "DB_NAME",
+    "BatchRecords",
 ]

@@ -19,7 +19,7 @@ tokens in and out and cost come back as columns. The package, one module per ide
 The API key is looked up in ``api_key=``, then ``OPENAI_API_KEY``, then a ``.env`` file; with
 ``backend="modal"`` it comes from a Modal secret inside the container and never leaves this
 machine. It is kept off the row function, so it is in no cache key, no repr and no error message;
-the one pickle that carries it is the :class:`~modal_magic.llm.row.session.WorkerRow` sent over a socket
+the one pickle that carries it is the :class:`~modal_magic.llm.row.shipped.WorkerRow` sent over a socket
 to a worker process. The ``%%modal_llm`` magic is on the IPython side, in
 :mod:`modal_magic.ipython.llm_magic`.
 """
@@ -39,7 +39,8 @@ from .function import _RUNTIMES, LLMRowFunction  # noqa: F401  (_RUNTIMES: tests
 from .keys import MissingAPIKey, resolve_api_key, resolve_base_url
 from .row.limits import Limits, Meter, Request
 from .options import DEFAULT_CONCURRENCY, DEFAULT_INTO, DEFAULT_MODEL, LLM_OPTION_NAMES, LLM_OPTIONS, LLMOptions, schema_parts
-from .prices import MAX_OUTPUT_TOKENS, PRICES, PRICES_AS_OF, max_output_for, price_for
+from .prices import (BATCH_PRICES, BATCH_PRICES_AS_OF, MAX_OUTPUT_TOKENS, PRICES, PRICES_AS_OF, batch_price_for,
+                     max_output_for, price_for)
 from .row.failures import portable
 from .row.session import Session
 from .templates import TemplateError, check_template_columns, template_fields
@@ -52,6 +53,8 @@ __all__ = [
     "DEFAULT_CONCURRENCY",
     "DEFAULT_INTO",
     "DEFAULT_MODEL",
+    "BATCH_PRICES",
+    "BATCH_PRICES_AS_OF",
     "LLMOptions",
     "LLMRowFunction",
     "LLM_OPTIONS",
@@ -61,6 +64,7 @@ __all__ = [
     "PRICES",
     "PRICES_AS_OF",
     "TemplateError",
+    "batch_price_for",
     "check_template_columns",
     "llm_frame",
     "max_output_for",
@@ -169,6 +173,9 @@ def llm_frame(
                          worker_limits=worker_limits)
 
     before = last_run()
+    if llm.batch:
+        return _batch_frame(frame, row, request, llm, options, key=key, url=url, fields=fields, into=into,
+                            columns=columns, errors_call=errors_call, before=before)
     try:
         if on_modal:
             opts = options.replace(expand=True, pip=list(_modal_packages(options, schema)) if options.image is None
@@ -186,6 +193,29 @@ def llm_frame(
                                 errors_call=errors_call, runtime=row.runtime())
     finally:
         _record_usage(before, row.runtime().meter)
+        row.release()
+    _bring_errors_home(out[f"{into}_error"])
+    return _with_every_column(out, frame, columns, into)
+
+
+def _batch_frame(frame: pd.DataFrame, row: LLMRowFunction, request: Request, llm: LLMOptions, options: MapOptions,
+                 *, key: str | None, url: str | None, fields: tuple[str, ...], into: str, columns: list[str],
+                 errors_call: str, before: RunSummary | None) -> pd.DataFrame:
+    """The rows through OpenAI's Batch API (:mod:`modal_magic.llm.batch`): same columns, batch prices.
+
+    The engine runs ``row`` as in live mode, so the cache answers the rows it holds (whichever mode
+    answered them) and stores the rest as their batches come back, but through a batch backend.
+    """
+    from .batch import ROWS_PER_GROUP, batch_runtime
+
+    runtime = batch_runtime(request, batch_price_for(llm.model, llm.prices), api_key=key, base_url=url,
+                            max_output_tokens=max_output_for(llm.model, llm.max_tokens), budget_usd=llm.budget_usd)
+    opts = options.replace(expand=True, batch_size=options.batch_size or ROWS_PER_GROUP)
+    try:
+        out = map_frame(frame, row, columns=list(fields), star=True, into=into, options=opts, errors_call=errors_call,
+                        runtime=runtime)
+    finally:
+        _record_usage(before, runtime.meter)  # type: ignore[arg-type]
         row.release()
     _bring_errors_home(out[f"{into}_error"])
     return _with_every_column(out, frame, columns, into)

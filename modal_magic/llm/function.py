@@ -1,7 +1,7 @@
 """The row function an LLM run hands the engine, and the :class:`~modal_magic.backends.base.Runtime` it needs.
 
 :class:`LLMRowFunction` is what the cache fingerprints and what a Modal container receives (as a
-:class:`~modal_magic.llm.row.session.ContainerRow`, without the key); its session (API key, client,
+:class:`~modal_magic.llm.row.shipped.ContainerRow`, without the key); its session (API key, client,
 limiter, budget) is kept off it, in a side table. :meth:`LLMRowFunction.runtime` says what the
 backend needs beyond the function: the meter the progress bar reads, the worker processes, what
 those processes run, and how the run closes its HTTP client.
@@ -15,13 +15,17 @@ and the budget with what was spent so far.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Runtime
+from .row.ledger import new_ledger
 from .row.limits import Budget, Limits, Meter
-from .row.session import ContainerRow, Session, WorkerRow
+from .row.session import Session
+from .row.shipped import ContainerRow, WorkerRow
 
 if TYPE_CHECKING:
     from .row.limits import Request
@@ -64,6 +68,7 @@ class _RowState:
     processes: int = 1  # local worker processes sending the requests (1: the kernel's own event loop)
     worker_limits: Limits | None = None  # each worker process's share of the limits
     session: Session | None = None  # the run's session, from its first row to its end; then dropped
+    ledger: str | None = None  # the worker processes' shared budget file (row.ledger), once made
 
 
 # Each row function's session (API key, client, limiter, budget) lives here, off the function: the
@@ -73,11 +78,18 @@ class _RowState:
 _RUNTIMES: weakref.WeakKeyDictionary[LLMRowFunction, _RowState] = weakref.WeakKeyDictionary()
 
 
+def _remove_file(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class LLMRowFunction:
     """The ``async`` function :func:`~modal_magic.llm.llm_frame` maps: one chat completion per row.
 
     It returns a dict (answer or schema fields, tokens in and out, cost), which the engine spreads
-    into columns. Pickled for Modal it becomes a :class:`~modal_magic.llm.row.session.ContainerRow` that
+    into columns. Pickled for Modal it becomes a :class:`~modal_magic.llm.row.shipped.ContainerRow` that
     carries the request and the container's share of the limits, and never the key.
 
     Examples
@@ -109,10 +121,22 @@ class LLMRowFunction:
                        aclose=self.aclose)
 
     def for_workers(self) -> WorkerRow:
-        """What the worker processes run: the request, each one's share of the limits, and the key."""
-        recipe = _RUNTIMES[self].recipe
-        return WorkerRow(recipe.request, _RUNTIMES[self].worker_limits or recipe.limits, recipe.api_key,
-                         recipe.base_url)
+        """What the worker processes run: the request, each one's share of ``rpm``/``tpm``, and the key.
+
+        With ``budget_usd=`` they share the whole budget through one ledger file
+        (:class:`~modal_magic.llm.row.ledger.SharedBudget`), made on first use and kept for this
+        function's life: a worker that dies, and its replacement, can't together pass it, and
+        neither can ``retry_failed()`` runs.
+        """
+        state = _RUNTIMES[self]
+        recipe = state.recipe
+        limits = state.worker_limits or recipe.limits
+        if recipe.limits.budget_usd is not None:
+            if state.ledger is None:
+                state.ledger = new_ledger()
+                weakref.finalize(self, _remove_file, state.ledger)
+            limits = dataclasses.replace(limits, budget_usd=recipe.limits.budget_usd)
+        return WorkerRow(recipe.request, limits, recipe.api_key, recipe.base_url, state.ledger)
 
     def session(self) -> Session:
         """The session rows of this process use: the run's, or a new one (after :meth:`release`)."""

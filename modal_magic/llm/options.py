@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..declarations import Flag, declared_options, option, unknown_option
 from ..errors import OptionsError
-from ..options import DEFAULT_LLM_CONCURRENCY, invalid, non_negative_int, positive_int, positive_number
+from ..options import DEFAULT_LLM_CONCURRENCY, invalid, non_negative_int, positive_int, positive_number, true_or_false
 from .prices import PRICES_AS_OF, price_for
 from .row.failures import redact_url
 
@@ -125,7 +125,12 @@ class LLMOptions:
         None, _mapping, "More fields for the request body, e.g. {'top_p': 0.9, 'seed': 1}.", trait="pairs", flag=None)
     processes: int = option(
         1, _processes, "Send the requests from N local worker processes (1: from the kernel's own event loop); "
-        "the limits are split between them.", trait="whole", flag=Flag(type=int, metavar="N", group=_LIMITS))
+        "rpm and tpm are split between them, and they share one budget_usd.", trait="whole", flag=Flag(type=int, metavar="N", group=_LIMITS))
+
+    batch: bool = option(
+        False, true_or_false, "Send the rows through OpenAI's Batch API: half the price per token, answers within "
+        "24 hours; the batch is recorded in the cache, so running the cell again (even after a restart) collects "
+        "it instead of submitting it again.", trait="switch", flag=Flag("switch", group=_MODEL))
 
     def __repr__(self) -> str:
         # The key and a base URL's credentials are never shown (a repr ends up in logs and tracebacks).
@@ -178,11 +183,35 @@ class LLMOptions:
         if options.backend.startswith("modal:"):
             raise OptionsError(f"backend={options.backend!r}: an LLM run sends the requests itself; use "
                                "backend='modal' to send them from Modal containers, or a local backend")
+        if self.batch:
+            self._check_batch(options)
         if self.processes > 1 and options.backend != "local":
             where = ("on Modal, max_containers= sets how many containers send them" if options.backend == "modal"
                      else f"backend={options.backend!r} sends them from the kernel's process")
             raise OptionsError(f"processes={self.processes} spreads the requests over local worker processes, "
                                f"which needs backend='local'; {where}")
+
+
+    def _check_batch(self, options: MapOptions) -> None:
+        """``batch=True`` hands the rows to OpenAI, which runs them: the options that say how to send them can't apply."""
+        if options.backend == "modal":
+            raise OptionsError("batch=True hands the rows to OpenAI's Batch API, which runs them; backend='modal' "
+                               "doesn't apply: leave backend= out")
+        for name in ("processes", "rpm", "tpm"):
+            value = getattr(self, name)
+            if value not in (None, 1):
+                raise OptionsError(f"{name}={value!r} paces live requests; batch=True hands the rows to OpenAI's Batch "
+                                   f"API, which has its own limits: leave {name}= out, or drop batch=True")
+        if options.cache is False:
+            raise OptionsError("batch=True records its batches in the result cache, so that running the cell again "
+                               "collects them instead of paying again; cache=False would lose them: use "
+                               "cache='refresh' to submit every row afresh")
+        if options.retries:
+            raise OptionsError(f"retries={options.retries} sends a failed row again live; with batch=True, "
+                               "out.modal.retry_failed() submits the failed rows in a new batch: leave retries= out")
+        if options.timeout is not None:
+            raise OptionsError("timeout= limits one live request; a batch has OpenAI's 24 h window: leave timeout= "
+                               "out with batch=True")
 
 
 #: Every LLM option, in declaration order.

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 from ..errors import OptionsError
 from .row.limits import UNKNOWN_MAX_OUTPUT_TOKENS
 
-__all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "MAX_OUTPUT_TOKENS", "PRICES", "PRICES_AS_OF", "max_output_for", "price_for"]
+__all__ = ["BATCH_PRICES", "BATCH_PRICES_AS_OF", "DEFAULT_MAX_OUTPUT_TOKENS", "MAX_OUTPUT_TOKENS", "PRICES", "PRICES_AS_OF",
+           "batch_price_for", "max_output_for", "price_for"]
 
 #: When :data:`PRICES` was read off OpenAI's pricing page (standard tier; no cached-input, batch or
 #: flex discounts); rechecked in 2026-11 against copies of that page from March to June 2026, which
@@ -37,6 +38,27 @@ PRICES: dict[str, tuple[float, float]] = {
     "o3-mini": (1.10, 4.40),
     "o4-mini": (1.10, 4.40),
     "gpt-3.5-turbo": (0.50, 1.50),
+}
+
+#: When :data:`BATCH_PRICES` was read off OpenAI's pricing page ("Batch" tier): half the standard
+#: price of every model in :data:`PRICES`, input and output alike.
+BATCH_PRICES_AS_OF = "2026-03"
+#: USD per million tokens through the Batch API (``df.modal.llm(..., batch=True)``), ``model: (input, output)``.
+BATCH_PRICES: dict[str, tuple[float, float]] = {
+    "gpt-5.4": (1.25, 7.50),
+    "gpt-5.1": (0.625, 5.00),
+    "gpt-5": (0.625, 5.00),
+    "gpt-5-mini": (0.125, 1.00),
+    "gpt-5-nano": (0.025, 0.20),
+    "gpt-4.1": (1.00, 4.00),
+    "gpt-4.1-mini": (0.20, 0.80),
+    "gpt-4.1-nano": (0.05, 0.20),
+    "gpt-4o": (1.25, 5.00),
+    "gpt-4o-mini": (0.075, 0.30),
+    "o3": (1.00, 4.00),
+    "o3-mini": (0.55, 2.20),
+    "o4-mini": (0.55, 2.20),
+    "gpt-3.5-turbo": (0.25, 0.75),
 }
 
 #: The most output tokens (reasoning tokens included) one request to ``model`` can be billed, from
@@ -88,6 +110,29 @@ def price_for(model: str, prices: Mapping[str, Any] | None = None) -> tuple[floa
         for name in (model, _SNAPSHOT.sub("", model)):
             if name in table:
                 return _price(table[name], name)
+    return None
+
+
+def batch_price_for(model: str, prices: Mapping[str, Any] | None = None) -> tuple[float, float] | None:
+    """USD per million ``(input, output)`` tokens for ``model`` through the Batch API.
+
+    A model named in ``prices`` (what you pay live) costs half of that in a batch, as OpenAI's Batch
+    API does; else :data:`BATCH_PRICES`; else ``None``.
+
+    Examples
+    --------
+    >>> batch_price_for("gpt-4o-mini"), batch_price_for("gpt-4o-mini-2024-07-18"), batch_price_for("llama3")
+    ((0.075, 0.3), (0.075, 0.3), None)
+    >>> batch_price_for("llama3", {"llama3": (2.0, 4.0)})
+    (1.0, 2.0)
+    """
+    for name in (model, _SNAPSHOT.sub("", model)):
+        if prices and name in prices:
+            live = _price(prices[name], name)
+            return live[0] / 2, live[1] / 2
+    for name in (model, _SNAPSHOT.sub("", model)):
+        if name in BATCH_PRICES:
+            return _price(BATCH_PRICES[name], name)
     return None
 
 

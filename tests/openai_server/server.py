@@ -27,6 +27,9 @@ its own brackets; a marker is removed from an echoed answer):
 - ``[[answer=SOME TEXT]]``: answer exactly this.
 - ``[[long=2000]]``: a long answer, exactly 2,000 completion tokens (cut at ``max_tokens`` like any other).
 
+OpenAI's Batch API (``/v1/files``, ``/v1/batches``) is served too, answering each request of a
+batch the same way: see :mod:`tests.openai_server.batches`.
+
 Every request is recorded (arrival time on ``time.monotonic()``, the body, the answer's status) so a
 test can measure the request rate. Run it in a background thread with :class:`OpenAIServer`, or as a
 process (``python -m tests.openai_server --port 0 --latency 0.05`` prints its base URL), which is
@@ -46,6 +49,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from .batches import BatchState, add_batch_routes
 
 __all__ = ["OpenAIServer", "RequestRecord", "make_app", "answer_for"]
 
@@ -79,6 +84,7 @@ class _State:
     seen: Counter = field(default_factory=Counter)  # requests per exact user message, for ``times=``
     record: bool = True
     lock: threading.Lock = field(default_factory=threading.Lock)
+    batch: BatchState = field(default_factory=BatchState)  # /v1/files and /v1/batches
 
 
 def parse_markers(text: str) -> dict[str, str]:
@@ -184,6 +190,51 @@ def _error(status: int, message: str, code: str | None, headers: dict[str, str] 
     return web.json_response(payload, status=status, headers=headers)
 
 
+def _completion(body: dict[str, Any], markers: dict[str, str], in_failing_window: bool, n: int,
+                authorization: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """``(status, JSON body, headers)`` of the answer to a chat completion request."""
+    messages = body.get("messages") or []
+    if "fail" in markers and in_failing_window:
+        status = int(markers["fail"])
+        headers: dict[str, str] = {}
+        if "retry_after" in markers:
+            headers["Retry-After"] = markers["retry_after"]
+        if "retry_after_ms" in markers:
+            headers["retry-after-ms"] = markers["retry_after_ms"]
+        if status == 401:
+            token = authorization.removeprefix("Bearer ").strip()
+            message = (f"Incorrect API key provided: {token}. You can find your API key at "
+                       "https://platform.openai.com/account/api-keys.")
+            code: str | None = "invalid_api_key"
+        else:
+            code = markers.get("code") or {429: "rate_limit_exceeded"}.get(status)
+            message = {429: "Rate limit reached for requests", 500: "The server had an error while "
+                       "processing your request. Sorry about that!"}.get(status, f"error {status}")
+        kind = {400: "invalid_request_error", 401: "invalid_request_error", 429: "requests"}.get(status, "server_error")
+        return status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, headers
+    malformed = "malformed" in markers and in_failing_window
+    content = answer_for(body, markers, malformed=malformed)
+    if "usage" in markers:
+        tokens_in, tokens_out = (int(x) for x in markers["usage"].split(","))
+    else:
+        tokens_in = sum(_tokens(_text_of(m.get("content"))) + 3 for m in messages)
+        tokens_out = max(1, _tokens(content))
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+    finish = "stop"
+    if max_tokens is not None and tokens_out > max_tokens and "usage" not in markers:
+        tokens_out, finish = max_tokens, "length"
+    return 200, {
+        "id": f"chatcmpl-{n}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model", ""),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                     "finish_reason": finish, "logprobs": None}],
+        "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out,
+                  "total_tokens": tokens_in + tokens_out},
+    }, {}
+
+
 def make_app(state: _State) -> web.Application:
     async def chat(request: web.Request) -> web.Response:
         arrived = time.monotonic()
@@ -208,46 +259,28 @@ def make_app(state: _State) -> web.Application:
         delay = state.latency_s + float(markers.get("latency", 0) or 0)
         if delay > 0:
             await asyncio.sleep(delay)
-        if "fail" in markers and in_failing_window:
-            status = int(markers["fail"])
-            record.status = status
-            headers: dict[str, str] = {}
-            if "retry_after" in markers:
-                headers["Retry-After"] = markers["retry_after"]
-            if "retry_after_ms" in markers:
-                headers["retry-after-ms"] = markers["retry_after_ms"]
-            if status == 401:
-                token = record.authorization.removeprefix("Bearer ").strip()
-                return _error(401, f"Incorrect API key provided: {token}. You can find your API key at "
-                                   "https://platform.openai.com/account/api-keys.", "invalid_api_key")
-            code = markers.get("code") or {429: "rate_limit_exceeded"}.get(status)
-            message = {429: "Rate limit reached for requests", 500: "The server had an error while "
-                       "processing your request. Sorry about that!"}.get(status, f"error {status}")
-            return _error(status, message, code, headers)
-        if "garbage" in markers and in_failing_window:
+        if "garbage" in markers and in_failing_window and "fail" not in markers:
             return web.Response(text="<html>502 Bad Gateway</html>", content_type="text/html")
-        malformed = "malformed" in markers and in_failing_window
-        content = answer_for(body, markers, malformed=malformed)
-        if "usage" in markers:
-            tokens_in, tokens_out = (int(x) for x in markers["usage"].split(","))
-        else:
-            tokens_in = sum(_tokens(_text_of(m.get("content"))) + 3 for m in messages)
-            tokens_out = max(1, _tokens(content))
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-        finish = "stop"
-        if max_tokens is not None and tokens_out > max_tokens and "usage" not in markers:
-            tokens_out, finish = max_tokens, "length"
-        record.tokens_in, record.tokens_out = tokens_in, tokens_out
-        return web.json_response({
-            "id": f"chatcmpl-{len(state.records)}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.get("model", ""),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": finish, "logprobs": None}],
-            "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out,
-                      "total_tokens": tokens_in + tokens_out},
-        })
+        status, payload, headers = _completion(body, markers, in_failing_window, len(state.records),
+                                               record.authorization)
+        record.status = status
+        if status == 200:
+            record.tokens_in = payload["usage"]["prompt_tokens"]
+            record.tokens_out = payload["usage"]["completion_tokens"]
+        return web.json_response(payload, status=status, headers=headers)
+
+    def batch_answer(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """One request of a batch: the same answer (markers and ``times=`` counters included) as live."""
+        messages = body.get("messages") or []
+        user = next((_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
+        markers = parse_markers(user)
+        with state.lock:
+            state.seen[user] += 1
+            nth = state.seen[user]
+        times = markers.get("times")
+        in_failing_window = times is None or times in ("", "inf") or nth <= int(times)
+        status, payload, _ = _completion(body, markers, in_failing_window, nth, "")
+        return status, payload
 
     async def get_requests(request: web.Request) -> web.Response:
         with state.lock:
@@ -270,6 +303,7 @@ def make_app(state: _State) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/_control/requests", get_requests)
     app.router.add_post("/_control/config", configure)
+    add_batch_routes(app, state.batch, batch_answer)
     return app
 
 
@@ -320,6 +354,18 @@ class OpenAIServer:
             self._state.records.clear()
             self._state.seen.clear()
         self._state.latency_s = 0.0
+        self._state.batch.reset()
+
+    @property
+    def batch_state(self) -> BatchState:
+        """The Batch API's files, batches and settings (``batch_delay_s``, ``batch_expire_s``)."""
+        return self._state.batch
+
+    @property
+    def batches(self) -> list[Any]:
+        """Every batch created so far, oldest first (a snapshot)."""
+        with self._state.batch.lock:
+            return sorted(self._state.batch.batches.values(), key=lambda b: b.created)
 
     def start(self) -> OpenAIServer:
         ready = threading.Event()

@@ -6,7 +6,10 @@ once) and modal_magic is not installed. So these modules import only the standar
 other at the top:
 
 - :mod:`~modal_magic.llm.row.session`: the :class:`Session` a process shares across its rows
-  (client, retries) and the shipped row functions :class:`ContainerRow`, :class:`WorkerRow`;
+  (client, retries);
+- :mod:`~modal_magic.llm.row.shipped`: the row functions as shipped, :class:`ContainerRow` (a Modal
+  container) and :class:`WorkerRow` (a worker process);
+- :mod:`~modal_magic.llm.row.answers`: an answer's usage, and a structured answer checked against its schema;
 - :mod:`~modal_magic.llm.row.limits`: :class:`Request`, :class:`Limits`, :class:`RateLimiter`,
   :class:`Budget`, :class:`Meter`, and the retry timing;
 - :mod:`~modal_magic.llm.row.failures`: the errors a row ends with, and keeping the key out of them.
@@ -19,7 +22,9 @@ from .failures import (APIConnectionError, APIError, APIStatusError, Authenticat
                        error_for_status, redact)
 from .limits import (Budget, Limits, Meter, RateLimiter, Request, backoff_s, estimate_tokens, prompt_tokens_bound,
                      retry_after_s, usd)
-from .session import ContainerRow, Session, WorkerRow, is_missing, usage_of, validate_structured
+from .answers import usage_of, validate_structured
+from .session import Session, is_missing
+from .shipped import ContainerRow, WorkerRow
 
 __all__ = [
     "APIConnectionError", "APIError", "APIStatusError", "AuthenticationError", "Budget", "BudgetExceeded",

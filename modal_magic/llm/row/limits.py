@@ -268,13 +268,16 @@ class Budget:
         self._in_flight = max(0, self._in_flight - 1)
         self.in_flight_usd = max(0.0, self.in_flight_usd - worst_usd) if self._in_flight else 0.0
         if actual_usd > worst_usd * (1 + 1e-9):
-            # Only an endpoint that bills past max_tokens, or counts a prompt at more than a token a
-            # byte, does this; say so, and send nothing more.
-            self.overrun = (f"the endpoint billed ${usd(actual_usd)} for a request whose worst case was "
-                            f"${usd(worst_usd)}: it counts tokens differently from OpenAI, so the cap can't be kept "
-                            "with it")
-            self.stopped = f"budget_usd={self._limit()}: ${usd(self.spent_usd)} spent. {self.overrun}"
+            self._note_overrun(worst_usd, actual_usd)
         self._wake()
+
+    def _note_overrun(self, worst_usd: float, actual_usd: float) -> None:
+        # Only an endpoint that bills past max_tokens, or counts a prompt at more than a token a
+        # byte, does this; say so, and send nothing more.
+        self.overrun = (f"the endpoint billed ${usd(actual_usd)} for a request whose worst case was "
+                        f"${usd(worst_usd)}: it counts tokens differently from OpenAI, so the cap can't be kept "
+                        "with it")
+        self.stopped = f"budget_usd={self._limit()}: ${usd(self.spent_usd)} spent. {self.overrun}"
 
     def restart(self) -> None:
         """A new run of the same function (e.g. ``retry_failed()``): keep what was spent, look again.

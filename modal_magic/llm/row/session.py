@@ -1,11 +1,11 @@
-"""One chat completion per row: the session a process shares across its rows, and the shipped row functions.
+"""One chat completion per row: the :class:`Session` a process shares across its rows.
 
 This is the heart of the row runtime, which runs where the rows run: on the asyncio backend's
 event loop in the kernel, in the kernel's worker processes (``processes=``), or inside a Modal
 container, where it arrives pickled by value (cloudpickle, the whole
 :mod:`modal_magic.llm.row` package), and modal_magic is not installed. So the package imports only
-the standard library at the top; ``openai`` (and
-``jsonschema`` for a dict ``schema=``) are imported where they are used.
+the standard library at the top; ``openai`` is imported where it is used. How an answer is read
+(usage, a structured answer) is :mod:`.answers`; the row functions as shipped are :mod:`.shipped`.
 
 Everything one process shares across its rows lives in a :class:`Session`: the ``openai.AsyncOpenAI``
 client (created on the loop that uses it, closed when no row is running), the
@@ -19,15 +19,15 @@ just the one that got the 429), and the row's error says how many tries it took.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import re
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from .failures import (APIConnectionError, APIError, AuthenticationError, EmptyAnswer, LLMError, MissingValue,
                        SchemaValidationError, error_for_status, redact, redact_url, url_secrets)
+from .answers import _total_tokens, usage_of, validate_structured
 from .limits import (DEFAULT_OUTPUT_ESTIMATE, UNKNOWN_MAX_OUTPUT_TOKENS, Budget, Limits, Meter, RateLimiter, Request,
                      backoff_s, estimate_tokens, prompt_tokens_bound, retry_after_s)
 
@@ -62,6 +62,24 @@ def _hide_secrets_in_http_logs() -> None:
     """Put :class:`_RedactingFilter` on the HTTP libraries' loggers (once: ``addFilter`` ignores a repeat)."""
     for name in _HTTP_LOGGERS:
         logging.getLogger(name).addFilter(_REDACTING_FILTER)
+
+
+def openai_client_settings(base_url: str | None) -> tuple[str | None, dict[str, str] | None]:
+    """``(base_url, default_query)`` for an ``openai`` client, with the HTTP libraries' logs redacted.
+
+    The SDK appends paths to the base URL as a string (``"/v1?api_key=Xchat/completions"``): a
+    query string (Azure's ``api-version``, a gateway's key) goes in ``default_query`` instead.
+
+    Examples
+    --------
+    >>> openai_client_settings("https://host/v1?api-version=1")
+    ('https://host/v1', {'api-version': '1'})
+    """
+    _hide_secrets_in_http_logs()
+    if not base_url or not urlsplit(base_url).query:
+        return base_url, None
+    parts = urlsplit(base_url)
+    return urlunsplit(parts._replace(query="")), dict(parse_qsl(parts.query, keep_blank_values=True))
 
 
 def is_missing(value: Any) -> bool:
@@ -120,10 +138,6 @@ class Session:
     def __reduce__(self) -> Any:
         raise TypeError("a Session holds an API key and is never pickled; ship the Request instead")
 
-    def worker_row(self, limits: Limits) -> WorkerRow:
-        """The row function for one of the kernel's worker processes, with ``limits`` and this key."""
-        return WorkerRow(self.request, limits, self._api_key, self._base_url)
-
     def _make_client(self) -> Any:
         import openai
 
@@ -139,14 +153,7 @@ class Session:
                 http_client = aiohttp_client(timeout=self.limits.request_timeout_s)
             except Exception:  # aiohttp isn't installed here: the default transport works too
                 http_client = None
-        # The SDK appends paths to the base URL as a string ("/v1?api_key=Xchat/completions"): a
-        # query string (Azure's api-version, a gateway's key) goes in default_query instead.
-        base_url, query = self._base_url, None
-        if base_url and urlsplit(base_url).query:
-            parts = urlsplit(base_url)
-            base_url = urlunsplit(parts._replace(query=""))
-            query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        _hide_secrets_in_http_logs()
+        base_url, query = openai_client_settings(self._base_url)
         return openai.AsyncOpenAI(api_key=self._api_key, base_url=base_url, default_query=query, max_retries=0,
                                   timeout=self.limits.request_timeout_s, http_client=http_client)
 
@@ -378,136 +385,3 @@ class Session:
         result[columns["tokens_out"]] = tokens_out
         result[columns["cost_usd"]] = self.cost(tokens_in, tokens_out)
         return result
-
-
-def usage_of(data: Any) -> tuple[int | None, int | None]:
-    """``(prompt_tokens, completion_tokens)`` from a response, ``None`` where it doesn't say."""
-    usage = data.get("usage") if isinstance(data, dict) else None
-    if not isinstance(usage, dict):
-        return None, None
-    tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return (tokens_in if isinstance(tokens_in, int) else None, tokens_out if isinstance(tokens_out, int) else None)
-
-
-def _total_tokens(data: Any, default: int) -> int:
-    try:
-        usage = data.get("usage") or {}
-        return int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
-    except (AttributeError, TypeError, ValueError):
-        return default
-
-
-def _schema_name(schema: Any) -> str:
-    if isinstance(schema, Mapping):
-        return str(schema.get("title", "the schema"))
-    return getattr(schema, "__name__", "the schema")
-
-
-def _first_problem(error: Exception) -> str:
-    """``"severity: Input should be 'low' or 'high' (and 1 more)"`` from a pydantic ValidationError."""
-    try:
-        problems = error.errors()  # type: ignore[attr-defined]
-    except Exception:
-        return str(error).splitlines()[0]
-    if not problems:
-        return str(error).splitlines()[0]
-    first = problems[0]
-    where = ".".join(str(part) for part in first.get("loc", ()))
-    text = f"{where}: {first.get('msg', '')}" if where else str(first.get("msg", ""))
-    return text + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-
-
-def validate_structured(content: str, schema: Any, columns: tuple[str, ...], *, cut: bool = False) -> dict[str, Any]:
-    """Parse and validate a structured answer; return one value per schema property.
-
-    ``schema`` is a pydantic model class (validated by the model) or a JSON schema dict (validated
-    with ``jsonschema`` when it is installed, else for required properties only).
-    """
-    shown = content if len(content) <= 120 else content[:117] + "..."
-    name = _schema_name(schema)
-    if cut:
-        raise SchemaValidationError(f"the answer was cut off at max_tokens before its JSON ended: {shown!r}")
-    if not isinstance(schema, Mapping):  # a pydantic model
-        try:
-            model = schema.model_validate_json(content)
-        except Exception as error:  # pydantic.ValidationError
-            raise SchemaValidationError(f"the answer doesn't match {name}: {_first_problem(error)}: {shown!r}") from None
-        dumped = model.model_dump()
-        return {column: dumped.get(column) for column in columns}
-    try:
-        value = json.loads(content)
-    except ValueError as error:
-        raise SchemaValidationError(f"the answer isn't valid JSON for {name} ({error}): {shown!r}") from None
-    if not isinstance(value, dict):
-        raise SchemaValidationError(f"the answer is a JSON {type(value).__name__}, not an object: {shown!r}")
-    try:
-        import jsonschema
-    except ImportError:
-        missing = [k for k in schema.get("required", ()) if k not in value]
-        if missing:
-            raise SchemaValidationError(f"the answer lacks {missing[0]!r}, which {name} requires: {shown!r}") from None
-    else:
-        try:
-            jsonschema.validate(value, dict(schema))
-        except jsonschema.ValidationError as error:
-            raise SchemaValidationError(f"the answer doesn't match {name}: {error.message}: {shown!r}") from None
-    return {column: value.get(column) for column in columns}
-
-
-class ContainerRow:
-    """The row function as it runs in a Modal container: one :class:`Session` per container.
-
-    The key comes from the container's environment (``OPENAI_API_KEY``, set by a Modal secret);
-    so does ``OPENAI_BASE_URL`` when the run didn't name one. Limits are this container's share.
-    """
-
-    def __init__(self, request: Request, limits: Limits) -> None:
-        self.request = request
-        self.limits = limits
-        self._session: Session | None = None
-
-    def __reduce__(self) -> Any:
-        return (ContainerRow, (self.request, self.limits))
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} model={self.request.model!r} into={self.request.into!r}>"
-
-    def _new_session(self) -> Session:
-        import os
-
-        return Session(
-            self.request, self.limits, Meter(self.request.price is not None),
-            api_key=os.environ.get("OPENAI_API_KEY"),
-            base_url=self.request.base_url or os.environ.get("OPENAI_BASE_URL") or None,
-            key_hint=": OPENAI_API_KEY is not set in the Modal container; pass a Modal secret that sets it, "
-                     "e.g. secrets=['openai-secret']",
-            idle_close_s=IDLE_CLOSE_S,
-        )
-
-    async def __call__(self, *values: Any) -> dict[str, Any]:
-        if self._session is None:
-            self._session = self._new_session()
-        return await self._session.complete(values)
-
-
-class WorkerRow(ContainerRow):
-    """The row function in one of the kernel's own worker processes (``processes=``): one session each.
-
-    Like a container's, with this process's share of the limits, but the key travels with it: over
-    the socket to the kernel's worker process, and nowhere else. It is made by the backend just
-    before sending (the cache fingerprints the :class:`~modal_magic.llm.LLMRowFunction`, which
-    pickles without the key), and its repr doesn't show the key either.
-    """
-
-    def __init__(self, request: Request, limits: Limits, api_key: str | None, base_url: str | None) -> None:
-        super().__init__(request, limits)
-        _import_openai()  # runs as the worker unpickles it: start-up, before any row's clock starts
-        self._api_key = api_key
-        self._base_url = base_url
-
-    def __reduce__(self) -> Any:
-        return (WorkerRow, (self.request, self.limits, self._api_key, self._base_url))
-
-    def _new_session(self) -> Session:
-        return Session(self.request, self.limits, Meter(self.request.price is not None), api_key=self._api_key,
-                       base_url=self._base_url, idle_close_s=IDLE_CLOSE_S)
