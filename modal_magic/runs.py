@@ -28,6 +28,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
+from .errors import ShortTraceback
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -61,7 +63,7 @@ class RunSpec:
     ATTRS_KEY = "modal_magic_runs"
 
 
-class RunExpired(ValueError):
+class RunExpired(ShortTraceback, ValueError):
     """The run that made a frame is too old (or from another process) for its function to be here."""
 
 
@@ -93,8 +95,11 @@ def remember(spec: RunSpec, *, retryable: bool) -> str:
     return run_id
 
 
-def spec_for(run_id: Any, name: str = "this column") -> RunSpec:
+def spec_for(run_id: Any, name: str = "this column", *, fn: Callable[..., Any] | None = None) -> RunSpec:
     """The spec of ``run_id``; :class:`RunExpired`, saying what to do, when it isn't kept here.
+
+    With ``fn`` (a fixed function for a retry), the run's function-free record is enough: the spec
+    comes back with ``fn`` in it.
 
     Examples
     --------
@@ -104,6 +109,10 @@ def spec_for(run_id: Any, name: str = "this column") -> RunSpec:
     modal_magic.runs.RunExpired: the run that made 'label' happened in another Python process (the frame was saved and loaded), so its function isn't here: run the map again; its cache skips the finished rows
     """
     spec = _specs.get(run_id) if isinstance(run_id, str) else None
+    if fn is not None:
+        record = spec or (_records.get(run_id) if isinstance(run_id, str) else None)
+        if record is not None:
+            return replace(record, fn=fn)
     if spec is not None:
         return spec
     if isinstance(run_id, str) and run_id.startswith(_PREFIX):

@@ -53,7 +53,7 @@ def calls(monkeypatch):
     """Record what the magic hands the engine, and fake a run that gives every row the value 1."""
     seen: list[dict[str, Any]] = []
 
-    def fake_map_frame(frame, fn, *, columns, star, into, options, errors_call):
+    def fake_map_frame(frame, fn, *, columns, star, into, options, errors_call, magic=False):
         seen.append(dict(frame=frame, fn=fn, columns=columns, star=star, into=into, options=options,
                          errors_call=errors_call))
         into = into or fn.__name__
@@ -383,14 +383,43 @@ def test_a_mistake_changes_nothing_and_runs_nothing(loaded):
     assert loaded.user_ns["df"].columns.tolist() == ["x", "name"]
 
 
-def test_a_result_column_clash_says_to_overwrite_in_flag_words(loaded):
-    loaded.run_cell_magic("modal_map", "df.x --into ratio", CLASSIFY)
+SLOW_CLASSIFY = """\
+import time
+def classify(x):
+    time.sleep(0.01)  # slow enough for the cache to keep (it skips rows under ~5 µs)
+    return 10 // x
+"""
+
+
+def test_running_a_cell_again_replaces_its_columns_and_runs_only_the_failed_rows(loaded):
+    loaded.run_cell_magic("modal_map", "df.x --into ratio", SLOW_CLASSIFY)
+    assert (modal_magic.last_run().succeeded, modal_magic.last_run().failed) == (2, 1)
+    result = loaded.run_cell("%%modal_map df.x --into ratio\n" + SLOW_CLASSIFY)  # the same cell again
+
+    assert result.success, result.error_in_exec
+    run = modal_magic.last_run()
+    assert (run.succeeded, run.failed, run.cached) == (0, 1, 2), "only the failed row ran again"
+    df = loaded.user_ns["df"]
+    assert df.columns.tolist() == ["x", "name", "ratio", "ratio_error"]
+    assert df["ratio"].tolist()[:2] == [10, 5] and df["ratio_error"].tolist()[2].startswith("ZeroDivisionError")
+
+
+def test_a_column_modal_magic_did_not_make_still_needs_overwrite(loaded):
+    loaded.user_ns["df"]["ratio"] = 7  # the user's own column
     with pytest.raises(UsageError, match=r"already has a column 'ratio'; pass --overwrite to replace it, or --into another_name$"):
         loaded.run_cell_magic("modal_map", "df.x --into ratio", CLASSIFY)
 
     loaded.run_cell_magic("modal_map", "df.x --into ratio --overwrite", "def classify(x):\n    return -x\n")
     assert loaded.user_ns["df"]["ratio"].tolist() == [-1, -2, 0]
     assert loaded.user_ns["df"].columns.tolist() == ["x", "name", "ratio", "ratio_error"]
+
+
+def test_running_a_cell_with_o_again_replaces_the_columns_it_made(loaded):
+    loaded.run_cell_magic("modal_map", "df.x --into ratio -o out", CLASSIFY)
+    loaded.run_cell_magic("modal_map", "out.x --into ratio -o out", "def classify(x):\n    return -x\n")
+    assert loaded.user_ns["out"]["ratio"].tolist() == [-1, -2, 0]
+    assert loaded.user_ns["out"].columns.tolist() == ["x", "name", "ratio", "ratio_error"]
+    assert loaded.user_ns["df"].columns.tolist() == ["x", "name"]
 
 
 def test_a_usage_error_shows_one_line_and_no_traceback(loaded, capsys):

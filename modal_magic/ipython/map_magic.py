@@ -18,14 +18,14 @@ from typing import Any, Callable
 
 import pandas as pd
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, magics_class
 from traitlets import TraitError, validate
 
 from ..checks import FunctionError, default_into
 from ..engine import map_frame
 from ..retry import rerun_failed
 from ..runs import RunSpec, runs_columns
-from ..errors import MapInterrupted, ModalSetupError, OptionsError
+from ..errors import MapInterrupted, ModalSetupError, OptionsError, RowError
 from ..options import OPTION_NAMES, OPTIONS, MapOptions, check_option
 from .parsing import (CellArgs, add_option_flags, bind, in_flag_words, lookup, make_parser, map_options,
                       option_flags, option_traits, parse_known, resolve_frame, split_line, syntax_error_text)
@@ -107,25 +107,28 @@ class ModalMagic(MapOptionTraits):  # type: ignore[misc,valid-type]
         """The options a flag left out takes: this object's traitlets, by option name."""
         return {name: getattr(self, name) for name in OPTION_NAMES}
 
-    @cell_magic
-    def modal_map(self, line: str, cell: str) -> None:
+    @line_cell_magic
+    def modal_map(self, line: str, cell: str | None = None) -> None:
         args = parse_line(line)
+        if cell is None and args.fn is None:  # %modal_map, the line form: the function is defined already
+            raise UsageError("%modal_map (one %) maps a function defined earlier: name it with --fn NAME, "
+                             "or use %%modal_map with the function's def in the cell")
         user_ns = self.shell.user_ns
         frame = resolve_frame(user_ns, args)
         options = map_options(user_ns, self.option_defaults(), args.options)
-        fn = self._define_function(cell, args.fn)
+        fn = self._define_function(cell or "", args.fn)
         into = args.into if args.into is not None else default_into(fn)
         try:
             if args.retry_failed:
                 out = self._retry_failed(frame, fn, args, into, options)
             else:
                 out = map_frame(frame, fn, columns=list(args.columns), star=args.star, into=into,
-                                options=options, errors_call=args.errors_call)
+                                options=options, errors_call=args.errors_call, magic=True)
         except (OptionsError, FunctionError, ModalSetupError) as error:  # caught before any row ran
             raise UsageError(in_flag_words(str(error))) from None
-        except MapInterrupted as stopped:  # Stop pressed: keep what finished, then say it stopped
+        except MapInterrupted as stopped:  # Stop pressed: keep what finished, then say where it is
             bind(user_ns, args, frame, stopped.result, into=into, options=options)
-            raise
+            raise MapInterrupted(stopped_message(stopped, args, into), stopped.result) from None
         bind(user_ns, args, frame, out, into=into, options=options)
 
     modal_map.__doc__ = PARSER.format_help() + "\n" + _EXAMPLES
@@ -139,7 +142,7 @@ class ModalMagic(MapOptionTraits):  # type: ignore[misc,valid-type]
         result_columns = runs_columns(frame, into) or (into,)
         spec = RunSpec(fn=fn, columns=tuple(args.columns), star=args.star, options=options,
                        error_column=error_column, result_columns=result_columns)
-        return rerun_failed(frame, into, spec)
+        return rerun_failed(frame, into, spec, errors_call=args.errors_call, magic=True)
 
     def _define_function(self, cell: str, fn_name: str | None) -> Callable[..., Any]:
         """Run the cell in the user namespace; return the function it names or defines last.
@@ -165,6 +168,26 @@ class ModalMagic(MapOptionTraits):  # type: ignore[misc,valid-type]
         if not callable(fn):
             raise UsageError(f"--fn {fn_name}: {fn_name} is a {type(fn).__name__}, not a function")
         return fn
+
+
+def stopped_message(stopped: MapInterrupted, args: CellArgs, into: str) -> str:
+    """What a magic says when Stop ends its run: how far it got, and where the finished rows went.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from modal_magic.errors import RowError
+    >>> frame = pd.DataFrame({"y_error": [None, RowError.create("Cancelled", "stopped")]})
+    >>> stopped_message(MapInterrupted("stopped", frame), parse_line("df.x"), "y")
+    'stopped after 1 of 2 rows; the finished rows are in df (the other 1 have a Cancelled error): run the cell again to finish them; finished rows come from the cache'
+    """
+    frame = stopped.result
+    errors = frame[f"{into}_error"].tolist() if f"{into}_error" in frame.columns else []
+    cancelled = sum(isinstance(e, RowError) and e.type_name == "Cancelled" for e in errors)
+    where = args.output or args.frame
+    return (f"stopped after {len(frame) - cancelled:,} of {len(frame):,} rows; the finished rows are in {where} "
+            f"(the other {cancelled:,} have a Cancelled error): run the cell again to finish them; finished rows "
+            "come from the cache")
 
 
 def parse_line(line: str) -> CellArgs:
