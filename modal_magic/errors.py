@@ -52,7 +52,9 @@ class ShortTraceback:
 
     def _render_traceback_(self) -> list[str]:
         assert isinstance(self, BaseException)
-        frames = [f for f in _traceback.extract_tb(self.__traceback__) if not _internal(f.filename)]
+        # A magic's cell shows as IPython's generated get_ipython().run_cell_magic(...) line: not the user's.
+        frames = [f for f in _traceback.extract_tb(self.__traceback__)
+                  if not _internal(f.filename) and not (f.line or "").startswith("get_ipython().run_")]
         lines = ["Traceback (most recent call last):"] if frames else []
         lines += [line.rstrip("\n") for line in _traceback.format_list(frames)]
         return lines + [f"{type(self).__name__}: {self}".rstrip()]
@@ -254,7 +256,8 @@ class RowFailed(ShortTraceback, RuntimeError):
     """
 
     def __init__(self, label: Any, position: int, error: RowError) -> None:
-        super().__init__(f"row {label!r} (position {position}) failed: {error}\n{error.traceback}".rstrip())
+        shown = label.item() if hasattr(label, "item") else label  # a numpy scalar's repr is np.int64(20)
+        super().__init__(f"row {shown!r} (position {position}) failed: {error}\n{error.traceback}".rstrip())
         self.label = label
         self.position = position
         self.error = error

@@ -103,6 +103,17 @@ class ModalMagic(MapOptionTraits):  # type: ignore[misc,valid-type]
             raise TraitError(f"ModalMagic.{name}: {error}") from None
         return value
 
+    def update_config(self, config: Any) -> None:
+        """Take ``%config ModalMagic.x = ...``; a refused value is said as a magic says a mistake.
+
+        IPython's ``%config`` hands an exception from here to ``logging.error``, which prints
+        ``ERROR:root:...``; shown as a ``UsageError`` it reads like every other mistake.
+        """
+        try:
+            super().update_config(config)
+        except TraitError as error:
+            self.shell.show_usage_error(UsageError(str(error)))
+
     def option_defaults(self) -> dict[str, Any]:
         """The options a flag left out takes: this object's traitlets, by option name."""
         return {name: getattr(self, name) for name in OPTION_NAMES}

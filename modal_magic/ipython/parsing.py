@@ -29,6 +29,7 @@ from traitlets import Bool, Dict, Enum, Float, Int, List, TraitType, Unicode, Un
 from ..runs import RunSpec
 from ..errors import OptionsError
 from ..llm.options import LLM_OPTIONS
+from .. import join
 from ..options import OPTIONS, MapOptions
 
 if TYPE_CHECKING:
@@ -310,8 +311,9 @@ def bind(user_ns: dict[str, Any], args: CellArgs, frame: pd.DataFrame, out: pd.D
     if args.output is not None:
         user_ns[args.output] = out
         return
+    error_column = f"{into}_error"
     for name in _result_columns(frame, out, into, options):
-        frame[name] = _full_length(out[name], frame.index)
+        frame[name] = _full_length(out[name], frame.index, errors=name == error_column)
     runs = out.attrs.get(RunSpec.ATTRS_KEY)
     if runs:  # so DF.modal.retry_failed() knows how its columns were made
         frame.attrs[RunSpec.ATTRS_KEY] = {**frame.attrs.get(RunSpec.ATTRS_KEY, {}), **runs}
@@ -331,15 +333,24 @@ def _result_columns(frame: pd.DataFrame, out: pd.DataFrame, into: str, options: 
     return added
 
 
-def _full_length(column: pd.Series, index: pd.Index) -> pd.Series:
+def _full_length(column: pd.Series, index: pd.Index, *, errors: bool = False) -> pd.Series:
     """``column`` on ``index``, matched by position; rows beyond a ``--sample`` are missing.
 
     A Series with the frame's own index keeps its dtype when assigned (a bare object array of
     RowErrors would be re-inferred as strings by pandas 3), and matching by position makes
-    duplicate labels safe.
+    duplicate labels safe. The rows a ``--sample`` left out are missing the way a failed row is:
+    ``None`` in the error column, a nullable dtype (``Int64``...) in a result column, never a
+    float column of NaN.
     """
     if len(column) < len(index):
-        column = column.reset_index(drop=True).reindex(pd.RangeIndex(len(index)))
+        missing = range(len(column), len(index))
+        values = column.astype(object).tolist() + [None] * len(missing)
+        if errors:
+            return pd.Series(values, index=index, dtype=object)
+        holes = {i for i, v in enumerate(values) if v is None or v is pd.NA or (isinstance(v, float) and v != v)}
+        holes |= set(missing)
+        values = [None if i in holes else v for i, v in enumerate(values)]
+        return join.result_series(values, holes, index)
     return column.set_axis(index)
 
 
