@@ -1,7 +1,8 @@
 """Every notebook in notebooks/, executed by a real kernel (nbclient), as ``make demo`` does.
 
-Assertions are on what a user sees: the cells' outputs and the progress widgets' stored state
-(``nb.metadata.widgets``), which is what a notebook viewer renders after the kernel is gone.
+Assertions are on what a user sees: the cells' outputs, where a finished progress bar leaves static
+text and HTML (what a notebook viewer renders after the kernel is gone), and the widgets' stored
+state (``nb.metadata.widgets``).
 Notebooks written for Modal's cloud run with their kernel pointed at the local Modal test server.
 """
 
@@ -184,6 +185,29 @@ def test_quickstart_widget_state_holds_the_finished_bars(run, expected_counts):
     summaries = [s["value"] for s in states if "modal-magic-summary" in s.get("_dom_classes", ())]
     assert any(f"{total - failed:,} succeeded, {failed} failed ({failed} ValueError)" in s
                and "reviews.modal.errors()" in s for s in summaries)  # where the magic's user finds them
+
+
+def test_saved_quickstart_shows_every_finished_bar_without_a_kernel(run, expected_counts):
+    """A finished bar's output is static text/plain and text/html: no widget view for a viewer to miss."""
+    nb = run("quickstart.ipynb").nb
+    total, failed = sum(expected_counts.values()), expected_counts["FAILED"]
+    bars = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
+            if "modal-magic-progress" in o.get("data", {}).get("text/html", "")]
+    assert len(bars) == 3
+    for output in bars:
+        assert output.output_type == "display_data"
+        assert set(output.data) == {"text/plain", "text/html"}, "the widget view is gone once the run ends"
+    first = bars[0].data["text/plain"].splitlines()
+    assert first[0].startswith(f"sentiment: {total:,}/{total:,} rows | {total - failed:,} done, {failed} failed")
+    assert first[1].startswith(f"Done with failures: {total:,} rows in ")
+    assert first[1].endswith(f"{total - failed:,} succeeded, {failed} failed ({failed} ValueError), 0 cached")
+    assert sum(line.endswith("ValueError: empty review") for line in first) == min(failed, 5)
+    assert first[-1] == f"  Showing {min(failed, 5)} of {failed} failed rows. All failures with tracebacks: " \
+                        "reviews.modal.errors()"
+    page = bars[0].data["text/html"]
+    assert 'class="progress-bar progress-bar-warning" style="width: 100%' in page
+    assert page.count("<tr><td") == min(failed, 5) and "VBox(" not in bars[0].data["text/plain"]
+    assert "scored.modal.errors()" in bars[2].data["text/plain"], "the accessor's hint names its variable"
 
 
 def test_quickstart_runs_are_reported_in_the_order_the_cells_ran(run, expected_counts):
