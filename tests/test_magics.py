@@ -580,7 +580,7 @@ def test_stop_in_the_magic_says_the_rows_are_in_the_frame(loaded, capsys):
                     f"other {cancelled} have a Cancelled error): run the cell again to finish them; finished rows "
                     "come from the cache")
     assert "Traceback" not in shown.out + shown.err and "engine.py" not in shown.out + shown.err
-    assert f"{cancelled} cancelled" in shown.err and "All failures with tracebacks: df.modal.errors()" in shown.err
+    assert f"{cancelled} cancelled" in shown.err and "The cancelled rows: df.modal.errors()" in shown.err
 
 
 def test_on_error_raise_shows_the_row_not_the_library(loaded, capsys):

@@ -155,6 +155,8 @@ def _failures(summary: RunSummary) -> tuple[list[tuple[str, str]], str]:
     shown = [(clip(label, 60), clip(error, 200))
              for label, error in summary.first_failures[:MAX_FAILURES_SHOWN]]
     lead = f"Showing {len(shown)} of {summary.failed:,} failed rows. " if shown else ""
+    if summary.failed == 0:  # only rows a stop cancelled
+        return shown, "The cancelled rows: "
     return shown, lead + "All failures with tracebacks: "
 
 
