@@ -416,6 +416,13 @@ def test_make_progress_in_a_kernel_displays_the_widget(monkeypatch, clock):
     assert handle.updates == [], "the live widget stays while rows run"
 
 
+def test_the_live_widget_has_a_text_form_not_its_repr(clock):
+    bar, _ = widget_bar(3_000, clock, title="sentiment")
+    bundle = bar.widget._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert bundle["text/plain"].startswith("sentiment: running over 3,000 rows (the live bar needs its kernel")
+
+
 def test_finished_widget_output_becomes_static_text_and_html(clock):
     """A saved notebook shows the finished bar without a kernel: text/plain and text/html, no widget."""
     handle = Handle()

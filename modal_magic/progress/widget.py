@@ -71,12 +71,28 @@ class WidgetProgress(_LiveProgress):
                        (self.summary, "modal-magic-summary")]:
             w.add_class(css)
         self._draw(self._start, final=False)
+        self._give_text_form()
         if show is None:
             from IPython.display import display
 
             def show(widget: Any) -> Any:
                 return display(widget, display_id=True)
         self._handle = show(self.widget)
+
+    def _give_text_form(self) -> None:
+        """What the live bar's output carries as text, instead of ipywidgets' ``VBox(children=...`` repr.
+
+        Only a notebook saved while the run still goes keeps it (the end replaces the whole output).
+        """
+        widget_bundle = self.widget._repr_mimebundle_
+        line = (f"{self.title}: " if self.title else "") + (
+            f"running over {self.total:,} rows (the live bar needs its kernel; when the run ends, its "
+            "summary replaces it)")
+
+        def bundle(**kwargs: Any) -> dict[str, Any]:
+            return {**widget_bundle(**kwargs), "text/plain": line}
+
+        self.widget._repr_mimebundle_ = bundle
 
     def _draw(self, now: float, *, final: bool) -> None:
         self.bar.value = min(self.n, self.bar.max)
