@@ -265,7 +265,7 @@ def map_frame(
             raise stopped.raised
         raise MapInterrupted(
             f"stopped after {outcomes.n - len(outcomes.cancelled):,} of {outcomes.n:,} rows; the finished rows are "
-            f"kept in modal_magic.last_result() (the rest have a Cancelled error)",
+            "kept in modal_magic.last_result() (the rest have a Cancelled error)",
             out,
         ) from None
     return _join(frame, outcomes, into, spec)
@@ -303,7 +303,7 @@ def _join(frame: pd.DataFrame, outcomes: _Outcomes, into: str, spec: RunSpec) ->
     if options.expand:
         expanded = join.expand_dicts(outcomes.values, outcomes.errors)
         failed = set(outcomes.errors)
-        clashes = join.clashing_columns(frame, list(expanded))
+        clashes = [c for c in join.clashing_columns(frame, list(expanded)) if c not in _made_here(frame, into)]
         if clashes and not options.overwrite:
             runs.set_last_result(None)
             raise OptionsError(

@@ -651,3 +651,9 @@ def test_a_switch_to_a_debugging_backend_says_the_rows_came_from_the_cache(loade
     capsys.readouterr()
     loaded.run_cell_magic("modal_map", "df.x --into ratio --backend sequential --progress", SLOW_CLASSIFY)
     assert "2 cached: --no-cache runs them again" in capsys.readouterr().err
+
+
+def test_the_help_usage_line_names_the_cell_magic(loaded):
+    for name in ("modal_map", "modal_llm"):
+        doc = loaded.magics_manager.magics["cell"][name].__doc__
+        assert doc.lstrip(": \n").startswith(f"%%{name} ["), doc[:80]

@@ -195,6 +195,17 @@ def test_the_accessor_replaces_the_columns_it_made_on_a_rerun(tmp_path):
         mine.modal.map(counting(log), column="x", into="y", backend="threads", progress=False)
 
 
+def test_an_expanded_result_is_replaced_on_a_rerun():
+    df = pd.DataFrame({"x": [1, 2, 3]})
+    split = notebook_function("def split(x):\n    return {'half': x / 2, 'double': 2 * x}\n")
+    out = df.modal.map(split, column="x", expand=True, backend="sequential", progress=False)
+    again = out.modal.map(split, column="x", expand=True, backend="sequential", progress=False)
+    assert again.columns.tolist() == ["x", "half", "double", "split_error"]
+    assert again["double"].tolist() == [2, 4, 6]
+    with pytest.raises(modal_magic.OptionsError, match="expand=True made a column 'half' that the DataFrame already"):
+        df.assign(half=0).modal.map(split, column="x", expand=True, backend="sequential", progress=False)
+
+
 def test_retry_failed_needs_a_map_result():
     with pytest.raises(ValueError, match="call retry_failed\\(\\) on the frame that df.modal.map"):
         pd.DataFrame({"x": [1]}).modal.retry_failed()
