@@ -53,6 +53,8 @@ Examples::
     %%modal_map reviews --columns text lang --into translated -o out
     def translate(text, lang):
         ...
+
+    %modal_map reviews.text --fn classify --into sentiment    # the line form: a function defined earlier
 """
 
 
