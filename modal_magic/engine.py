@@ -29,7 +29,7 @@ from .backends import Backend, BackendFailed, Batch, BatchResult, Runtime, Task,
 from .backends._worker import backoff_delay, run_rows
 from .cache.rows import RunCache
 from .checks import check_function, check_picklable, default_into
-from .errors import Cancelled, MapInterrupted, RowError, RowFailed
+from .errors import Cancelled, ColumnNotFound, MapInterrupted, RowError, RowFailed
 from .options import MapOptions, OptionsError
 from .progress import Progress, RunSummary, make_progress
 from .runs import RunSpec
@@ -170,11 +170,11 @@ def _arguments(frame: pd.DataFrame, columns: list[str], star: bool) -> list[Any]
 
 
 def check_columns(frame: pd.DataFrame, columns: Sequence[Any]) -> None:
-    """Raise a ``KeyError`` that lists the available columns when one is missing."""
+    """Raise a ``KeyError`` (:class:`ColumnNotFound`) that lists the available columns when one is missing."""
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         available = ", ".join(map(repr, frame.columns.tolist()))
-        raise KeyError(f"column {missing[0]!r} not found; the DataFrame has: {available}")
+        raise ColumnNotFound(f"column {missing[0]!r} not found; the DataFrame has: {available}")
     if not frame.columns.is_unique:
         repeated = [c for c in dict.fromkeys(columns) if (frame.columns == c).sum() > 1]
         if repeated:

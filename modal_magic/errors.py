@@ -18,7 +18,7 @@ import re
 import traceback as _traceback
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["ShortTraceback", "readable_traceback", "OptionsError", "RowReport", "ModalSetupError", "RowError", "WorkerCrashed", "RowFailed", "MapInterrupted", "Cancelled", "UnpicklableResult"]
+__all__ = ["ShortTraceback", "readable_traceback", "ColumnNotFound", "OptionsError", "RowReport", "ModalSetupError", "RowError", "WorkerCrashed", "RowFailed", "MapInterrupted", "Cancelled", "UnpicklableResult"]
 
 
 #: this package's folder: frames from files under it are modal_magic's internals
@@ -144,6 +144,13 @@ class RowReport(Protocol):
 
     row_attempts: int
     row_usage: tuple[int, float | None] | None
+
+
+class ColumnNotFound(ShortTraceback, KeyError):
+    """A column the map needs isn't in the DataFrame; the message lists the ones it has."""
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0]) if self.args else ""
 
 
 class ModalSetupError(ShortTraceback, RuntimeError):

@@ -257,3 +257,77 @@ def test_modal_gpu_flags_and_config_reach_modal(run):
     assert by_config["short_name"].endswith("classify_or_blank")
     assert (by_config["gpus"], by_config["max_containers"]) == ([], 8)
     assert "vaderSentiment==3.3.2" in by_config["pip_packages"]
+
+
+# --- notebook habits, in a real kernel: what errors, hints and tracebacks look like ---------------------
+
+
+HABITS = [
+    ("setup", "import os\nimport pandas as pd\nimport modal_magic\n%load_ext modal_magic\n"
+              "df = pd.DataFrame({'x': [1, 2, 0]})\nos.environ.pop('OPENAI_API_KEY', None)"),
+    ("define", "def risky(x):\n    y = x - 1\n    return 10 // x"),
+    ("scored", "scored = df.modal.map(risky, column='x')"),
+    ("traceback", "print(scored.modal.errors().traceback.iloc[0])"),
+    ("no column", "df.modal.map(risky, column='nope')"),
+    ("no key", "answers = df.modal.llm('say {x}', base_url='http://127.0.0.1:9/v1')"),
+    ("raise", "out = df.modal.map(risky, column='x', on_error='raise')"),
+    ("config", "%config ModalMagic.retries = -1"),
+    ("rerun", "%%modal_map df.x --into tenfold\ndef tenfold(x):\n    return 10 * x"),
+    ("rerun again", "%%modal_map df.x --into tenfold\ndef tenfold(x):\n    return 10 * x"),
+]
+
+
+@pytest.fixture(scope="module")
+def habits(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("habits")
+    nb = nbformat.v4.new_notebook()
+    for name, source in HABITS:
+        cell = nbformat.v4.new_code_cell(source, metadata={"name": name, "tags": ["raises-exception"]})
+        nb.cells.append(cell)
+    path = folder / "habits.ipynb"
+    nbformat.write(nb, path)
+    executed, _ = execute_notebook(path, timeout=120)
+    return {cell.metadata["name"]: cell.outputs for cell in nbformat.read(executed, as_version=4).cells}
+
+
+def error_of(outputs: list[Any]) -> Any:
+    [error] = [o for o in outputs if o.output_type == "error"]
+    return error
+
+
+def test_in_a_kernel_the_accessors_hint_names_its_variable(habits):
+    [bar] = [o for o in habits["scored"] if "text/html" in o.get("data", {})]
+    assert bar.data["text/plain"].splitlines()[-1] == "  Showing 1 of 1 failed rows. All failures with tracebacks: " \
+                                                      "scored.modal.errors()"
+
+
+def test_in_a_kernel_a_rows_traceback_shows_the_cells_source(habits):
+    printed = text_of(habits["traceback"])
+    assert "    return 10 // x" in printed and "_worker.py" not in printed, printed
+    assert printed.strip().endswith("ZeroDivisionError: integer division or modulo by zero")
+
+
+@pytest.mark.parametrize("cell, ename, message", [
+    ("no column", "ColumnNotFound", "column 'nope' not found; the DataFrame has: 'x'"),
+    ("no key", "MissingAPIKey", "no OpenAI API key: pass api_key="),
+    ("raise", "RowFailed", "row 2 (position 2) failed: ZeroDivisionError: integer division or modulo by zero"),
+])
+def test_in_a_kernel_modal_magics_errors_show_the_users_frames_only(habits, cell, ename, message):
+    error = error_of(habits[cell])
+    shown = "\n".join(error.traceback)
+    assert error.ename == ename and message in shown, shown
+    assert "site-packages" not in shown and "modal_magic/" not in shown, shown
+    assert HABITS[[n for n, _ in HABITS].index(cell)][1].splitlines()[-1] in shown, "the user's own line stays"
+    assert len(error.traceback) <= 12, shown
+
+
+def test_in_a_kernel_a_config_mistake_is_one_usage_line(habits):
+    printed = text_of(habits["config"])
+    assert printed.startswith("UsageError: ModalMagic.retries: retries=-1 is not valid"), printed
+    assert "ERROR:root" not in printed
+
+
+def test_in_a_kernel_running_the_cell_again_works(habits):
+    assert not [o for o in habits["rerun again"] if o.output_type == "error"]
+    [bar] = [o for o in habits["rerun again"] if "text/html" in o.get("data", {})]
+    assert "Done: 3 rows in" in bar.data["text/plain"]
