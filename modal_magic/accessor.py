@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 import pandas as pd
 
 from .declarations import unknown_option
-from .engine import LAST_RESULT_ERRORS, map_frame
+from .engine import map_frame
+from .runs import LAST_RESULT_ERRORS
 from .retry import retry_failed
 from .errors import RowError
 from .llm import LLM_OPTION_NAMES, LLM_OPTIONS, LLMOptions, llm_frame

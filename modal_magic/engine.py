@@ -17,7 +17,6 @@ import heapq
 import itertools
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -31,7 +30,7 @@ from .cache.rows import RunCache
 from .checks import check_function, check_picklable, default_into
 from .errors import Cancelled, ColumnNotFound, MapInterrupted, RowError, RowFailed
 from .options import MapOptions, OptionsError
-from .progress import Progress, RunSummary, make_progress
+from .progress import Progress, make_progress
 from .runs import RunSpec
 
 __all__ = ["map_frame", "BatchSizer", "check_columns"]
@@ -51,10 +50,6 @@ INLINE_ROW_S = 2e-6
 INLINE_AFTER_ROWS = 512
 INLINE_TOTAL_S = 0.25
 INLINE_CHUNK = 50_000
-#: what a summary tells the user to type when the run's frame is bound to no name
-LAST_RESULT_ERRORS = "modal_magic.last_result().modal.errors()"
-
-
 #: orders batches waiting to be sent again that are due at the same moment
 _TIEBREAK = itertools.count()
 
@@ -193,7 +188,7 @@ def map_frame(
     star: bool,
     into: str | None,
     options: MapOptions,
-    errors_call: str = LAST_RESULT_ERRORS,
+    errors_call: str = runs.LAST_RESULT_ERRORS,
     runtime: Runtime | None = None,
     magic: bool = False,
 ) -> pd.DataFrame:
@@ -238,7 +233,7 @@ def map_frame(
         frame = frame.iloc[: options.sample]
     error_column = f"{into}_error"
     planned = [error_column] if options.expand else [into, error_column]
-    clashes = [c for c in join.clashing_columns(frame, planned) if c not in _made_here(frame, into)]
+    clashes = [c for c in join.clashing_columns(frame, planned) if c not in runs.columns_made(frame, into)]
     if clashes and not options.overwrite:
         raise OptionsError(
             f"the DataFrame already has a column {clashes[0]!r}; pass overwrite=True to replace it, "
@@ -255,7 +250,7 @@ def map_frame(
     stored = RunCache.open(task, args) if options.cache is not False and not deployed else None
     spec = RunSpec(fn=fn, columns=tuple(columns), star=star, options=options, error_column=error_column,
                    runtime=runtime)
-    words = _Words(errors_call, magic)
+    words = runs.Wording(errors_call, magic)
     try:
         outcomes = _execute(task, args, frame.index, into, words, stored)
     except _Stopped as stopped:
@@ -271,39 +266,13 @@ def map_frame(
     return _join(frame, outcomes, into, spec)
 
 
-def _made_here(frame: pd.DataFrame, into: str) -> tuple[str, ...]:
-    """The columns an earlier run with the same ``into`` wrote on ``frame``: a re-run replaces them.
-
-    The frame's attrs say modal_magic made ``into``; the run's record (when still kept) names every
-    column it wrote (``expand=True`` writes one per dict key).
-    """
-    if into not in frame.attrs.get(RunSpec.ATTRS_KEY, {}):
-        return ()
-    return (*(runs.runs_columns(frame, into) or (into,)), runs.runs_error_column(frame, into))
-
-
-@dataclass(frozen=True)
-class _Words:
-    """How the summary names things for this caller."""
-
-    errors_call: str  # lists the failed rows of the frame the run returns
-    magic: bool  # a magic: a stopped run's frame is bound too, and options are flags
-
-    def errors_call_for(self, stopped: bool, raised: bool) -> str:
-        return self.errors_call if not (raised or (stopped and not self.magic)) else LAST_RESULT_ERRORS
-
-    @property
-    def no_cache(self) -> str:
-        return "--no-cache" if self.magic else "cache=False"
-
-
 def _join(frame: pd.DataFrame, outcomes: _Outcomes, into: str, spec: RunSpec) -> pd.DataFrame:
     options = spec.options
     columns: dict[str, pd.Series] = {}
     if options.expand:
         expanded = join.expand_dicts(outcomes.values, outcomes.errors)
         failed = set(outcomes.errors)
-        clashes = [c for c in join.clashing_columns(frame, list(expanded)) if c not in _made_here(frame, into)]
+        clashes = [c for c in join.clashing_columns(frame, list(expanded)) if c not in runs.columns_made(frame, into)]
         if clashes and not options.overwrite:
             runs.set_last_result(None)
             raise OptionsError(
@@ -332,7 +301,7 @@ class _Stopped(Exception):
         self.raised = raised
 
 
-def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: _Words,
+def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: runs.Wording,
              stored: RunCache | None) -> _Outcomes:
     n = len(args)
     outcomes = _Outcomes(n, expand=task.options.expand)
@@ -390,23 +359,10 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: _Wo
 
 
 def _finish(progress: Progress, state: str, outcomes: _Outcomes, index: pd.Index, started: float,
-            words: _Words, logs: list[str], *, stopped: bool = False, raised: bool = False) -> None:
+            words: runs.Wording, logs: list[str], *, stopped: bool = False, raised: bool = False) -> None:
     """Count the run once, from its outcomes: the bar's summary and ``last_run()`` are this one record."""
-    failures = {p: e for p, e in outcomes.errors.items() if p not in outcomes.cancelled}
-    first = sorted(failures.items())[:5]
-    summary = RunSummary(
-        total=outcomes.n,
-        succeeded=outcomes.n - len(outcomes.errors) - outcomes.cached,
-        failed=len(failures),
-        cached=outcomes.cached,
-        cancelled=len(outcomes.cancelled),
-        elapsed_s=time.monotonic() - started,
-        errors_by_type=dict(Counter(e.type_name for e in failures.values()).most_common()),
-        first_failures=[(str(index[p]), str(e)) for p, e in first],
-        errors_call=words.errors_call_for(stopped, raised),
-        no_cache=words.no_cache,
-        logs=tuple(logs),
-    )
+    summary = runs.summarize(outcomes.n, outcomes.errors, outcomes.cancelled, outcomes.cached, index,
+                             time.monotonic() - started, words, logs, stopped=stopped, raised=raised)
     runs.set_last_run(summary)
     progress.close(state, summary)  # type: ignore[arg-type]
 

@@ -11,9 +11,9 @@ from typing import Any, Callable
 import pandas as pd
 
 from . import join
-from .engine import LAST_RESULT_ERRORS, map_frame
+from .engine import map_frame
 from .errors import RowError
-from .runs import RunSpec, runs_columns, runs_error_column, set_last_result, spec_for
+from .runs import LAST_RESULT_ERRORS, RunSpec, runs_columns, runs_error_column, set_last_result, spec_for
 
 __all__ = ["retry_failed", "rerun_failed"]
 
