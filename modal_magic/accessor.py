@@ -9,13 +9,18 @@ show) list every option by name, type and default, generated from the options' d
 
 from __future__ import annotations
 
+import ast
 import inspect
+import linecache
+import os
+import sys
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import pandas as pd
 
 from .declarations import unknown_option
 from .engine import map_frame
+from .runs import LAST_RESULT_ERRORS
 from .retry import retry_failed
 from .errors import RowError
 from .llm import LLM_OPTION_NAMES, LLM_OPTIONS, LLMOptions, llm_frame
@@ -57,6 +62,42 @@ def _with_options(*declared: tuple[Option, ...], unchanged: bool = False) -> Cal
         return method
 
     return decorate
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PANDAS = os.path.dirname(os.path.abspath(pd.__file__)) + os.sep
+
+
+def errors_call() -> str:
+    """What the caller types to list the failed rows: ``scored.modal.errors()`` for ``scored = df.modal.map(...)``.
+
+    The name is read from the statement that called the accessor (a notebook cell's source is in
+    :mod:`linecache`); where there is none (no assignment, a tuple, an attribute, source not found)
+    the summary names :func:`modal_magic.last_result`, which is always right.
+    """
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename.startswith((_PACKAGE, _PANDAS))):
+        frame = frame.f_back
+    if frame is None:
+        return LAST_RESULT_ERRORS
+    name = _assigned_name(frame.f_code.co_filename, frame.f_lineno)
+    return f"{name}.modal.errors()" if name else LAST_RESULT_ERRORS
+
+
+def _assigned_name(filename: str, lineno: int) -> str | None:
+    """The one plain name assigned by the statement at ``lineno`` of ``filename``, if that is what it is."""
+    lines = linecache.getlines(filename)
+    if not lines:
+        return None
+    try:
+        tree = ast.parse("".join(lines))
+    except (SyntaxError, ValueError):  # IPython magics in the cell's raw text; a file changed since
+        return None
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Assign) and node.lineno <= lineno <= (node.end_lineno or node.lineno)
+                and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            return node.targets[0].id
+    return None
 
 
 def errors_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -153,7 +194,8 @@ class ModalFrameAccessor:
         if isinstance(column, list):
             raise TypeError("map() takes one column; use df.modal.starmap(fn, columns=[...]) to pass several")
         opts = MapOptions.create(**options)
-        return map_frame(self._frame, fn, columns=[column], star=False, into=into, options=opts)
+        return map_frame(self._frame, fn, columns=[column], star=False, into=into, options=opts,
+                         errors_call=errors_call())
 
     @_with_options(OPTIONS)
     def starmap(
@@ -177,7 +219,8 @@ class ModalFrameAccessor:
         if isinstance(columns, str) or not isinstance(columns, Sequence) or not columns:
             raise TypeError("starmap() needs columns=[...]: a list of column names, one per argument")
         opts = MapOptions.create(**options)
-        return map_frame(self._frame, fn, columns=list(columns), star=True, into=into, options=opts)
+        return map_frame(self._frame, fn, columns=list(columns), star=True, into=into, options=opts,
+                         errors_call=errors_call())
 
     @_with_options(LLM_OPTIONS, OPTIONS)
     def llm(self, template: str, *, into: str = "answer", **options: Any) -> pd.DataFrame:
@@ -244,21 +287,24 @@ class ModalFrameAccessor:
             raise unknown_option(unknown[0], (*LLM_OPTION_NAMES, *OPTION_NAMES))
         llm = LLMOptions.create(**{k: v for k, v in options.items() if k in LLM_OPTION_NAMES})
         opts = MapOptions.create(**{k: v for k, v in options.items() if k not in LLM_OPTION_NAMES})
-        return llm_frame(self._frame, template, into=into, llm=llm, options=opts)
+        return llm_frame(self._frame, template, into=into, llm=llm, options=opts, errors_call=errors_call())
 
     @_with_options(OPTIONS, unchanged=True)
-    def retry_failed(self, into: str | None = None, **options: Any) -> pd.DataFrame:
+    def retry_failed(self, into: str | None = None, *, fn: Callable[..., Any] | None = None,
+                     **options: Any) -> pd.DataFrame:
         """Run again only the rows that failed, with new options if given; return the completed frame.
 
-        Works on the frame a map returned. ``options`` override the original run's, e.g.
-        ``retries=3`` or a bigger ``gpu``; ``into`` picks one result column when there are several.
+        Works on the frame a map returned. ``fn`` is a fixed function to run them with (default: the
+        first run's); ``options`` override the original run's, e.g. ``retries=3`` or a bigger
+        ``gpu``; ``into`` picks one result column when there are several.
 
         Examples
         --------
         >>> out = df.modal.map(fetch, column="url")          # doctest: +SKIP
         >>> out = out.modal.retry_failed(retries=3)           # doctest: +SKIP
+        >>> out = out.modal.retry_failed(fn=fetch_fixed)      # doctest: +SKIP
         """
-        return retry_failed(self._frame, into, **options)
+        return retry_failed(self._frame, into, fn=fn, errors_call=errors_call(), **options)
 
     def errors(self) -> pd.DataFrame:
         """The failed rows: error text, type, message, traceback, attempts and the exception itself.
@@ -297,4 +343,5 @@ class ModalSeriesAccessor:
         """
         name = self._series.name if self._series.name is not None else "value"
         opts = MapOptions.create(**options)
-        return map_frame(self._series.to_frame(name), fn, columns=[name], star=False, into=into, options=opts)
+        return map_frame(self._series.to_frame(name), fn, columns=[name], star=False, into=into, options=opts,
+                         errors_call=errors_call())

@@ -12,12 +12,13 @@ from typing import Any, Callable
 
 import cloudpickle
 
+from .errors import ShortTraceback
 from .shipping import dumps_function
 
 __all__ = ["FunctionError", "check_function", "check_picklable", "default_into"]
 
 
-class FunctionError(TypeError):
+class FunctionError(ShortTraceback, TypeError):
     """The function can't be mapped as given (not callable, wrong arity, a generator, unpicklable)."""
 
 

@@ -17,7 +17,6 @@ import heapq
 import itertools
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -29,9 +28,9 @@ from .backends import Backend, BackendFailed, Batch, BatchResult, Runtime, Task,
 from .backends.row_runner import backoff_s, run_rows
 from .cache.rows import RunCache
 from .checks import check_function, check_picklable, default_into
-from .errors import Cancelled, MapInterrupted, RowError, RowFailed
+from .errors import Cancelled, ColumnNotFound, MapInterrupted, RowError, RowFailed
 from .options import MapOptions, OptionsError
-from .progress import Progress, RunSummary, make_progress
+from .progress import Progress, make_progress
 from .runs import RunSpec
 
 __all__ = ["map_frame", "BatchSizer", "check_columns"]
@@ -97,9 +96,11 @@ class _Outcomes:
     """Results and errors filed by position as they arrive."""
 
     n: int
+    expand: bool = False  # a row's value must be a dict: anything else (but None) is that row's error
     values: list[Any] = field(init=False)
     errors: dict[int, RowError] = field(default_factory=dict)
     cached: int = 0
+    cancelled: set[int] = field(default_factory=set)  # rows that never ran (Stop, on_error="raise")
 
     def __post_init__(self) -> None:
         self.values = [None] * self.n
@@ -120,14 +121,27 @@ class _Outcomes:
             self.values[position] = None
             self.errors[position] = RowError.create(type_name, message, traceback=tb, attempts=attempts, exception=exc)
             failed.append(position)
+        if self.expand:  # counted as failed here, so the bar and the summary agree with errors()
+            failed += self._not_dicts(positions, values, set(failed))
         return failed
 
-    def file_cached(self, hits: dict[int, Any]) -> None:
-        """Rows whose results came from the cache."""
+    def _not_dicts(self, positions: Sequence[int], values: list[Any], failed: set[int]) -> list[int]:
+        """Under ``expand=True``, file a row that returned something other than a dict as an error."""
+        wrong = []
+        for position, value in zip(positions, values):
+            if position not in failed and value is not None and not isinstance(value, dict):
+                self.fail(position, join.not_a_dict(value))
+                wrong.append(position)
+        return wrong
+
+    def file_cached(self, hits: dict[int, Any]) -> int:
+        """Rows whose results came from the cache; return how many of them failed (a non-dict under expand)."""
         for position, value in hits.items():
             self.values[position] = value
             self._done[position] = 1
-        self.cached += len(hits)
+        failed = len(self._not_dicts(list(hits), list(hits.values()), set())) if self.expand else 0
+        self.cached += len(hits) - failed
+        return failed
 
     def fail(self, position: int, error: RowError) -> None:
         self.values[position] = None
@@ -137,6 +151,12 @@ class _Outcomes:
     def unfinished(self) -> list[int]:
         return [i for i in range(self.n) if not self._done[i]]
 
+    def cancel_unfinished(self, why: str) -> None:
+        """Give every row that never finished a ``Cancelled`` error: no row disappears."""
+        for position in self.unfinished():
+            self.fail(position, RowError.from_exception(Cancelled(why)))
+            self.cancelled.add(position)
+
 
 def _arguments(frame: pd.DataFrame, columns: list[str], star: bool) -> list[Any]:
     if not star:
@@ -145,11 +165,11 @@ def _arguments(frame: pd.DataFrame, columns: list[str], star: bool) -> list[Any]
 
 
 def check_columns(frame: pd.DataFrame, columns: Sequence[Any]) -> None:
-    """Raise a ``KeyError`` that lists the available columns when one is missing."""
+    """Raise a ``KeyError`` (:class:`ColumnNotFound`) that lists the available columns when one is missing."""
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         available = ", ".join(map(repr, frame.columns.tolist()))
-        raise KeyError(f"column {missing[0]!r} not found; the DataFrame has: {available}")
+        raise ColumnNotFound(f"column {missing[0]!r} not found; the DataFrame has: {available}")
     if not frame.columns.is_unique:
         repeated = [c for c in dict.fromkeys(columns) if (frame.columns == c).sum() > 1]
         if repeated:
@@ -168,8 +188,9 @@ def map_frame(
     star: bool,
     into: str | None,
     options: MapOptions,
-    errors_call: str = "out.modal.errors()",
+    errors_call: str = runs.LAST_RESULT_ERRORS,
     runtime: Runtime | None = None,
+    magic: bool = False,
 ) -> pd.DataFrame:
     """Run ``fn`` once per row of ``frame[columns]`` and return a new frame with result and error columns.
 
@@ -177,6 +198,10 @@ def map_frame(
     call after parsing their arguments into ``options``. ``runtime`` is what the backend needs
     beyond ``fn`` (a meter, worker processes, a close hook), given by a layer that builds its own
     row function, such as :func:`modal_magic.llm.llm_frame`; a re-run of failed rows gets it again.
+    ``errors_call`` is what the user types to list the failed rows of the returned frame (the summary
+    shows it); a run that stops or raises names :func:`modal_magic.last_result` instead, since its
+    frame is bound to nothing, except in a magic (``magic=True``), which binds a stopped run's frame.
+    ``magic`` also makes hints speak in flags (``--no-cache``).
 
     Examples
     --------
@@ -208,7 +233,7 @@ def map_frame(
         frame = frame.iloc[: options.sample]
     error_column = f"{into}_error"
     planned = [error_column] if options.expand else [into, error_column]
-    clashes = join.clashing_columns(frame, planned)
+    clashes = [c for c in join.clashing_columns(frame, planned) if c not in runs.columns_made(frame, into)]
     if clashes and not options.overwrite:
         raise OptionsError(
             f"the DataFrame already has a column {clashes[0]!r}; pass overwrite=True to replace it, "
@@ -225,14 +250,17 @@ def map_frame(
     stored = RunCache.open(task, args) if options.cache is not False and not deployed else None
     spec = RunSpec(fn=fn, columns=tuple(columns), star=star, options=options, error_column=error_column,
                    runtime=runtime)
+    words = runs.Wording(errors_call, magic)
     try:
-        outcomes = _execute(task, args, frame.index, into, errors_call, stored)
+        outcomes = _execute(task, args, frame.index, into, words, stored)
     except _Stopped as stopped:
-        done = stopped.outcomes.n - sum(e.type_name == "Cancelled" for e in stopped.outcomes.errors.values())
-        out = _join(frame, stopped.outcomes, into, spec)
+        outcomes = stopped.outcomes
+        out = _join(frame, outcomes, into, spec)
+        if stopped.raised is not None:  # on_error="raise": the frame so far is last_result()
+            raise stopped.raised
         raise MapInterrupted(
-            f"stopped after {done} of {stopped.outcomes.n} rows; the finished rows are kept in "
-            "modal_magic.last_result() (the rest have a Cancelled error)",
+            f"stopped after {outcomes.n - len(outcomes.cancelled):,} of {outcomes.n:,} rows; the finished rows are "
+            "kept in modal_magic.last_result() (the rest have a Cancelled error)",
             out,
         ) from None
     return _join(frame, outcomes, into, spec)
@@ -244,7 +272,7 @@ def _join(frame: pd.DataFrame, outcomes: _Outcomes, into: str, spec: RunSpec) ->
     if options.expand:
         expanded = join.expand_dicts(outcomes.values, outcomes.errors)
         failed = set(outcomes.errors)
-        clashes = join.clashing_columns(frame, list(expanded))
+        clashes = [c for c in join.clashing_columns(frame, list(expanded)) if c not in runs.columns_made(frame, into)]
         if clashes and not options.overwrite:
             runs.set_last_result(None)
             raise OptionsError(
@@ -265,74 +293,76 @@ def _join(frame: pd.DataFrame, outcomes: _Outcomes, into: str, spec: RunSpec) ->
 
 
 class _Stopped(Exception):
-    """Internal: the user pressed Stop; carries what finished up to where the frame is built."""
+    """Internal: Stop was pressed, or a row failed under ``on_error="raise"`` (``raised``); carries
+    what finished up to where the frame is built."""
 
-    def __init__(self, outcomes: _Outcomes) -> None:
+    def __init__(self, outcomes: _Outcomes, raised: RowFailed | None = None) -> None:
         self.outcomes = outcomes
+        self.raised = raised
 
 
-def _execute(task: Task, args: list[Any], index: pd.Index, into: str, errors_call: str,
+def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: runs.Wording,
              stored: RunCache | None) -> _Outcomes:
     n = len(args)
-    outcomes = _Outcomes(n)
+    outcomes = _Outcomes(n, expand=task.options.expand)
     started = time.monotonic()
-    progress = make_progress(task.options.progress, n, title=into)
     logs: list[str] = []
     todo: Sequence[int] = range(n)
-    if stored is not None:
-        hits = stored.hits()
+    hits: dict[int, Any] = stored.hits() if stored is not None else {}
+    cached_failed = 0
+    if hits:
+        cached_failed = outcomes.file_cached(hits)
+        missing = np.ones(n, dtype=bool)
+        missing[np.fromiter(hits, dtype=np.intp, count=len(hits))] = False
+        todo = np.flatnonzero(missing)
+
+    def show() -> Progress:
+        bar = make_progress(task.options.progress, n, title=into)
         if hits:
-            outcomes.file_cached(hits)
-            missing = np.ones(n, dtype=bool)
-            missing[np.fromiter(hits, dtype=np.intp, count=len(hits))] = False
-            todo = np.flatnonzero(missing)
-            progress.update(cached=len(hits))
+            bar.update(cached=outcomes.cached, failed=cached_failed)
+        return bar
+
     if len(todo) == 0:
-        _finish(progress, "success", outcomes, index, started, errors_call, logs)
+        _finish(show(), "success", outcomes, index, started, words, logs)
         return outcomes
+    progress = Progress()  # no bar until the backend has started: a set-up error shows none
     backend = create_backend(task)
     try:
         backend.start(task)
+        progress = show()
         _drive(backend, task, args, todo, outcomes, progress, index, logs, stored)
     except KeyboardInterrupt:
         backend.cancel()
-        for position in outcomes.unfinished():
-            outcomes.fail(position, RowError.from_exception(Cancelled("the run was stopped before this row finished")))
-        _finish(progress, "aborted", outcomes, index, started, errors_call, logs)
+        outcomes.cancel_unfinished("the run was stopped before this row finished")
+        _finish(progress, "aborted", outcomes, index, started, words, logs, stopped=True)
         raise _Stopped(outcomes) from None
-    except RowFailed:
+    except RowFailed as failed:
         backend.cancel()
-        _finish(progress, "aborted", outcomes, index, started, errors_call, logs)
-        raise
+        outcomes.cancel_unfinished("on_error='raise' stopped the run at a failed row before this row finished")
+        _finish(progress, "aborted", outcomes, index, started, words, logs, raised=True)
+        raise _Stopped(outcomes, failed) from None
     except BackendFailed as failure:  # the rows still out fail with it; none is dropped
         backend.cancel()
-        for position in outcomes.unfinished():
+        lost = outcomes.unfinished()
+        for position in lost:
             outcomes.fail(position, RowError.from_exception(failure))
-        _finish(progress, "aborted", outcomes, index, started, errors_call, logs)
+        progress.update(failed=len(lost))
+        _finish(progress, "aborted", outcomes, index, started, words, logs)
         return outcomes
     finally:
         if stored is not None:  # what finished is kept, however the run ended
             stored.flush()
             stored.report()
         backend.finish()
-    _finish(progress, "failed" if outcomes.errors else "success", outcomes, index, started, errors_call, logs)
+    _finish(progress, "failed" if outcomes.errors else "success", outcomes, index, started, words, logs)
     return outcomes
 
 
 def _finish(progress: Progress, state: str, outcomes: _Outcomes, index: pd.Index, started: float,
-            errors_call: str, logs: list[str]) -> None:
-    first = sorted(outcomes.errors.items())[:5]
-    summary = RunSummary(
-        total=outcomes.n,
-        succeeded=outcomes.n - len(outcomes.errors) - outcomes.cached,
-        failed=len(outcomes.errors),
-        cached=outcomes.cached,
-        elapsed_s=time.monotonic() - started,
-        errors_by_type=dict(Counter(e.type_name for e in outcomes.errors.values()).most_common()),
-        first_failures=[(str(index[p]), str(e)) for p, e in first],
-        errors_call=errors_call,
-        logs=tuple(logs),
-    )
+            words: runs.Wording, logs: list[str], *, stopped: bool = False, raised: bool = False) -> None:
+    """Count the run once, from its outcomes: the bar's summary and ``last_run()`` are this one record."""
+    summary = runs.summarize(outcomes.n, outcomes.errors, outcomes.cancelled, outcomes.cached, index,
+                             time.monotonic() - started, words, logs, stopped=stopped, raised=raised)
     runs.set_last_run(summary)
     progress.close(state, summary)  # type: ignore[arg-type]
 
@@ -366,6 +396,7 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
                   and _parallel_cannot_pay(sizer, n - cursor)):
                 _run_inline(task, args, todo[cursor:], outcomes, progress, index, stored)
                 cursor = n
+                continue  # nothing to submit: the rows ran here (and `batch` is the last one sent)
             elif cursor < n:
                 size = min(sizer.next_size(n - cursor), n - cursor)
                 positions = _as_range(todo[cursor : cursor + size])

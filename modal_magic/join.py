@@ -17,7 +17,7 @@ from pandas.api import types as ptypes
 
 from .errors import RowError
 
-__all__ = ["result_series", "error_series", "attach", "clashing_columns"]
+__all__ = ["result_series", "error_series", "attach", "clashing_columns", "expand_dicts", "not_a_dict"]
 
 _COPY_ON_WRITE = int(pd.__version__.split(".")[0]) >= 3
 
@@ -100,15 +100,24 @@ def expand_dicts(values: list[Any], errors: dict[int, RowError]) -> dict[str, li
         if isinstance(value, dict):
             keys.update(dict.fromkeys(map(str, value)))
         elif value is not None:
-            errors[position] = RowError.create(
-                "TypeError", f"expand=True needs each row to return a dict, got {type(value).__name__}"
-            )
+            errors[position] = not_a_dict(value)
     columns: dict[str, list[Any]] = {key: [None] * len(values) for key in keys}
     for position, value in enumerate(values):
         if position not in errors and isinstance(value, dict):
             for key, item in value.items():
                 columns[str(key)][position] = item
     return columns
+
+
+def not_a_dict(value: Any) -> RowError:
+    """The error of a row whose function returned ``value``, not a dict, under ``expand=True``.
+
+    Examples
+    --------
+    >>> not_a_dict(3)
+    'TypeError: expand=True needs each row to return a dict, got int'
+    """
+    return RowError.create("TypeError", f"expand=True needs each row to return a dict, got {type(value).__name__}")
 
 
 def clashing_columns(frame: pd.DataFrame, names: list[str]) -> list[str]:

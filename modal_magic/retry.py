@@ -6,24 +6,26 @@ go through :func:`modal_magic.engine.map_frame` again and are merged back in pla
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
 from . import join
 from .engine import map_frame
 from .errors import RowError
-from .runs import RunSpec, runs_columns, runs_error_column, set_last_result, spec_for
+from .runs import LAST_RESULT_ERRORS, RunSpec, runs_columns, runs_error_column, set_last_result, spec_for
 
 __all__ = ["retry_failed", "rerun_failed"]
 
 
-def retry_failed(frame: pd.DataFrame, into: str | None = None, **overrides: Any) -> pd.DataFrame:
+def retry_failed(frame: pd.DataFrame, into: str | None = None, *, fn: Callable[..., Any] | None = None,
+                 errors_call: str = LAST_RESULT_ERRORS, **overrides: Any) -> pd.DataFrame:
     """Run again only the failed rows of a result frame; return the completed frame.
 
     ``frame`` is what a map returned (it remembers how each result column was made); ``into``
-    picks one result column when it has several. ``overrides`` change options for the retry
-    (``retries=3``, ``gpu="A100"``, ``timeout=...``). Rows that succeeded are kept as they are.
+    picks one result column when it has several. ``fn`` runs the failed rows with a fixed function
+    instead of the first run's. ``overrides`` change options for the retry (``retries=3``,
+    ``gpu="A100"``, ``timeout=...``). Rows that succeeded are kept as they are.
 
     Examples
     --------
@@ -54,13 +56,14 @@ def retry_failed(frame: pd.DataFrame, into: str | None = None, **overrides: Any)
         error_column = runs_error_column(out, name)
         if error_column in out.columns and not any(isinstance(e, RowError) for e in out[error_column].tolist()):
             continue  # nothing failed: no function needed (and none is kept for a run without failures)
-        spec = spec_for(runs[name], name)
-        out = rerun_failed(out, name, spec, overrides)
+        spec = spec_for(runs[name], name, fn=fn)
+        out = rerun_failed(out, name, spec, overrides, errors_call=errors_call)
     set_last_result(out)
     return out
 
 
-def rerun_failed(frame: pd.DataFrame, into: str, spec: RunSpec, overrides: dict[str, Any] | None = None) -> pd.DataFrame:
+def rerun_failed(frame: pd.DataFrame, into: str, spec: RunSpec, overrides: dict[str, Any] | None = None, *,
+                 errors_call: str = LAST_RESULT_ERRORS, magic: bool = False) -> pd.DataFrame:
     """Run ``spec`` again on the rows of ``frame`` whose ``spec.error_column`` holds an error.
 
     :func:`retry_failed` finds the spec the frame recorded; the ``%%modal_map --retry-failed``
@@ -77,7 +80,7 @@ def rerun_failed(frame: pd.DataFrame, into: str, spec: RunSpec, overrides: dict[
     options = spec.options.replace(**{"sample": None, **overrides, "overwrite": True})
     subset = frame.iloc[failed]
     redo = map_frame(subset, spec.fn, columns=list(spec.columns), star=spec.star, into=into, options=options,
-                     errors_call="out.modal.errors()", runtime=spec.runtime)
+                     errors_call=errors_call, runtime=spec.runtime, magic=magic)
     columns: dict[str, pd.Series] = {}
     new_errors = redo[spec.error_column].tolist()
     merged_errors = errors.tolist()

@@ -1,5 +1,8 @@
 """Records of recent runs: how each result column was made, the last result, the last summary.
 
+A finished run is counted once, here (:func:`summarize`), into the :class:`RunSummary` that the bar's
+summary line and ``last_run()`` both show; :class:`Wording` says how it names things for its caller.
+
 A result frame carries ``{into: run id}`` in its ``attrs`` (plain strings, so it pickles and writes
 to Parquet); the run id leads here to a :class:`RunSpec` (the function, columns and options) so
 ``out.modal.retry_failed()`` can run the failed rows again. A spec holds the user's function with
@@ -24,18 +27,20 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import RowError, ShortTraceback
+from .progress.summary import RunSummary
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from .backends.base import Runtime
     from .options import MapOptions
-    from .progress import RunSummary
 
-__all__ = ["RunSpec", "MAX_RUNS", "MAX_RECORDS", "RunExpired", "remember", "spec_for", "runs_columns", "last_result",
+__all__ = ["LAST_RESULT_ERRORS", "Wording", "summarize", "columns_made", "RunSpec", "MAX_RUNS", "MAX_RECORDS", "RunExpired", "remember", "spec_for", "runs_columns", "last_result",
            "last_run", "set_last_result", "set_last_run", "runs_error_column"]
 
 #: how many runs with failed rows keep their function for ``retry_failed()``; older ones drop it
@@ -61,7 +66,7 @@ class RunSpec:
     ATTRS_KEY = "modal_magic_runs"
 
 
-class RunExpired(ValueError):
+class RunExpired(ShortTraceback, ValueError):
     """The run that made a frame is too old (or from another process) for its function to be here."""
 
 
@@ -93,8 +98,11 @@ def remember(spec: RunSpec, *, retryable: bool) -> str:
     return run_id
 
 
-def spec_for(run_id: Any, name: str = "this column") -> RunSpec:
+def spec_for(run_id: Any, name: str = "this column", *, fn: Callable[..., Any] | None = None) -> RunSpec:
     """The spec of ``run_id``; :class:`RunExpired`, saying what to do, when it isn't kept here.
+
+    With ``fn`` (a fixed function for a retry), the run's function-free record is enough: the spec
+    comes back with ``fn`` in it.
 
     Examples
     --------
@@ -104,6 +112,10 @@ def spec_for(run_id: Any, name: str = "this column") -> RunSpec:
     modal_magic.runs.RunExpired: the run that made 'label' happened in another Python process (the frame was saved and loaded), so its function isn't here: run the map again; its cache skips the finished rows
     """
     spec = _specs.get(run_id) if isinstance(run_id, str) else None
+    if fn is not None:
+        record = spec or (_records.get(run_id) if isinstance(run_id, str) else None)
+        if record is not None:
+            return replace(record, fn=fn)
     if spec is not None:
         return spec
     if isinstance(run_id, str) and run_id.startswith(_PREFIX):
@@ -159,3 +171,83 @@ def runs_error_column(frame: pd.DataFrame, into: str) -> str:
     run_id = frame.attrs.get(RunSpec.ATTRS_KEY, {}).get(into)
     spec = _records.get(run_id) if isinstance(run_id, str) else None
     return spec.error_column if spec is not None else f"{into}_error"
+
+
+# --- what a finished run says ------------------------------------------------------------------------
+
+#: what a summary tells the user to type when the run's frame is bound to no name
+LAST_RESULT_ERRORS = "modal_magic.last_result().modal.errors()"
+
+
+@dataclass(frozen=True)
+class Wording:
+    """How a run's summary names things for its caller: the accessor, or a magic (flags, bound frames)."""
+
+    errors_call: str  # lists the failed rows of the frame the run returns, once bound
+    magic: bool  # a magic: a stopped run's frame is bound too, and options are said as flags
+
+    def errors_call_for(self, stopped: bool, raised: bool) -> str:
+        """``errors_call``, unless the frame was bound to no name (Stop outside a magic, ``on_error="raise"``).
+
+        Examples
+        --------
+        >>> words = Wording("scored.modal.errors()", magic=False)
+        >>> words.errors_call_for(stopped=False, raised=False), words.errors_call_for(stopped=True, raised=False)
+        ('scored.modal.errors()', 'modal_magic.last_result().modal.errors()')
+        """
+        return self.errors_call if not (raised or (stopped and not self.magic)) else LAST_RESULT_ERRORS
+
+    @property
+    def no_cache(self) -> str:
+        """How this caller turns the cache off."""
+        return "--no-cache" if self.magic else "cache=False"
+
+
+def summarize(total: int, errors: dict[int, RowError], cancelled: set[int], cached: int, index: pd.Index,
+              elapsed_s: float, words: Wording, logs: list[str], *, stopped: bool = False,
+              raised: bool = False) -> RunSummary:
+    """The one record of a finished run, counted from its outcomes; the bar and ``last_run()`` show it.
+
+    ``errors`` holds every row with an error, ``cancelled`` those of them that never ran. Every row
+    is counted once: succeeded, failed, cached or cancelled.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> errors = {1: RowError.create("ValueError", "bad"), 2: RowError.create("Cancelled", "stopped")}
+    >>> s = summarize(4, errors, {2}, 1, pd.RangeIndex(4), 2.0, Wording("df.modal.errors()", True), [])
+    >>> (s.succeeded, s.failed, s.cached, s.cancelled), s.errors_by_type, s.first_failures
+    ((1, 1, 1, 1), {'ValueError': 1}, [('1', 'ValueError: bad')])
+    """
+    failures = {p: e for p, e in errors.items() if p not in cancelled}
+    first = sorted(failures.items())[:5]
+    return RunSummary(
+        total=total,
+        succeeded=total - len(errors) - cached,
+        failed=len(failures),
+        cached=cached,
+        cancelled=len(cancelled),
+        elapsed_s=elapsed_s,
+        errors_by_type=dict(Counter(e.type_name for e in failures.values()).most_common()),
+        first_failures=[(str(index[p]), str(e)) for p, e in first],
+        errors_call=words.errors_call_for(stopped, raised),
+        no_cache=words.no_cache,
+        logs=tuple(logs),
+    )
+
+
+def columns_made(frame: pd.DataFrame, into: str) -> tuple[str, ...]:
+    """The columns an earlier run with the same ``into`` wrote on ``frame``: a re-run replaces them.
+
+    The frame's attrs say modal_magic made ``into``; the run's record (when still kept) names every
+    column it wrote (``expand=True`` writes one per dict key).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> columns_made(pd.DataFrame({"y": [1]}), "y")
+    ()
+    """
+    if into not in frame.attrs.get(RunSpec.ATTRS_KEY, {}):
+        return ()
+    return (*(runs_columns(frame, into) or (into,)), runs_error_column(frame, into))

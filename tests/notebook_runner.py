@@ -5,7 +5,7 @@ A development tool, not part of the package (it needs nbclient, a test dependenc
 through :func:`execute_notebook`: nbclient executes every cell in a kernel started from this
 interpreter (never whatever ``python3`` kernelspec a user directory happens to hold), stores the
 widget state the progress bars left, writes the executed notebook next to the source, and reads each
-run's summary line back out of that widget state.
+run's summary line back out of the static HTML each finished bar leaves as its output.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ _VIEW = "application/vnd.jupyter.widget-view+json"
 
 @dataclass(frozen=True)
 class ProgressRun:
-    """One progress bar found in an executed notebook's widget state."""
+    """One finished progress bar found in an executed notebook's outputs."""
 
     title: str  # the result column the run filled
     value: int  # the bar's value (rows finished)
     total: int  # the bar's maximum
     bar_style: str  # "success", "warning" (some rows failed) or "danger" (stopped)
-    counts: str  # the live counts line, as last drawn
+    counts: str  # the counts line, as last drawn
     summary: str  # the summary line shown when the run ended
 
 
@@ -87,43 +87,36 @@ def execute_notebook(path: str | Path, *, output_path: str | Path | None = None,
 def progress_runs(nb: Any) -> list[ProgressRun]:
     """The modal_magic progress bars an executed notebook shows, in the order its cells show them.
 
-    The bars' state comes from the notebook's stored widget state; the order from the widget views
-    in the cells' outputs (the stored state itself is not kept in creation order).
+    Read from what the saved notebook holds for each finished run: the static ``text/html`` that
+    replaces the live widget when the run ends (what JupyterLab without a kernel, GitHub and
+    nbviewer render). A bar still live when the notebook was saved (a widget view) is left out.
     """
-    state = nb.metadata.get("widgets", {}).get(WIDGET_STATE_KEY, {}).get("state", {})
-    shown = [output["data"][_VIEW]["model_id"] for cell in nb.cells if cell.cell_type == "code"
-             for output in cell.outputs if _VIEW in output.get("data", {})]
     runs = []
-    for model_id in shown:
-        root = state.get(model_id, {}).get("state", {})
-        if "modal-magic-progress" not in root.get("_dom_classes", ()):
+    for cell in nb.cells:
+        if cell.cell_type != "code":
             continue
-        parts = _parts_by_class(state, root)
-        runs.append(ProgressRun(
-            title=html.unescape(parts["modal-magic-title"]["value"]),
-            value=parts["modal-magic-bar"]["value"],
-            total=parts["modal-magic-bar"]["max"],
-            bar_style=parts["modal-magic-bar"]["bar_style"],
-            counts=html.unescape(parts["modal-magic-counts"]["value"]),
-            summary=_summary_line(parts["modal-magic-summary"]["value"]),
-        ))
+        for output in cell.outputs:
+            page = output.get("data", {}).get("text/html", "")
+            if "modal-magic-progress" not in page:
+                continue
+            title = re.search(r'<span class="modal-magic-title"[^>]*>(.*?)</span>', page)
+            style = re.search(r'class="progress-bar progress-bar-(\w+)"', page)
+            counts = html.unescape(_div(page, "modal-magic-counts"))
+            numbers = re.match(r"([\d,]+)/([\d,]+) rows", counts)
+            runs.append(ProgressRun(
+                title=html.unescape(title.group(1)) if title else "",
+                value=int(numbers.group(1).replace(",", "")) if numbers else 0,
+                total=int(numbers.group(2).replace(",", "")) if numbers else 0,
+                bar_style=style.group(1) if style else "",
+                counts=counts,
+                summary=html.unescape(_div(page, "modal-magic-summary-line")),
+            ))
     return runs
 
 
-def _parts_by_class(state: dict[str, Any], root: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The widgets under ``root`` (any depth), by their ``modal-magic-*`` CSS class."""
-    parts: dict[str, dict[str, Any]] = {}
-    pending = list(root.get("children", ()))
-    while pending:
-        model = state.get(pending.pop().removeprefix("IPY_MODEL_"), {}).get("state", {})
-        parts.update((css, model) for css in model.get("_dom_classes", ()) if css.startswith("modal-magic-"))
-        pending += model.get("children", ())
-    return parts
-
-
-def _summary_line(value: str) -> str:
-    match = re.search(r'<div class="modal-magic-summary-line">(.*?)</div>', value)
-    return html.unescape(match.group(1)) if match else ""
+def _div(page: str, css: str) -> str:
+    match = re.search(rf'<div class="{css}">(.*?)</div>', page)
+    return match.group(1) if match else ""
 
 
 def main(argv: list[str] | None = None) -> int:

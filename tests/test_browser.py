@@ -15,21 +15,24 @@ fail: ``make test`` installs all three.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.browser.lab import (CHROMIUM, CHROMIUM_ARGS, LabServer, open_notebook, run_all_cells,
-                               wait_all_cells_ran)
+from tests.browser.lab import (CHROMIUM, CHROMIUM_ARGS, LabServer, code_cells, menu, open_notebook, run_all_cells,
+                               run_cell, wait_all_cells_ran, wait_cell_ran)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "tests" / "browser" / "widget_demo.ipynb"
+HABITS = ROOT / "tests" / "browser" / "habits.ipynb"
 QUICKSTART = ROOT / "notebooks" / "quickstart.ipynb"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 DOCS_IMAGES = ROOT / "docs" / "images"
@@ -59,7 +62,7 @@ def lab():
         if os.environ.get("CI", "").lower() not in ("", "0", "false"):
             pytest.fail(f"browser test cannot run in CI: {missing}")
         pytest.skip(missing)
-    notebooks = [DEMO] + ([QUICKSTART] if QUICKSTART.exists() else [])
+    notebooks = [DEMO, HABITS] + ([QUICKSTART] if QUICKSTART.exists() else [])
     server = LabServer(notebooks)
     try:
         server.start()
@@ -284,3 +287,88 @@ def test_quickstart_runs_in_lab(lab, page):
         ".modal-magic-summary-line").text_content()
     _save(page.locator(".jp-OutputArea-output", has=page.locator(".modal-magic-progress")).first,
           "quickstart_widget.png")
+
+
+def _output_text(cell) -> str:
+    return "\n".join(o.text_content() for o in cell.locator(".jp-OutputArea-output").all())
+
+
+def test_rerun_stop_save_and_reopen_without_a_kernel(lab, page):
+    """The everyday moves: run a cell twice, stop one mid-run, save, reopen with no kernel."""
+    open_notebook(page, lab, HABITS.name)
+    cells = code_cells(page)
+    run_cell(page, 0)
+    wait_cell_ran(page, 0)
+
+    # The %%modal_map cell, twice: the second run replaces the columns the first made, from the cache.
+    run_cell(page, 1)
+    first = wait_cell_ran(page, 1)
+    run_cell(page, 1)
+    wait_cell_ran(page, 1, after=first)
+    rerun = cells.nth(1)
+    assert "UsageError" not in _output_text(rerun) and "already has a column" not in _output_text(rerun)
+    line = rerun.locator(".modal-magic-summary-line").text_content()
+    assert re.fullmatch(r"Done with failures: 12 rows in [\d.]+s \([\d,.]+ rows/s\) \| 0 succeeded, 1 failed "
+                        r"\(1 ValueError\), 11 cached: --no-cache runs them again", line), line
+    assert _bar_style(rerun.locator(".modal-magic-bar")) == "warning"
+    _save(rerun.locator(".jp-OutputArea-output", has=page.locator(".modal-magic-progress")), "widget_rerun.png")
+
+    # The slow cell, stopped with Kernel > Interrupt Kernel once a few rows are done.
+    run_cell(page, 2)
+    page.wait_for_function(
+        """() => {
+            const bars = document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell');
+            const el = bars[2] && bars[2].querySelector('.modal-magic-counts');
+            const m = el && el.textContent.match(/^([\\d,]+)\\/12 rows/);
+            return m && +m[1] >= 2;
+        }""", timeout=60_000)
+    menu(page, "Kernel", "Interrupt Kernel")
+    wait_cell_ran(page, 2)
+    stopped = cells.nth(2)
+    stopped.locator(".modal-magic-summary-line").wait_for(timeout=30_000)
+    text = _output_text(stopped)
+    line = stopped.locator(".modal-magic-summary-line").text_content()
+    done = re.fullmatch(r"Aborted: 12 rows in [\d.]+s \([\d,.]+ rows/s\) \| (\d+) succeeded, 0 failed, "
+                        r"(\d+) cancelled, 0 cached", line)
+    assert done and int(done[1]) + int(done[2]) == 12 and int(done[2]) > 0, line
+    assert _bar_style(stopped.locator(".modal-magic-bar")) == "danger"
+    assert (f"MapInterrupted: stopped after {done[1]} of 12 rows; the finished rows are in df (the other "
+            f"{done[2]} have a Cancelled error)") in text, text
+    assert "Traceback" not in text and "engine.py" not in text, text
+    _save(stopped.locator(".jp-OutputArea-output", has=page.locator(".modal-magic-progress")), "widget_stopped.png")
+
+    # Save, then open the saved file with no kernel: what a viewer without the kernel shows.
+    page.keyboard.press("Control+s")
+    saved = lab.root / HABITS.name
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "MapInterrupted" not in saved.read_text():
+        time.sleep(0.2)
+    nb = json.loads(saved.read_text())
+    # Without these Lab asks which kernel to start (else it starts the one they name), and the answer is none.
+    nb["metadata"].pop("kernelspec", None)
+    nb["metadata"].pop("language_info", None)
+    reopened = lab.root / "habits_reopened.ipynb"
+    reopened.write_text(json.dumps(nb))
+    lab.shut_down_kernels()
+    page.goto(lab.url(f"lab/tree/{reopened.name}", "reset"))
+    page.locator(".jp-Dialog-button", has_text=re.compile(r"^No Kernel$")).click(timeout=60_000)
+    page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .modal-magic-progress").nth(1).wait_for(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "lab_reopened.png"))
+
+    assert not lab.kernels(), "the reopened notebook runs no kernel"
+    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
+    shown = panel.text_content()
+    assert "Error displaying widget" not in shown and "model not found" not in shown, shown[:3000]
+    assert "VBox(" not in shown
+    cells = code_cells(page)
+    rerun, stopped = cells.nth(1), cells.nth(2)
+    assert rerun.locator(".modal-magic-progress").count() == 1
+    assert "11 cached: --no-cache runs them again" in rerun.locator(".modal-magic-summary-line").text_content()
+    assert _bar_style(rerun.locator(".modal-magic-bar")) == "warning"
+    rows = [r.locator("td").all_text_contents() for r in rerun.locator("table.modal-magic-failures tbody tr").all()]
+    assert rows == [["5", "ValueError: five is not allowed"]]
+    assert rerun.locator(".modal-magic-errors-call").text_content().endswith("df.modal.errors()")
+    assert stopped.locator(".modal-magic-summary-line").text_content().startswith("Aborted: 12 rows in ")
+    assert _bar_style(stopped.locator(".modal-magic-bar")) == "danger"
+    assert "MapInterrupted: stopped after" in _output_text(stopped)
+    _save(stopped.locator(".jp-OutputArea-output", has=page.locator(".modal-magic-progress")), "widget_reopened.png")

@@ -196,7 +196,7 @@ def test_the_magic_turns_mistakes_into_one_line(modal_server, cache_dir, ip):
         ip.run_cell_magic("modal_deploy", 'jobs/nightly --every 6h --schedule "0 2 * * *"', body)
     with pytest.raises(UsageError, match=r"unknown flag --batch-size"):
         ip.run_cell_magic("modal_deploy", "jobs/nightly --batch-size 4", body)
-    with pytest.raises(UsageError, match=r"the cell defines no function: write the function for %%modal_deploy"):
+    with pytest.raises(UsageError, match=r"the cell defines no function: write the function to deploy"):
         ip.run_cell_magic("modal_deploy", "jobs/nightly", "x = 1\n")
     assert modal_server.functions_created == []
 

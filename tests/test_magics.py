@@ -53,7 +53,7 @@ def calls(monkeypatch):
     """Record what the magic hands the engine, and fake a run that gives every row the value 1."""
     seen: list[dict[str, Any]] = []
 
-    def fake_map_frame(frame, fn, *, columns, star, into, options, errors_call):
+    def fake_map_frame(frame, fn, *, columns, star, into, options, errors_call, magic=False):
         seen.append(dict(frame=frame, fn=fn, columns=columns, star=star, into=into, options=options,
                          errors_call=errors_call))
         into = into or fn.__name__
@@ -274,7 +274,7 @@ def test_the_engine_gets_the_columns_and_where_to_find_the_errors(loaded, calls)
     assert call["frame"] is loaded.user_ns["df"]
 
 
-def test_an_invalid_configured_default_is_refused_with_its_reason(loaded, caplog):
+def test_an_invalid_configured_default_is_refused_with_its_reason(loaded, capsys):
     magic = magic_instance(loaded)
     with pytest.raises(TraitError, match=r"ModalMagic.retries: retries=-1 is not valid: expected a whole number"):
         magic.retries = -1
@@ -287,7 +287,9 @@ def test_an_invalid_configured_default_is_refused_with_its_reason(loaded, caplog
 
     loaded.run_line_magic("config", "ModalMagic.max_containers = 0")
     assert magic.max_containers is None
-    assert "ModalMagic.max_containers: max_containers=0 is not valid" in caplog.text
+    shown = capsys.readouterr().err
+    assert shown.startswith("UsageError: ModalMagic.max_containers: max_containers=0 is not valid"), shown
+    assert "ERROR:root" not in shown
 
 
 def test_help_describes_every_flag(loaded):
@@ -383,14 +385,43 @@ def test_a_mistake_changes_nothing_and_runs_nothing(loaded):
     assert loaded.user_ns["df"].columns.tolist() == ["x", "name"]
 
 
-def test_a_result_column_clash_says_to_overwrite_in_flag_words(loaded):
-    loaded.run_cell_magic("modal_map", "df.x --into ratio", CLASSIFY)
+SLOW_CLASSIFY = """\
+import time
+def classify(x):
+    time.sleep(0.01)  # slow enough for the cache to keep (it skips rows under ~5 µs)
+    return 10 // x
+"""
+
+
+def test_running_a_cell_again_replaces_its_columns_and_runs_only_the_failed_rows(loaded):
+    loaded.run_cell_magic("modal_map", "df.x --into ratio", SLOW_CLASSIFY)
+    assert (modal_magic.last_run().succeeded, modal_magic.last_run().failed) == (2, 1)
+    result = loaded.run_cell("%%modal_map df.x --into ratio\n" + SLOW_CLASSIFY)  # the same cell again
+
+    assert result.success, result.error_in_exec
+    run = modal_magic.last_run()
+    assert (run.succeeded, run.failed, run.cached) == (0, 1, 2), "only the failed row ran again"
+    df = loaded.user_ns["df"]
+    assert df.columns.tolist() == ["x", "name", "ratio", "ratio_error"]
+    assert df["ratio"].tolist()[:2] == [10, 5] and df["ratio_error"].tolist()[2].startswith("ZeroDivisionError")
+
+
+def test_a_column_modal_magic_did_not_make_still_needs_overwrite(loaded):
+    loaded.user_ns["df"]["ratio"] = 7  # the user's own column
     with pytest.raises(UsageError, match=r"already has a column 'ratio'; pass --overwrite to replace it, or --into another_name$"):
         loaded.run_cell_magic("modal_map", "df.x --into ratio", CLASSIFY)
 
     loaded.run_cell_magic("modal_map", "df.x --into ratio --overwrite", "def classify(x):\n    return -x\n")
     assert loaded.user_ns["df"]["ratio"].tolist() == [-1, -2, 0]
     assert loaded.user_ns["df"].columns.tolist() == ["x", "name", "ratio", "ratio_error"]
+
+
+def test_running_a_cell_with_o_again_replaces_the_columns_it_made(loaded):
+    loaded.run_cell_magic("modal_map", "df.x --into ratio -o out", CLASSIFY)
+    loaded.run_cell_magic("modal_map", "out.x --into ratio -o out", "def classify(x):\n    return -x\n")
+    assert loaded.user_ns["out"]["ratio"].tolist() == [-1, -2, 0]
+    assert loaded.user_ns["out"].columns.tolist() == ["x", "name", "ratio", "ratio_error"]
+    assert loaded.user_ns["df"].columns.tolist() == ["x", "name"]
 
 
 def test_a_usage_error_shows_one_line_and_no_traceback(loaded, capsys):
@@ -515,3 +546,114 @@ def test_the_library_never_imports_the_ipython_side():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# --- notebook habits: set-up errors, short tracebacks, hints, the line form ---------------------------
+
+
+def test_a_setup_error_shows_no_bar_and_names_the_server(loaded, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-x")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-x")
+    monkeypatch.setenv("MODAL_CONFIG_PATH", str(tmp_path / "missing.toml"))
+    # modal's own default is a list like this one; the first server is the one tried
+    monkeypatch.setenv("MODAL_SERVER_URL", "http://127.0.0.1:9,http://127.0.0.1:10")
+    with pytest.raises(UsageError, match=r"^can't reach Modal at http://127.0.0.1:9 \("):
+        loaded.run_cell_magic("modal_map", "df.x --backend modal --progress", CLASSIFY)
+    shown = capsys.readouterr()
+    assert "rows |" not in shown.out + shown.err, "no bar above a run that never started"
+
+
+def test_stop_in_the_magic_says_the_rows_are_in_the_frame(loaded, capsys):
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    loaded.user_ns["df"] = pd.DataFrame({"x": range(40)})
+    timer = __import__("threading").Timer(0.5, __import__("os").kill, (__import__("os").getpid(), signal.SIGINT))
+    timer.start()
+    loaded.run_cell("%%modal_map df.x --into y --max-containers 2 --progress\n"
+                    "import time\ndef slow(x):\n    time.sleep(0.05)\n    return x\n")
+    timer.join()
+    shown = capsys.readouterr()
+    df = loaded.user_ns["df"]
+    cancelled = int(df["y_error"].notna().sum())
+    assert 0 < cancelled < 40
+    last = shown.err.strip().splitlines()[-1] if "MapInterrupted" in shown.err else shown.out.strip().splitlines()[-1]
+    assert last == (f"MapInterrupted: stopped after {40 - cancelled} of 40 rows; the finished rows are in df (the "
+                    f"other {cancelled} have a Cancelled error): run the cell again to finish them; finished rows "
+                    "come from the cache")
+    assert "Traceback" not in shown.out + shown.err and "engine.py" not in shown.out + shown.err
+    assert f"{cancelled} cancelled" in shown.err and "The cancelled rows: df.modal.errors()" in shown.err
+
+
+def test_on_error_raise_shows_the_row_not_the_library(loaded, capsys):
+    loaded.run_cell("%%modal_map df.x --into r --on-error raise -o st --progress\n" + CLASSIFY)
+    shown = capsys.readouterr()
+    text = shown.out + shown.err
+    assert "RowFailed: row 20 (position 2) failed: ZeroDivisionError: integer division or modulo by zero" in text
+    assert "return 10 // x" in text, "the row's own frame, with its source line"
+    assert "modal_magic/" not in text and "get_ipython()" not in text, text
+    assert "st" not in loaded.user_ns, "-o st is bound only when the run finishes"
+    assert "All failures with tracebacks: modal_magic.last_result().modal.errors()" in text
+    assert modal_magic.last_result()["r_error"].tolist()[2].startswith("ZeroDivisionError")
+
+
+def test_accessor_errors_keep_the_users_frames_only(loaded, capsys):
+    loaded.run_cell("out = df.modal.map(lambda x: x, column='nope')\n")
+    loaded.run_cell("import os\nos.environ.pop('OPENAI_API_KEY', None)\nscored = df.modal.llm('say {name}', "
+                    "base_url='http://127.0.0.1:9/v1')\n")
+    text = "".join(capsys.readouterr())
+    assert "MissingAPIKey: no OpenAI API key: pass api_key=" in text
+    assert "scored = df.modal.llm(" in text, "the user's own line stays"
+    assert "modal_magic/" not in text.split("MissingAPIKey")[0].split("scored = df.modal.llm(")[1], text
+
+
+def test_the_accessors_hint_names_the_variable_the_result_goes_to(loaded, capsys):
+    loaded.run_cell("scored = df.modal.map(lambda x: 10 // x, column='x', into='r', progress=True)")
+    assert "All failures with tracebacks: scored.modal.errors()" in capsys.readouterr().err
+    loaded.run_cell("df.modal.map(lambda x: 10 // x, column='x', into='r', progress=True)")
+    assert "All failures with tracebacks: modal_magic.last_result().modal.errors()" in capsys.readouterr().err
+
+
+def test_row_tracebacks_show_the_cells_source_without_internal_frames(loaded):
+    loaded.run_cell("def risky(x):\n    y = x - 1\n    return 10 // (y - 1)\n")
+    loaded.run_cell("out = df.modal.map(risky, column='x', backend='local')")
+    [traceback] = loaded.user_ns["out"].modal.errors()["traceback"].tolist()
+    assert "    return 10 // (y - 1)" in traceback, traceback
+    assert "row_runner.py" not in traceback and "modal_magic" not in traceback, traceback
+    assert traceback.rstrip().endswith("ZeroDivisionError: integer division or modulo by zero")
+
+
+def test_the_line_form_maps_a_function_defined_earlier(loaded):
+    loaded.run_cell(CLASSIFY)
+    result = loaded.run_cell("%modal_map df.x --fn classify --into ratio")
+    assert result.success, result.error_in_exec
+    assert loaded.user_ns["df"]["ratio"].tolist()[:2] == [10, 5]
+    with pytest.raises(UsageError, match=r"^%modal_map \(one %\) maps a function defined earlier: name it with --fn"):
+        loaded.run_line_magic("modal_map", "df.x --into ratio")
+
+
+def test_sample_in_place_keeps_nullable_dtypes(loaded):
+    loaded.run_cell_magic("modal_map", "df.x --into doubled --sample 2", "def doubled(x):\n    return 2 * x\n")
+    df = loaded.user_ns["df"]
+    assert str(df["doubled"].dtype) == "Int64" and df["doubled"].tolist()[:2] == [2, 4]
+    assert df["doubled"].isna().tolist() == [False, False, True]
+    assert df["doubled_error"].tolist() == [None, None, None]
+
+
+def test_the_llm_magic_never_says_api_key_equals(loaded, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.chdir(__import__("tempfile").mkdtemp())  # no .env file here
+    with pytest.raises(UsageError) as info:
+        loaded.run_cell_magic("modal_llm", "df --into a", "say {name}")
+    assert "api_key" not in str(info.value) and "set OPENAI_API_KEY" in str(info.value)
+
+
+def test_a_switch_to_a_debugging_backend_says_the_rows_came_from_the_cache(loaded, capsys):
+    loaded.run_cell_magic("modal_map", "df.x --into ratio", SLOW_CLASSIFY)
+    capsys.readouterr()
+    loaded.run_cell_magic("modal_map", "df.x --into ratio --backend sequential --progress", SLOW_CLASSIFY)
+    assert "2 cached: --no-cache runs them again" in capsys.readouterr().err
+
+
+def test_the_help_usage_line_names_the_cell_magic(loaded):
+    for name in ("modal_map", "modal_llm"):
+        doc = loaded.magics_manager.magics["cell"][name].__doc__
+        assert doc.lstrip(": \n").startswith(f"%%{name} ["), doc[:80]

@@ -1,7 +1,8 @@
 """Every notebook in notebooks/, executed by a real kernel (nbclient), as ``make demo`` does.
 
-Assertions are on what a user sees: the cells' outputs and the progress widgets' stored state
-(``nb.metadata.widgets``), which is what a notebook viewer renders after the kernel is gone.
+Assertions are on what a user sees: the cells' outputs, where a finished progress bar leaves static
+text and HTML (what a notebook viewer renders after the kernel is gone), and the widgets' stored
+state (``nb.metadata.widgets``).
 Notebooks written for Modal's cloud run with their kernel pointed at the local Modal test server.
 """
 
@@ -189,6 +190,29 @@ def test_quickstart_widget_state_holds_the_finished_bars(run, expected_counts):
                and "reviews.modal.errors()" in s for s in summaries)  # where the magic's user finds them
 
 
+def test_saved_quickstart_shows_every_finished_bar_without_a_kernel(run, expected_counts):
+    """A finished bar's output is static text/plain and text/html: no widget view for a viewer to miss."""
+    nb = run("quickstart.ipynb").nb
+    total, failed = sum(expected_counts.values()), expected_counts["FAILED"]
+    bars = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
+            if "modal-magic-progress" in o.get("data", {}).get("text/html", "")]
+    assert len(bars) == 3
+    for output in bars:
+        assert output.output_type == "display_data"
+        assert set(output.data) == {"text/plain", "text/html"}, "the widget view is gone once the run ends"
+    first = bars[0].data["text/plain"].splitlines()
+    assert first[0].startswith(f"sentiment: {total:,}/{total:,} rows | {total - failed:,} done, {failed} failed")
+    assert first[1].startswith(f"Done with failures: {total:,} rows in ")
+    assert first[1].endswith(f"{total - failed:,} succeeded, {failed} failed ({failed} ValueError), 0 cached")
+    assert sum(line.endswith("ValueError: empty review") for line in first) == min(failed, 5)
+    assert first[-1] == f"  Showing {min(failed, 5)} of {failed} failed rows. All failures with tracebacks: " \
+                        "reviews.modal.errors()"
+    page = bars[0].data["text/html"]
+    assert 'class="progress-bar progress-bar-warning" style="width: 100%' in page
+    assert page.count("<tr><td") == min(failed, 5) and "VBox(" not in bars[0].data["text/plain"]
+    assert "scored.modal.errors()" in bars[2].data["text/plain"], "the accessor's hint names its variable"
+
+
 def test_quickstart_runs_are_reported_in_the_order_the_cells_ran(run, expected_counts):
     executed = run("quickstart.ipynb")
     nb, summary = executed.nb, executed.summary
@@ -265,3 +289,77 @@ def test_nightly_job_deploys_on_a_schedule_and_maps_inside_its_container(run):
     listed = text_of(outputs_of(nb, "modal_magic.deployments()"))
     assert "reviews/nightly" in listed and "reviews/score" in listed
     assert "Empty DataFrame" in text_of(outputs_of(nb, "modal_magic.undeploy"))
+
+
+# --- notebook habits, in a real kernel: what errors, hints and tracebacks look like ---------------------
+
+
+HABITS = [
+    ("setup", "import os\nimport pandas as pd\nimport modal_magic\n%load_ext modal_magic\n"
+              "df = pd.DataFrame({'x': [1, 2, 0]})\nos.environ.pop('OPENAI_API_KEY', None)"),
+    ("define", "def risky(x):\n    y = x - 1\n    return 10 // x"),
+    ("scored", "scored = df.modal.map(risky, column='x')"),
+    ("traceback", "print(scored.modal.errors().traceback.iloc[0])"),
+    ("no column", "df.modal.map(risky, column='nope')"),
+    ("no key", "answers = df.modal.llm('say {x}', base_url='http://127.0.0.1:9/v1')"),
+    ("raise", "out = df.modal.map(risky, column='x', on_error='raise')"),
+    ("config", "%config ModalMagic.retries = -1"),
+    ("rerun", "%%modal_map df.x --into tenfold\ndef tenfold(x):\n    return 10 * x"),
+    ("rerun again", "%%modal_map df.x --into tenfold\ndef tenfold(x):\n    return 10 * x"),
+]
+
+
+@pytest.fixture(scope="module")
+def habits(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("habits")
+    nb = nbformat.v4.new_notebook()
+    for name, source in HABITS:
+        cell = nbformat.v4.new_code_cell(source, metadata={"name": name, "tags": ["raises-exception"]})
+        nb.cells.append(cell)
+    path = folder / "habits.ipynb"
+    nbformat.write(nb, path)
+    executed, _ = execute_notebook(path, timeout=120)
+    return {cell.metadata["name"]: cell.outputs for cell in nbformat.read(executed, as_version=4).cells}
+
+
+def error_of(outputs: list[Any]) -> Any:
+    [error] = [o for o in outputs if o.output_type == "error"]
+    return error
+
+
+def test_in_a_kernel_the_accessors_hint_names_its_variable(habits):
+    [bar] = [o for o in habits["scored"] if "text/html" in o.get("data", {})]
+    assert bar.data["text/plain"].splitlines()[-1] == "  Showing 1 of 1 failed rows. All failures with tracebacks: " \
+                                                      "scored.modal.errors()"
+
+
+def test_in_a_kernel_a_rows_traceback_shows_the_cells_source(habits):
+    printed = text_of(habits["traceback"])
+    assert "    return 10 // x" in printed and "row_runner.py" not in printed, printed
+    assert printed.strip().endswith("ZeroDivisionError: integer division or modulo by zero")
+
+
+@pytest.mark.parametrize("cell, ename, message", [
+    ("no column", "ColumnNotFound", "column 'nope' not found; the DataFrame has: 'x'"),
+    ("no key", "MissingAPIKey", "no OpenAI API key: pass api_key="),
+    ("raise", "RowFailed", "row 2 (position 2) failed: ZeroDivisionError: integer division or modulo by zero"),
+])
+def test_in_a_kernel_modal_magics_errors_show_the_users_frames_only(habits, cell, ename, message):
+    error = error_of(habits[cell])
+    shown = "\n".join(error.traceback)
+    assert error.ename == ename and message in shown, shown
+    assert "site-packages" not in shown and "modal_magic/" not in shown, shown
+    assert HABITS[[n for n, _ in HABITS].index(cell)][1].splitlines()[-1] in shown, "the user's own line stays"
+    assert len(error.traceback) <= 12, shown
+
+
+def test_in_a_kernel_a_config_mistake_is_one_usage_line(habits):
+    printed = text_of(habits["config"])
+    assert printed.startswith("UsageError: ModalMagic.retries: retries=-1 is not valid"), printed
+    assert "ERROR:root" not in printed
+
+
+def test_in_a_kernel_running_the_cell_again_works(habits):
+    assert not [o for o in habits["rerun again"] if o.output_type == "error"]
+    [bar] = [o for o in habits["rerun again"] if "text/html" in o.get("data", {})]
+    assert "Done: 3 rows in" in bar.data["text/plain"]

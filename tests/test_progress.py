@@ -258,7 +258,7 @@ def test_empty_run_closes_full_and_green(clock):
     bar, _ = widget_bar(0, clock)
     bar.close("success", summary(total=0, succeeded=0, elapsed_s=0.0))
     assert (bar.bar.value, bar.bar.max, bar.bar.bar_style) == (1, 1, "success")
-    assert "Done: 0 rows in 0.0s (0.00 rows/s)" in bar.summary.value
+    assert "Done: 0 rows in 0.0s (no row ran)" in bar.summary.value
 
 
 # --- text -----------------------------------------------------------------------------------
@@ -390,10 +390,59 @@ def test_make_progress_outside_a_kernel_writes_text_to_stderr(capsys, clock):
                                              " 0 failed, 0 cached")
 
 
+class Handle:
+    """What IPython's ``display(..., display_id=True)`` returns: an output that can be replaced."""
+
+    def __init__(self) -> None:
+        self.updates: list = []
+
+    def update(self, bundle, raw=False) -> None:
+        self.updates.append((bundle, raw))
+
+
 def test_make_progress_in_a_kernel_displays_the_widget(monkeypatch, clock):
     shown: list = []
+    handle = Handle()
+
+    def display(obj, display_id=None):
+        shown.append((obj, display_id))
+        return handle
+
     monkeypatch.setattr(progress, "_detect_display", lambda: "widget")
-    monkeypatch.setattr("IPython.display.display", shown.append)
+    monkeypatch.setattr("IPython.display.display", display)
     bar = make_progress(True, 4, title="parse", clock=clock)
     assert isinstance(bar, WidgetProgress)
-    assert shown == [bar.widget]
+    assert shown == [(bar.widget, True)]
+    assert handle.updates == [], "the live widget stays while rows run"
+
+
+def test_the_live_widget_has_a_text_form_not_its_repr(clock):
+    bar, _ = widget_bar(3_000, clock, title="sentiment")
+    bundle = bar.widget._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert bundle["text/plain"].startswith("sentiment: running over 3,000 rows (the live bar needs its kernel")
+
+
+def test_finished_widget_output_becomes_static_text_and_html(clock):
+    """A saved notebook shows the finished bar without a kernel: text/plain and text/html, no widget."""
+    handle = Handle()
+    bar = WidgetProgress(4, title="parse", clock=clock, show=lambda widget: handle)
+    bar.update(done=3, failed=1)
+    clock.advance(2.0)
+    bar.log(["Building image im-1"])
+    bar.close("success", summary(total=4, succeeded=3, failed=1, elapsed_s=2.0, errors_by_type={"ValueError": 1},
+                                 first_failures=[("7", "ValueError: <bad>")], errors_call="df.modal.errors()"))
+    [(bundle, raw)] = handle.updates
+    assert raw and set(bundle) == {"text/plain", "text/html"}
+    assert bundle["text/plain"].splitlines() == [
+        "parse: 4/4 rows | 3 done, 1 failed, 0 cached, 0 retrying | 2.0 rows/s | 2.0s elapsed",
+        "Done with failures: 4 rows in 2.0s (2.0 rows/s) | 3 succeeded, 1 failed (1 ValueError), 0 cached",
+        "  7: ValueError: <bad>",
+        "  Showing 1 of 1 failed rows. All failures with tracebacks: df.modal.errors()",
+    ]
+    page = bundle["text/html"]
+    assert 'class="progress-bar progress-bar-warning" style="width: 100%' in page
+    assert '<span class="modal-magic-title" style="margin-right: 0.5em">parse</span>' in page
+    assert "<td style=\"padding: 0 1em 0 0; text-align: left; vertical-align: top\">ValueError: &lt;bad&gt;</td>" in page
+    assert "<summary>Modal output (1 lines)</summary>" in page and "Building image im-1" in page
+    assert "<code>df.modal.errors()</code>" in page

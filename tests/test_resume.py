@@ -171,6 +171,41 @@ def test_retry_failed_runs_just_the_failed_rows_with_new_options(tmp_path):
     assert state.exists() is False
 
 
+def test_retry_failed_takes_a_fixed_function(tmp_path):
+    log = tmp_path / "runs"
+    out = pd.DataFrame({"x": range(10)}).modal.map(counting(log), column="x", into="y", backend="threads",
+                                                   progress=False)
+    log.unlink()
+    fixed = out.modal.retry_failed(fn=notebook_function("def work(x):\n    return -x\n"), progress=False)
+    assert fixed["y"].tolist() == [0, 2, 4, -3, 8, 10, 12, 14, 16, 18]
+    assert fixed["y_error"].isna().all() and not log.exists(), "only the fixed function ran, on the failed row"
+
+
+def test_the_accessor_replaces_the_columns_it_made_on_a_rerun(tmp_path):
+    log = tmp_path / "runs"
+    out = pd.DataFrame({"x": range(10)}).modal.map(counting(log), column="x", into="y", backend="threads",
+                                                   progress=False)
+    log.unlink()
+    again = out.modal.map(counting(log), column="x", into="y", backend="threads", progress=False)
+    assert again.columns.tolist() == ["x", "y", "y_error"]
+    assert runs(log) == [3], "the cache answered the rest"
+    mine = out.drop(columns=["y_error"]).assign(y_error=None)
+    mine.attrs = {}  # a frame that doesn't say modal_magic made y: its columns are the user's
+    with pytest.raises(modal_magic.OptionsError, match="already has a column 'y'; pass overwrite=True"):
+        mine.modal.map(counting(log), column="x", into="y", backend="threads", progress=False)
+
+
+def test_an_expanded_result_is_replaced_on_a_rerun():
+    df = pd.DataFrame({"x": [1, 2, 3]})
+    split = notebook_function("def split(x):\n    return {'half': x / 2, 'double': 2 * x}\n")
+    out = df.modal.map(split, column="x", expand=True, backend="sequential", progress=False)
+    again = out.modal.map(split, column="x", expand=True, backend="sequential", progress=False)
+    assert again.columns.tolist() == ["x", "half", "double", "split_error"]
+    assert again["double"].tolist() == [2, 4, 6]
+    with pytest.raises(modal_magic.OptionsError, match="expand=True made a column 'half' that the DataFrame already"):
+        df.assign(half=0).modal.map(split, column="x", expand=True, backend="sequential", progress=False)
+
+
 def test_retry_failed_needs_a_map_result():
     with pytest.raises(ValueError, match="call retry_failed\\(\\) on the frame that df.modal.map"):
         pd.DataFrame({"x": [1]}).modal.retry_failed()

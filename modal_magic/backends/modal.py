@@ -62,7 +62,8 @@ def check_reachable(timeout_s: float = 5.0) -> None:
     """Fail within seconds when Modal's server can't be reached (the client would retry for a minute)."""
     from modal.config import config
 
-    url = urlparse(config.get("server_url"))
+    # modal's default is a comma-separated list of servers ("https://api.modal.com,https://..."): the first is tried first
+    url = urlparse(config.get("server_url").split(",")[0].strip())
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname, port), timeout=timeout_s).close()

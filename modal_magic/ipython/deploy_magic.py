@@ -90,7 +90,7 @@ class DeployMagic(Magics):
     @cell_magic
     def modal_deploy(self, line: str, cell: str) -> None:
         args = parse_deploy_line(line)
-        fn = define_function(self.shell, cell, args["fn"], magic="modal_deploy")
+        fn = define_function(self.shell, cell, args["fn"], what="the function to deploy")
         options = map_options(self.shell.user_ns, self._container_defaults(), {**args["options"], "backend": "modal"})
         chosen = {name: getattr(options, name) for name in CONTAINER_OPTIONS}
         try:

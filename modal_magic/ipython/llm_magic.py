@@ -156,12 +156,24 @@ def run_llm_cell(magic: Magics, line: str, cell: str) -> None:
         llm = LLMOptions.create(**llm_values)
         out = llm_frame(frame, template, into=args.into, llm=llm, options=options, errors_call=cell_args.errors_call)
     except (OptionsError, FunctionError, ModalSetupError) as error:  # caught before any request
-        message = str(error).replace("secrets=['openai-secret']", "--secret openai-secret")
+        message = _in_magic_words(str(error))
         raise UsageError(in_flag_words(message)) from None
     except MapInterrupted as stopped:  # Stop pressed: keep what finished, then say it stopped
         bind(user_ns, cell_args, frame, stopped.result, into=args.into, options=options.replace(expand=True))
         raise
     bind(user_ns, cell_args, frame, out, into=args.into, options=options.replace(expand=True))
+
+
+def _in_magic_words(message: str) -> str:
+    """An LLM options message as the magic's user can act on it: the magic has no flag for the key.
+
+    Examples
+    --------
+    >>> _in_magic_words("no OpenAI API key: pass api_key=, set OPENAI_API_KEY (a local server: api_key='none')")
+    'no OpenAI API key: set OPENAI_API_KEY (a local server: OPENAI_API_KEY=none)'
+    """
+    return (message.replace("secrets=['openai-secret']", "--secret openai-secret")
+            .replace("pass api_key=, ", "").replace("api_key='none'", "OPENAI_API_KEY=none"))
 
 
 @magics_class

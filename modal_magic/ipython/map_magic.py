@@ -13,22 +13,21 @@ IPython profile) sets the default a flag overrides. Mistakes a user can fix rais
 
 from __future__ import annotations
 
-import ast
 from typing import Any, Callable
 
 import pandas as pd
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, magics_class
 from traitlets import TraitError, validate
 
 from ..checks import FunctionError, default_into
 from ..engine import map_frame
 from ..retry import rerun_failed
 from ..runs import RunSpec, runs_columns
-from ..errors import MapInterrupted, ModalSetupError, OptionsError
+from ..errors import MapInterrupted, ModalSetupError, OptionsError, RowError
 from ..options import OPTION_NAMES, OPTIONS, MapOptions, check_option
-from .parsing import (CellArgs, add_option_flags, bind, in_flag_words, lookup, make_parser, map_options,
-                      option_flags, option_traits, parse_known, resolve_frame, split_line, syntax_error_text)
+from .parsing import (CellArgs, add_option_flags, bind, define_function, in_flag_words, make_parser, map_options,
+                      option_flags, option_traits, parse_known, resolve_frame, split_line)
 
 __all__ = ["ModalMagic", "parse_line"]
 
@@ -53,6 +52,8 @@ Examples::
     %%modal_map reviews --columns text lang --into translated -o out
     def translate(text, lang):
         ...
+
+    %modal_map reviews.text --fn classify --into sentiment    # the line form: a function defined earlier
 """
 
 
@@ -103,29 +104,43 @@ class ModalMagic(MapOptionTraits):  # type: ignore[misc,valid-type]
             raise TraitError(f"ModalMagic.{name}: {error}") from None
         return value
 
+    def update_config(self, config: Any) -> None:
+        """Take ``%config ModalMagic.x = ...``; a refused value is said as a magic says a mistake.
+
+        IPython's ``%config`` hands an exception from here to ``logging.error``, which prints
+        ``ERROR:root:...``; shown as a ``UsageError`` it reads like every other mistake.
+        """
+        try:
+            super().update_config(config)
+        except TraitError as error:
+            self.shell.show_usage_error(UsageError(str(error)))
+
     def option_defaults(self) -> dict[str, Any]:
         """The options a flag left out takes: this object's traitlets, by option name."""
         return {name: getattr(self, name) for name in OPTION_NAMES}
 
-    @cell_magic
-    def modal_map(self, line: str, cell: str) -> None:
+    @line_cell_magic
+    def modal_map(self, line: str, cell: str | None = None) -> None:
         args = parse_line(line)
+        if cell is None and args.fn is None:  # %modal_map, the line form: the function is defined already
+            raise UsageError("%modal_map (one %) maps a function defined earlier: name it with --fn NAME, "
+                             "or use %%modal_map with the function's def in the cell")
         user_ns = self.shell.user_ns
         frame = resolve_frame(user_ns, args)
         options = map_options(user_ns, self.option_defaults(), args.options)
-        fn = self._define_function(cell, args.fn)
+        fn = define_function(self.shell, cell or "", args.fn, what="the function to map")
         into = args.into if args.into is not None else default_into(fn)
         try:
             if args.retry_failed:
                 out = self._retry_failed(frame, fn, args, into, options)
             else:
                 out = map_frame(frame, fn, columns=list(args.columns), star=args.star, into=into,
-                                options=options, errors_call=args.errors_call)
+                                options=options, errors_call=args.errors_call, magic=True)
         except (OptionsError, FunctionError, ModalSetupError) as error:  # caught before any row ran
             raise UsageError(in_flag_words(str(error))) from None
-        except MapInterrupted as stopped:  # Stop pressed: keep what finished, then say it stopped
+        except MapInterrupted as stopped:  # Stop pressed: keep what finished, then say where it is
             bind(user_ns, args, frame, stopped.result, into=into, options=options)
-            raise
+            raise MapInterrupted(stopped_message(stopped, args, into), stopped.result) from None
         bind(user_ns, args, frame, out, into=into, options=options)
 
     modal_map.__doc__ = PARSER.format_help() + "\n" + _EXAMPLES
@@ -139,32 +154,26 @@ class ModalMagic(MapOptionTraits):  # type: ignore[misc,valid-type]
         result_columns = runs_columns(frame, into) or (into,)
         spec = RunSpec(fn=fn, columns=tuple(args.columns), star=args.star, options=options,
                        error_column=error_column, result_columns=result_columns)
-        return rerun_failed(frame, into, spec)
+        return rerun_failed(frame, into, spec, errors_call=args.errors_call, magic=True)
 
-    def _define_function(self, cell: str, fn_name: str | None) -> Callable[..., Any]:
-        """Run the cell in the user namespace; return the function it names or defines last.
+def stopped_message(stopped: MapInterrupted, args: CellArgs, into: str) -> str:
+    """What a magic says when Stop ends its run: how far it got, and where the finished rows went.
 
-        Running it there makes the functions ``__main__`` functions, which cloudpickle sends by
-        value: worker processes and Modal containers need no copy of the notebook.
-        """
-        source = self.shell.transform_cell(cell)
-        # Cached under a name IPython knows, so tracebacks and syntax errors show the cell's lines.
-        filename = self.shell.compile.cache(source, self.shell.execution_count, raw_code=cell)
-        try:
-            tree = self.shell.compile.ast_parse(source, filename=filename)
-        except SyntaxError as error:  # raised from inside a magic, IPython would show its whole stack
-            raise UsageError(syntax_error_text(error)) from None
-        defined = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
-        if fn_name is None and not defined:
-            raise UsageError("the cell defines no function: write the function to map in it as a `def` "
-                             "(the last top-level def is used), or name one with --fn NAME")
-        exec(self.shell.compile(tree, filename, "exec"), self.shell.user_global_ns, self.shell.user_ns)
-        if fn_name is None:
-            return self.shell.user_ns[defined[-1]]
-        fn = lookup(self.shell.user_ns, fn_name, flag="--fn", kind="a function", preferred=callable)
-        if not callable(fn):
-            raise UsageError(f"--fn {fn_name}: {fn_name} is a {type(fn).__name__}, not a function")
-        return fn
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from modal_magic.errors import RowError
+    >>> frame = pd.DataFrame({"y_error": [None, RowError.create("Cancelled", "stopped")]})
+    >>> stopped_message(MapInterrupted("stopped", frame), parse_line("df.x"), "y")
+    'stopped after 1 of 2 rows; the finished rows are in df (the other 1 have a Cancelled error): run the cell again to finish them; finished rows come from the cache'
+    """
+    frame = stopped.result
+    errors = frame[f"{into}_error"].tolist() if f"{into}_error" in frame.columns else []
+    cancelled = sum(isinstance(e, RowError) and e.type_name == "Cancelled" for e in errors)
+    where = args.output or args.frame
+    return (f"stopped after {len(frame) - cancelled:,} of {len(frame):,} rows; the finished rows are in {where} "
+            f"(the other {cancelled:,} have a Cancelled error): run the cell again to finish them; finished rows "
+            "come from the cache")
 
 
 def parse_line(line: str) -> CellArgs:

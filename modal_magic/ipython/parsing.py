@@ -30,6 +30,7 @@ from traitlets import Bool, Dict, Enum, Float, Int, List, TraitType, Unicode, Un
 from ..runs import RunSpec
 from ..errors import OptionsError
 from ..llm.options import LLM_OPTIONS
+from .. import join
 from ..options import OPTIONS, MapOptions
 
 if TYPE_CHECKING:
@@ -312,8 +313,9 @@ def bind(user_ns: dict[str, Any], args: CellArgs, frame: pd.DataFrame, out: pd.D
     if args.output is not None:
         user_ns[args.output] = out
         return
+    error_column = f"{into}_error"
     for name in _result_columns(frame, out, into, options):
-        frame[name] = _full_length(out[name], frame.index)
+        frame[name] = _full_length(out[name], frame.index, errors=name == error_column)
     runs = out.attrs.get(RunSpec.ATTRS_KEY)
     if runs:  # so DF.modal.retry_failed() knows how its columns were made
         frame.attrs[RunSpec.ATTRS_KEY] = {**frame.attrs.get(RunSpec.ATTRS_KEY, {}), **runs}
@@ -333,15 +335,24 @@ def _result_columns(frame: pd.DataFrame, out: pd.DataFrame, into: str, options: 
     return added
 
 
-def _full_length(column: pd.Series, index: pd.Index) -> pd.Series:
+def _full_length(column: pd.Series, index: pd.Index, *, errors: bool = False) -> pd.Series:
     """``column`` on ``index``, matched by position; rows beyond a ``--sample`` are missing.
 
     A Series with the frame's own index keeps its dtype when assigned (a bare object array of
     RowErrors would be re-inferred as strings by pandas 3), and matching by position makes
-    duplicate labels safe.
+    duplicate labels safe. The rows a ``--sample`` left out are missing the way a failed row is:
+    ``None`` in the error column, a nullable dtype (``Int64``...) in a result column, never a
+    float column of NaN.
     """
     if len(column) < len(index):
-        column = column.reset_index(drop=True).reindex(pd.RangeIndex(len(index)))
+        missing = range(len(column), len(index))
+        values = column.astype(object).tolist() + [None] * len(missing)
+        if errors:
+            return pd.Series(values, index=index, dtype=object)
+        holes = {i for i, v in enumerate(values) if v is None or v is pd.NA or (isinstance(v, float) and v != v)}
+        holes |= set(missing)
+        values = [None if i in holes else v for i, v in enumerate(values)]
+        return join.result_series(values, holes, index)
     return column.set_axis(index)
 
 
@@ -379,8 +390,10 @@ def in_flag_words(message: str) -> str:
     return _OPTION_IN_MESSAGE.sub(flag, message)
 
 
-def define_function(shell: Any, cell: str, fn_name: str | None, *, magic: str) -> Callable[..., Any]:
+def define_function(shell: Any, cell: str, fn_name: str | None, *, what: str) -> Callable[..., Any]:
     """Run a magic's cell in the user namespace; return the function it names (``--fn``) or defines last.
+
+    ``what`` names the function the magic wants, for the message when the cell defines none.
 
     Running it there makes the functions ``__main__`` functions, which cloudpickle sends by value:
     worker processes and Modal containers need no copy of the notebook.
@@ -394,7 +407,7 @@ def define_function(shell: Any, cell: str, fn_name: str | None, *, magic: str) -
         raise UsageError(syntax_error_text(error)) from None
     defined = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
     if fn_name is None and not defined:
-        raise UsageError(f"the cell defines no function: write the function for %%{magic} in it as a `def` "
+        raise UsageError(f"the cell defines no function: write {what} in it as a `def` "
                          "(the last top-level def is used), or name one with --fn NAME")
     exec(shell.compile(tree, filename, "exec"), shell.user_global_ns, shell.user_ns)
     if fn_name is None:

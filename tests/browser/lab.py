@@ -159,6 +159,12 @@ class LabServer:
         with urllib.request.urlopen(self.api_url("api/kernels"), timeout=5) as response:
             return json.load(response)
 
+    def shut_down_kernels(self) -> None:
+        """Shut down every kernel this server runs (what Kernel > Shut Down All Kernels does)."""
+        for kernel in self.kernels():
+            request = urllib.request.Request(self.api_url(f"api/kernels/{kernel['id']}"), method="DELETE")
+            urllib.request.urlopen(request, timeout=30).close()
+
     def stop(self) -> list[str]:
         """Shut the server and its kernels down; kill whatever of its process tree outlived that.
 
@@ -235,4 +241,34 @@ def run_all_cells(page) -> None:
     """Run > Run All Cells, from the menu bar."""
     page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
     label = page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$"))
+    page.locator(".lm-Menu-item:visible", has=label).click()
+
+
+def code_cells(page):
+    """The code cells of the notebook on show."""
+    return page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell")
+
+
+def run_cell(page, index: int) -> None:
+    """Click into code cell ``index`` (0-based) and run it in place (Ctrl+Enter), as a person re-runs a cell."""
+    cell = code_cells(page).nth(index)
+    cell.locator(".jp-InputArea-editor").click()
+    page.keyboard.press("Control+Enter")
+
+
+def wait_cell_ran(page, index: int, after: int = 0, timeout_ms: float = 60_000) -> int:
+    """Wait until code cell ``index`` shows an execution count above ``after``; return it."""
+    prompt = code_cells(page).nth(index).locator(".jp-InputArea-prompt")
+    page.wait_for_function(
+        """([el, after]) => { const m = el.textContent.match(/\\[(\\d+)\\]/); return m && +m[1] > after; }""",
+        arg=[prompt.element_handle(), after], timeout=timeout_ms,
+    )
+    wait_kernel_idle(page, timeout_ms)
+    return int(re.search(r"\[(\d+)\]", prompt.text_content())[1])
+
+
+def menu(page, top: str, item: str) -> None:
+    """Pick ``top > item`` from the menu bar (e.g. Kernel > Interrupt Kernel)."""
+    page.locator(".lm-MenuBar-item", has_text=re.compile(rf"^{re.escape(top)}$")).click()
+    label = page.locator(".lm-Menu-itemLabel", has_text=re.compile(rf"^{re.escape(item)}$"))
     page.locator(".lm-Menu-item:visible", has=label).click()
