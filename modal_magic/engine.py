@@ -122,12 +122,16 @@ class _Outcomes:
             failed.append(position)
         return failed
 
-    def file_cached(self, hits: dict[int, Any]) -> None:
-        """Rows whose results came from the cache."""
-        for position, value in hits.items():
-            self.values[position] = value
-            self._done[position] = 1
-        self.cached += len(hits)
+    def file_cached(self, positions: np.ndarray, values: list[Any]) -> None:
+        """Rows whose results came from the cache (their positions, in any order, and values)."""
+        if len(positions) == self.n and self.n and positions[0] == 0 and (np.diff(positions) == 1).all():
+            self.values = list(values)
+            self._done = bytearray(b"\x01" * self.n)
+        else:
+            for position, value in zip(positions.tolist(), values):
+                self.values[position] = value
+                self._done[position] = 1
+        self.cached += len(positions)
 
     def fail(self, position: int, error: RowError) -> None:
         self.values[position] = None
@@ -280,13 +284,13 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, errors_cal
     logs: list[str] = []
     todo: Sequence[int] = range(n)
     if stored is not None:
-        hits = stored.hits()
-        if hits:
-            outcomes.file_cached(hits)
+        positions, values = stored.hits()
+        if len(positions):
+            outcomes.file_cached(positions, values)
             missing = np.ones(n, dtype=bool)
-            missing[np.fromiter(hits, dtype=np.intp, count=len(hits))] = False
+            missing[positions] = False
             todo = np.flatnonzero(missing)
-            progress.update(cached=len(hits))
+            progress.update(cached=len(positions))
     if len(todo) == 0:
         _finish(progress, "success", outcomes, index, started, errors_call, logs)
         return outcomes
