@@ -54,7 +54,11 @@ class KeyMatcher:
         self._codes, uniques = pd.factorize(_low_half(keys))
         self._table = pd.Index(uniques)
         self._owner = np.full(len(uniques), -1, dtype=np.int64)  # offset among probed chunks' keys
-        self._repeats = len(uniques) < len(keys)
+        # factorize numbers keys in order of first appearance, so a row repeats an earlier key's
+        # half exactly when its code is no greater than the largest code before it
+        self._repeat = np.zeros(len(keys), dtype=bool)
+        self._repeat[1:] = self._codes[1:] <= np.maximum.accumulate(self._codes)[:-1]
+        self._first_row = np.flatnonzero(~self._repeat)  # the first row of each code, in code order
         self._chunks: list[tuple[int, bytes]] = []  # (chunk id, keys blob) of the chunks that hold hits
         self._starts: list[int] = []
         self._total = 0
@@ -64,6 +68,10 @@ class KeyMatcher:
         stored = np.frombuffer(keys_blob, dtype=np.uint8).reshape(-1, KEY_BYTES)
         found = self._table.get_indexer(_low_half(stored))
         where = np.flatnonzero(found >= 0)
+        if len(where):  # the table matched the last 8 bytes; an owner must match the first 8 too
+            head = KEY_BYTES - 8
+            same = (stored[where, :head] == self.keys[self._first_row[found[where]], :head]).all(axis=1)
+            where = where[same]
         if not len(where):
             return False
         self._owner[found[where]] = self._total + where
@@ -100,7 +108,8 @@ class KeyMatcher:
                 flat.extend(values)
                 usable[start : start + n] = True
         stored_keys = np.frombuffer(b"".join(blob for _, blob in self._chunks), dtype=np.uint8).reshape(-1, KEY_BYTES)
-        # The table matched the last 8 bytes; a hit needs the first 8 too.
+        # A row that shares its last 8 bytes with another asked key but not its first 8 (a chance
+        # of 2**-64) was matched through that key: it is a miss.
         keep = usable[offsets] & (stored_keys[offsets, : KEY_BYTES - 8] == self.keys[rows, : KEY_BYTES - 8]).all(axis=1)
         if not keep.all():
             rows, offsets = rows[keep], offsets[keep]
@@ -108,10 +117,7 @@ class KeyMatcher:
             values = flat  # the usual re-run: the chunks are the rows asked for, in order
         else:
             values = list(map(flat.__getitem__, offsets.tolist()))
-        if self._repeats:
-            # Rows with equal keys were handed the same object: all but the first get a copy.
-            order = np.argsort(offsets, kind="stable")
-            later = order[1:][offsets[order[1:]] == offsets[order[:-1]]]
-            for i in later.tolist():
-                values[i] = own_copy(values[i])
+        # Rows with equal keys were handed the same object: all but the first get their own copy.
+        for i in np.flatnonzero(self._repeat[rows]).tolist():
+            values[i] = own_copy(values[i])
         return rows, values

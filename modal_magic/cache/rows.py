@@ -37,7 +37,8 @@ class RunCache:
     per batch: the buffer is written once it holds ``FLUSH_WORK_S`` of computed work or
     ``FLUSH_ROWS`` rows, and always at the end. Work that took real time (an LLM call, a GPU batch)
     is therefore written at once, and a crash loses at most the rows in flight plus a fraction of a
-    second's worth of cheap ones. Rows under ``CHEAP_ROW_S`` each aren't stored at all.
+    second's worth of cheap ones. Rows under ``CHEAP_ROW_S`` each (by their batch's time, and by
+    the run's so far) aren't stored at all.
     """
 
     FLUSH_WORK_S = 0.25
@@ -57,6 +58,8 @@ class RunCache:
         self._positions: list[Sequence[int]] = []
         self._values: list[Any] = []
         self._buffered_work_s = 0.0
+        self._seen_rows = 0
+        self._seen_work_s = 0.0
 
     @classmethod
     def open(cls, task: Task, args: list[Any]) -> RunCache | None:
@@ -78,6 +81,8 @@ class RunCache:
         return self.cache.lookup(*self._keys)
 
     def save(self, positions: Sequence[int], values: list[Any], failed: list[int], work_s: float) -> None:
+        self._seen_rows += len(positions)
+        self._seen_work_s += work_s
         if work_s < self.CHEAP_ROW_S * len(positions):
             return
         if not failed:
@@ -93,7 +98,10 @@ class RunCache:
             self.flush()
 
     def flush(self) -> None:
-        if self._values:
+        # The one-row batches a run starts with carry a worker's first-call costs, so cheap rows can
+        # look worth storing there; judged on the run so far they aren't, and they are dropped: one
+        # stored row would make every later run of the function key all its rows to look it up.
+        if self._values and self._seen_work_s >= self.CHEAP_ROW_S * self._seen_rows:
             if self._keys is not None:
                 where = np.concatenate([np.arange(p.start, p.stop) if isinstance(p, range) else np.asarray(p, dtype=np.intp)
                                         for p in self._positions])
