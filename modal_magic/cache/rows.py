@@ -37,8 +37,8 @@ class RunCache:
     per batch: the buffer is written once it holds ``FLUSH_WORK_S`` of computed work or
     ``FLUSH_ROWS`` rows, and always at the end. Work that took real time (an LLM call, a GPU batch)
     is therefore written at once, and a crash loses at most the rows in flight plus a fraction of a
-    second's worth of cheap ones. Rows under ``CHEAP_ROW_S`` each (by their batch's time, and by
-    the run's so far) aren't stored at all.
+    second's worth of cheap ones. Rows under ``CHEAP_ROW_S`` each aren't stored at all, nor, unless
+    they take ``COSTLY_ROW_S``, rows of a run whose rows were mostly that cheap.
     """
 
     FLUSH_WORK_S = 0.25
@@ -46,6 +46,10 @@ class RunCache:
     #: rows that computed faster than this aren't stored: keying, storing and reading one back costs
     #: about 1 µs, so storing them would slow the first run for a re-run no faster than computing them
     CHEAP_ROW_S = 2e-6
+    #: a batch this slow a row is stored even in a run of mostly cheap rows (say a function that
+    #: skips most rows but calls a model on some): no hiccup of a busy machine makes cheap rows
+    #: look this slow
+    COSTLY_ROW_S = 0.01
 
     def __init__(self, cache: Any, hasher: RowKeyHasher, args: list[Any], star: bool, refresh: bool) -> None:
         self.cache = cache
@@ -55,11 +59,11 @@ class RunCache:
         self.refresh = refresh
         self.problems: list[tuple[bytes, str]] = []
         self._keys: tuple[np.ndarray, np.ndarray] | None = None  # every row's, once needed
-        self._positions: list[Sequence[int]] = []
-        self._values: list[Any] = []
+        self._buffer: list[tuple[Sequence[int], list[Any], float]] = []  # (positions, values, per row s)
+        self._buffered_rows = 0
         self._buffered_work_s = 0.0
-        self._seen_rows = 0
-        self._seen_work_s = 0.0
+        self._cheap_rows = 0  # rows of the run so far in batches under CHEAP_ROW_S a row
+        self._costly_rows = 0
 
     @classmethod
     def open(cls, task: Task, args: list[Any]) -> RunCache | None:
@@ -81,45 +85,49 @@ class RunCache:
         return self.cache.lookup(*self._keys)
 
     def save(self, positions: Sequence[int], values: list[Any], failed: list[int], work_s: float) -> None:
-        self._seen_rows += len(positions)
-        self._seen_work_s += work_s
-        if work_s < self.CHEAP_ROW_S * len(positions):
+        per_row = work_s / max(1, len(positions))
+        if per_row < self.CHEAP_ROW_S:
+            self._cheap_rows += len(positions)
             return
-        if not failed:
-            self._positions.append(positions)
-            self._values.extend(values)
-        else:
+        self._costly_rows += len(positions)
+        if failed:
             skip = set(failed)
             kept = [i for i, p in enumerate(positions) if p not in skip]
-            self._positions.append([positions[i] for i in kept])
-            self._values.extend(values[i] for i in kept)
+            positions, values = [positions[i] for i in kept], [values[i] for i in kept]
+        self._buffer.append((positions, values, per_row))
+        self._buffered_rows += len(values)
         self._buffered_work_s += work_s
-        if self._buffered_work_s >= self.FLUSH_WORK_S or len(self._values) >= self.FLUSH_ROWS:
+        if self._buffered_work_s >= self.FLUSH_WORK_S or self._buffered_rows >= self.FLUSH_ROWS:
             self.flush()
 
     def flush(self) -> None:
-        # The one-row batches a run starts with carry a worker's first-call costs, so cheap rows can
-        # look worth storing there; judged on the run so far they aren't, and they are dropped: one
-        # stored row would make every later run of the function key all its rows to look it up.
-        if self._values and self._seen_work_s >= self.CHEAP_ROW_S * self._seen_rows:
+        # A batch's time is wall time: a worker's first call or a busy machine can make a batch of
+        # cheap rows look costly. So a batch is stored when most of the run's rows so far were
+        # costly too, or when it is far too slow for noise to explain: one stray stored row would
+        # make every later run of a cheap function key all its rows to look it up.
+        mostly_costly = self._costly_rows >= self._cheap_rows
+        kept = [entry for entry in self._buffer if mostly_costly or entry[2] >= self.COSTLY_ROW_S]
+        if kept:
+            values = [value for _, batch_values, _ in kept for value in batch_values]
             if self._keys is not None:
                 where = np.concatenate([np.arange(p.start, p.stop) if isinstance(p, range) else np.asarray(p, dtype=np.intp)
-                                        for p in self._positions])
+                                        for p, _, _ in kept])
                 packed, bad = self._keys[0][where], self._keys[1][where]
             else:
                 rows: list[Any] = []
-                for positions in self._positions:
+                for positions, _, _ in kept:
                     if isinstance(positions, range):
                         rows.extend(self.args[positions.start : positions.stop])
                     else:
                         rows.extend(self.args[p] for p in positions)
                 packed, bad = self.hasher.key_array(rows, self.star)
-            values = self._values
             if bad.any():  # inputs that can't be hashed faithfully aren't cached
                 values = [value for value, skip in zip(values, bad.tolist()) if not skip]
                 packed = packed[~bad]
-            self.problems.extend(self.cache.put_packed(packed, values))
-        self._positions, self._values = [], []
+            if len(values):
+                self.problems.extend(self.cache.put_packed(packed, values))
+        self._buffer = []
+        self._buffered_rows = 0
         self._buffered_work_s = 0.0
 
     def report(self) -> None:
