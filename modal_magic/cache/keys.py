@@ -79,6 +79,13 @@ class RowKeyHasher:
 
         What the cache uses inside a run: no Python object per key (a million ``bytes`` keys
         cost ~60 MB and ~0.1 s to make), and a chunk's keys are one slice's ``tobytes()``.
+
+        Examples
+        --------
+        >>> import threading
+        >>> packed, bad = RowKeyHasher("fp").key_array(["a", threading.Lock(), "a"], star=False)
+        >>> packed.shape, bad.tolist(), bytes(packed[0]) == bytes(packed[2])
+        ((3, 16), [False, True, False], True)
         """
         n = len(rows)
         packed = np.empty((n, KEY_BYTES), dtype=np.uint8)

@@ -174,6 +174,17 @@ class RowCache:
 
         A function never cached before (or whose rows were all too cheap to store) has none, and a
         run of it skips keying its rows up front.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from modal_magic.cache import RowKeyHasher
+        >>> with tempfile.TemporaryDirectory() as directory, RowCache(directory) as cache:
+        ...     hasher = RowKeyHasher("fp")
+        ...     before = cache.holds_part(hasher.part)
+        ...     _ = cache.put_packed(hasher.key_array([1], star=False)[0], ["one"])
+        ...     before, cache.holds_part(hasher.part), cache.holds_part(RowKeyHasher("other").part)
+        (False, True, False)
         """
         try:
             with self._lock:
@@ -215,7 +226,10 @@ class RowCache:
         return self.put_packed(packed, values)
 
     def put_packed(self, packed: np.ndarray, values: Sequence[Any]) -> list[tuple[bytes, str]]:
-        """:meth:`put_many` for keys in one ``(n, KEY_BYTES)`` uint8 array (every row with a key)."""
+        """:meth:`put_many` for keys in one ``(n, KEY_BYTES)`` uint8 array (every row with a key).
+
+        See :meth:`lookup` for an example.
+        """
         values = values if isinstance(values, list) else list(values)
         if len(packed) != len(values):
             raise ValueError(f"{len(packed)} keys for {len(values)} values; give one key per value")
