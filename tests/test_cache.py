@@ -482,3 +482,30 @@ def test_rows_keyed_as_they_are_stored_are_found_by_a_rerun_that_keys_them_all()
     assert modal_magic.last_run().cached == 8, "every row but the failed one and the lock comes from the cache"
     assert again["slow"].tolist()[:5] == first["slow"].tolist()[:5] == ["1", "'1'", "2.5", "None", "(1, 2)"]
     assert again["slow_error"].notna().tolist() == [False] * 6 + [True] + [False] * 3
+
+
+def test_a_run_of_mostly_cheap_rows_stores_only_rows_far_too_slow_for_noise(cache):
+    # Batch times are wall time: a warm-up or a busy machine makes some batches of cheap rows look
+    # costly. Those must not be stored (one stored row makes every later run key all its rows),
+    # while a row that really took long (it called a model) must be.
+    from modal_magic.cache.rows import RunCache
+
+    args = list(range(3000))
+    hasher = cache_module.RowKeyHasher("fp")
+    run = RunCache(cache, hasher, args, star=False, refresh=False)
+    run.save(range(0, 1), [0], [], 50e-6)  # the first one-row batch, with the worker's warm-up
+    run.save(range(1, 1001), list(range(1, 1001)), [], 200e-6)  # 0.2 µs a row
+    run.save(range(1001, 1002), ["slow"], [], 0.05)
+    run.save(range(1002, 1100), list(range(1002, 1100)), [], 0.004)  # 40 µs a row: a hiccup
+    run.save(range(1100, 3000), list(range(1100, 3000)), [], 400e-6)
+    run.flush()
+    rows, values = cache.lookup(*hasher.key_array(args, star=False))
+    assert rows.tolist() == [1001] and values == ["slow"]
+
+    costly = RunCache(cache, hasher, args, star=False, refresh=False)
+    costly.save(range(0, 2000), [f"v{i}" for i in range(2000)], [5], 0.01)  # 5 µs a row, row 5 failed
+    costly.save(range(2000, 3000), list(range(2000, 3000)), [], 1e-4)  # a fast-looking batch
+    costly.flush()
+    rows, values = cache.lookup(*hasher.key_array(args, star=False))
+    assert rows.tolist() == [i for i in range(2000) if i != 5]
+    assert values[:6] == ["v0", "v1", "v2", "v3", "v4", "v6"]
