@@ -278,6 +278,8 @@ class FunctionHasher:
                 return
         if path and not isinstance(found, types.ModuleType):
             self.emit("attribute", ".".join(path))
+            if (module.__name__, path[0]) in _PROCESS_STATE:
+                return  # bookkeeping of this process, never what a row computes
             self.value(found)
 
     def _module(self, module: types.ModuleType) -> None:
@@ -337,6 +339,12 @@ class FunctionHasher:
 _code_digests: dict[tuple[types.CodeType, Any], bytes] = {}
 _code_globals: dict[types.CodeType, tuple[tuple[tuple[str, tuple[tuple[str, ...], ...]], ...], frozenset[str]]] = {}
 _MEMO_LIMIT = 4096
+
+
+#: module attributes that hold the process's own bookkeeping: ``sys.modules`` grows whenever anything
+#: is imported (an LLM client's first request imports a dozen modules), so hashing it made a
+#: function that reads it get a new fingerprint, and miss the cache, on every run
+_PROCESS_STATE = frozenset({("sys", "modules"), ("sys", "path_importer_cache")})
 
 
 def _code_digest(code: types.CodeType, docstring: str | None) -> bytes:

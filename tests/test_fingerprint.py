@@ -303,3 +303,17 @@ def test_module_state_that_cannot_change_results_does_not_count():
     before = fp(make())
     random.random(), rng.random()
     assert fp(make()) == before
+
+
+def test_importing_a_module_between_runs_keeps_the_fingerprint_of_a_function_that_reads_sys_modules():
+    # An LLM client's first request imports a dozen modules; a function that looks in sys.modules
+    # (as the LLM row function does, to rebuild errors) must not get a new fingerprint from that.
+    def loaded(x):
+        return x if sys.modules.get("json") is None else -x
+
+    before = fp(loaded)
+    sys.modules["modal_magic_test_fresh_module"] = type(sys)("modal_magic_test_fresh_module")
+    try:
+        assert fp(loaded) == before
+    finally:
+        del sys.modules["modal_magic_test_fresh_module"]
