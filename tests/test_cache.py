@@ -493,19 +493,24 @@ def test_a_run_of_mostly_cheap_rows_stores_only_rows_far_too_slow_for_noise(cach
     args = list(range(3000))
     hasher = cache_module.RowKeyHasher("fp")
     run = RunCache(cache, hasher, args, star=False, refresh=False)
-    run.save(range(0, 1), [0], [], 50e-6)  # the first one-row batch, with the worker's warm-up
+    run.save(range(0, 1), [0], [], 0.2)  # a first one-row batch: a worker's warm-up, or a model loading
     run.save(range(1, 1001), list(range(1, 1001)), [], 200e-6)  # 0.2 µs a row
-    run.save(range(1001, 1002), ["slow"], [], 0.05)
-    run.save(range(1002, 1100), list(range(1002, 1100)), [], 0.004)  # 40 µs a row: a hiccup
+    run.save(range(1001, 1003), ["slow", "slower"], [], 0.05)  # two rows that called a model
+    run.save(range(1003, 1100), list(range(1003, 1100)), [], 0.004)  # 40 µs a row: a hiccup
     run.save(range(1100, 3000), list(range(1100, 3000)), [], 400e-6)
     run.flush()
     rows, values = cache.lookup(*hasher.key_array(args, star=False))
-    assert rows.tolist() == [1001] and values == ["slow"]
+    assert rows.tolist() == [1001, 1002] and values == ["slow", "slower"]
+
+    llm = RunCache(cache, hasher, args, star=False, refresh=False)
+    llm.save(range(2999, 3000), ["answer"], [], 0.8)  # a run of one-row batches of slow rows: stored at once
+    rows, values = cache.lookup(*hasher.key_array(args, star=False))
+    assert rows.tolist() == [1001, 1002, 2999] and values[-1] == "answer"
 
     costly = RunCache(cache, hasher, args, star=False, refresh=False)
     costly.save(range(0, 2000), [f"v{i}" for i in range(2000)], [5], 0.01)  # 5 µs a row, row 5 failed
     costly.save(range(2000, 3000), list(range(2000, 3000)), [], 1e-4)  # a fast-looking batch
     costly.flush()
     rows, values = cache.lookup(*hasher.key_array(args, star=False))
-    assert rows.tolist() == [i for i in range(2000) if i != 5]
+    assert rows.tolist() == [i for i in range(2000) if i != 5] + [2999]
     assert values[:6] == ["v0", "v1", "v2", "v3", "v4", "v6"]

@@ -89,7 +89,8 @@ class RunCache:
         if per_row < self.CHEAP_ROW_S:
             self._cheap_rows += len(positions)
             return
-        self._costly_rows += len(positions)
+        if len(positions) > 1:  # a one-row batch may be all warm-up (a worker's or the function's first call)
+            self._costly_rows += len(positions)
         if failed:
             skip = set(failed)
             kept = [i for i, p in enumerate(positions) if p not in skip]
@@ -101,12 +102,15 @@ class RunCache:
             self.flush()
 
     def flush(self) -> None:
-        # A batch's time is wall time: a worker's first call or a busy machine can make a batch of
-        # cheap rows look costly. So a batch is stored when most of the run's rows so far were
-        # costly too, or when it is far too slow for noise to explain: one stray stored row would
-        # make every later run of a cheap function key all its rows to look it up.
+        """Write what is buffered and worth keeping."""
+        # A batch's time is wall time: a first call (a worker's, or a function loading its model)
+        # or a busy machine can make a batch of cheap rows look costly. So a batch is stored when
+        # most of the run's rows so far came in costly batches of several rows, or when it is far
+        # too slow for noise to explain and not a lone row: one stray stored row would make every
+        # later run of a cheap function key all its rows to look it up.
         mostly_costly = self._costly_rows >= self._cheap_rows
-        kept = [entry for entry in self._buffer if mostly_costly or entry[2] >= self.COSTLY_ROW_S]
+        kept = [entry for entry in self._buffer
+                if mostly_costly or (entry[2] >= self.COSTLY_ROW_S and len(entry[1]) > 1)]
         if kept:
             values = [value for _, batch_values, _ in kept for value in batch_values]
             if self._keys is not None:
