@@ -134,13 +134,20 @@ class _Outcomes:
                 wrong.append(position)
         return wrong
 
-    def file_cached(self, hits: dict[int, Any]) -> int:
-        """Rows whose results came from the cache; return how many of them failed (a non-dict under expand)."""
-        for position, value in hits.items():
-            self.values[position] = value
-            self._done[position] = 1
-        failed = len(self._not_dicts(list(hits), list(hits.values()), set())) if self.expand else 0
-        self.cached += len(hits) - failed
+    def file_cached(self, positions: np.ndarray, values: list[Any]) -> int:
+        """Rows whose results came from the cache (their positions, in any order, and values).
+
+        Returns how many of them failed (a non-dict under ``expand=True``).
+        """
+        if len(positions) == self.n and self.n and positions[0] == 0 and (np.diff(positions) == 1).all():
+            self.values = list(values)
+            self._done = bytearray(b"\x01" * self.n)
+        else:
+            for position, value in zip(positions.tolist(), values):
+                self.values[position] = value
+                self._done[position] = 1
+        failed = len(self._not_dicts(positions.tolist(), values, set())) if self.expand else 0
+        self.cached += len(positions) - failed
         return failed
 
     def fail(self, position: int, error: RowError) -> None:
@@ -308,17 +315,17 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: run
     started = time.monotonic()
     logs: list[str] = []
     todo: Sequence[int] = range(n)
-    hits: dict[int, Any] = stored.hits() if stored is not None else {}
+    positions, values = stored.hits() if stored is not None else (np.empty(0, dtype=np.intp), [])
     cached_failed = 0
-    if hits:
-        cached_failed = outcomes.file_cached(hits)
+    if len(positions):
+        cached_failed = outcomes.file_cached(positions, values)
         missing = np.ones(n, dtype=bool)
-        missing[np.fromiter(hits, dtype=np.intp, count=len(hits))] = False
+        missing[positions] = False
         todo = np.flatnonzero(missing)
 
     def show() -> Progress:
         bar = make_progress(task.options.progress, n, title=into)
-        if hits:
+        if len(positions):
             bar.update(cached=outcomes.cached, failed=cached_failed)
         return bar
 

@@ -272,11 +272,6 @@ class FunctionHasher:
 
     def _module_attribute(self, module: types.ModuleType, chain: tuple[str, ...]) -> None:
         """Hash what ``module.a.b`` names, so ``helpers.clean(x)`` follows edits to ``clean``."""
-        if module is sys and chain[:1] == ("modules",):
-            # Which modules happen to be imported is process state, not an input: hashing the
-            # dict changed the fingerprint whenever anything was imported (an LLM run's first client).
-            self.emit("attribute", "sys.modules")
-            return
         found: Any = module
         path = []
         for attribute in chain:
@@ -297,6 +292,8 @@ class FunctionHasher:
                 return
         if path and not _is_module(found):
             self.emit("attribute", ".".join(path))
+            if (module.__name__, path[0]) in _PROCESS_STATE:
+                return  # bookkeeping of this process, never what a row computes
             self.value(found)
 
     def _module(self, module: types.ModuleType) -> None:
@@ -361,6 +358,12 @@ def _is_module(obj: Any) -> bool:
 _code_digests: dict[tuple[types.CodeType, Any], bytes] = {}
 _code_globals: dict[types.CodeType, tuple[tuple[tuple[str, tuple[tuple[str, ...], ...]], ...], frozenset[str]]] = {}
 _MEMO_LIMIT = 4096
+
+
+#: module attributes that hold the process's own bookkeeping: ``sys.modules`` grows whenever anything
+#: is imported (an LLM client's first request imports a dozen modules), so hashing it made a
+#: function that reads it get a new fingerprint, and miss the cache, on every run
+_PROCESS_STATE = frozenset({("sys", "modules"), ("sys", "path_importer_cache")})
 
 
 def _code_digest(code: types.CodeType, docstring: str | None) -> bytes:

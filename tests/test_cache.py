@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import modal_magic
 from modal_magic import cache as cache_module
 from modal_magic.cache import chunks as chunks_module, store as store_module
 from modal_magic.cache import DB_NAME, CacheWarning, RowCache, row_keys
@@ -423,3 +424,93 @@ def test_processes_creating_the_cache_at_the_same_moment_all_succeed(tmp_path):
         for writer in writers:
             _, err = writer.communicate(timeout=120)
             assert writer.returncode == 0, err[-2000:]
+
+
+def test_a_hit_matches_the_whole_key_not_only_the_half_that_is_indexed(cache):
+    # Lookups index the keys' last 8 bytes: a stored key that shares them with the key asked for,
+    # but not its first 8, must never answer for it.
+    key = cache.row_keys("fp", ["a"])[0]
+    twin = key[:4] + bytes(b ^ 0xFF for b in key[4:8]) + key[8:]
+    assert cache.put_many([(key, "A")]) == []
+    assert cache.get_many([twin]) == {}
+    assert cache.put_many([(twin, "T")]) == []
+    assert cache.get_many([key]) == {0: "A"} and cache.get_many([twin]) == {0: "T"}
+    both = cache.get_many([key, twin, key])
+    assert both[0] == "A" and both[2] == "A" and both.get(1, "T") == "T"
+
+
+def test_lookup_takes_keys_as_one_array_and_skips_rows_without_a_key(cache):
+    hasher = cache_module.RowKeyHasher("fp")
+    lock = threading.Lock()
+    packed, bad = hasher.key_array(["a", lock, "b", "a"], star=False)
+    assert bad.tolist() == [False, True, False, False]
+    assert cache.put_packed(packed[[0]], [["first"]]) == []
+    rows, values = cache.lookup(packed, bad)
+    assert rows.tolist() == [0, 3] and values == [["first"], ["first"]]
+    assert values[0] is not values[1], "equal keys get their own objects"
+    assert [bytes(k) for k in packed[[0, 2]]] == cache.row_keys("fp", ["a", "b"])
+
+
+def test_a_map_too_cheap_to_store_keys_no_row_and_stores_nothing(monkeypatch):
+    hashed = []
+    real = cache_module.RowKeyHasher.key_array
+
+    def counting(self, rows, star):
+        hashed.append(len(rows))
+        return real(self, rows, star)
+
+    monkeypatch.setattr(cache_module.RowKeyHasher, "key_array", counting)
+    df = pd.DataFrame({"x": range(50_000)})
+    for _ in range(2):
+        out = df.modal.map(lambda x: x + 1, column="x", backend="sequential", progress=False)
+        assert out["result"].iloc[-1] == 50_000 and modal_magic.last_run().cached == 0
+    assert sum(hashed) == 0, f"{sum(hashed):,} rows were keyed for a cache that stores none of them"
+
+
+def test_rows_keyed_as_they_are_stored_are_found_by_a_rerun_that_keys_them_all():
+    # The first run keys only the rows it stores, batch by batch; the re-run keys every row up front.
+    # Mixed types, a failing row and an input that can't be hashed: the keys must agree.
+    lock = threading.Lock()
+    df = pd.DataFrame({"x": [1, "1", 2.5, None, (1, 2), lock, 0, b"1", 1, "1"]})
+
+    def slow(x):
+        time.sleep(0.002)
+        return 1 / x if x == 0 else repr(x)
+
+    first = df.modal.map(slow, column="x", backend="threads", progress=False)
+    again = df.modal.map(slow, column="x", backend="threads", progress=False)
+    assert modal_magic.last_run().cached == 8, "every row but the failed one and the lock comes from the cache"
+    assert again["slow"].tolist()[:5] == first["slow"].tolist()[:5] == ["1", "'1'", "2.5", "None", "(1, 2)"]
+    assert again["slow_error"].notna().tolist() == [False] * 6 + [True] + [False] * 3
+
+
+def test_a_run_of_mostly_cheap_rows_stores_only_rows_far_too_slow_for_noise(cache):
+    # Batch times are wall time: a warm-up or a busy machine makes some batches of cheap rows look
+    # costly. Those must not be stored (one stored row makes every later run key all its rows),
+    # while a row that really took long (it called a model) must be.
+    from modal_magic.cache.rows import RunCache
+
+    args = list(range(3000))
+    hasher = cache_module.RowKeyHasher("fp")
+    run = RunCache(cache, hasher, args, star=False, refresh=False)
+    run.save(range(0, 1), [0], [], 0.2)  # a first one-row batch: a worker's warm-up, or a model loading
+    run.save(range(1, 1001), list(range(1, 1001)), [], 200e-6)  # 0.2 µs a row
+    run.save(range(1001, 1003), ["slow", "slower"], [], 0.05)  # two rows that called a model
+    run.save(range(1003, 1100), list(range(1003, 1100)), [], 0.004)  # 40 µs a row: a hiccup
+    run.save(range(1100, 3000), list(range(1100, 3000)), [], 400e-6)
+    run.flush()
+    rows, values = cache.lookup(*hasher.key_array(args, star=False))
+    assert rows.tolist() == [1001, 1002] and values == ["slow", "slower"]
+
+    llm = RunCache(cache, hasher, args, star=False, refresh=False)
+    llm.save(range(2999, 3000), ["answer"], [], 0.8)  # a run of one-row batches of slow rows: stored at once
+    rows, values = cache.lookup(*hasher.key_array(args, star=False))
+    assert rows.tolist() == [1001, 1002, 2999] and values[-1] == "answer"
+
+    costly = RunCache(cache, hasher, args, star=False, refresh=False)
+    costly.save(range(0, 2000), [f"v{i}" for i in range(2000)], [5], 0.01)  # 5 µs a row, row 5 failed
+    costly.save(range(2000, 3000), list(range(2000, 3000)), [], 1e-4)  # a fast-looking batch
+    costly.flush()
+    rows, values = cache.lookup(*hasher.key_array(args, star=False))
+    assert rows.tolist() == [i for i in range(2000) if i != 5] + [2999]
+    assert values[:6] == ["v0", "v1", "v2", "v3", "v4", "v6"]

@@ -441,3 +441,17 @@ def test_which_modules_are_imported_is_not_part_of_a_fingerprint():
         assert function_fingerprint(loaded, star=False, result_options={}) == before
     finally:
         del sys.modules["modal_magic_test_fake_module"]
+
+
+def test_importing_a_module_between_runs_keeps_the_fingerprint_of_a_function_that_reads_sys_modules():
+    # An LLM client's first request imports a dozen modules; a function that looks in sys.modules
+    # (as the LLM row function does, to rebuild errors) must not get a new fingerprint from that.
+    def loaded(x):
+        return x if sys.modules.get("json") is None else -x
+
+    before = fp(loaded)
+    sys.modules["modal_magic_test_fresh_module"] = type(sys)("modal_magic_test_fresh_module")
+    try:
+        assert fp(loaded) == before
+    finally:
+        del sys.modules["modal_magic_test_fresh_module"]

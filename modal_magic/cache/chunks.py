@@ -1,7 +1,7 @@
 """One stored chunk: many rows' keys side by side and their values in one pickle, with a keyed MAC.
 
 The store (:mod:`modal_magic.cache.store`) keeps one SQLite row per chunk; this module turns rows
-into chunks and back, and decides which chunk's copy of a key is current.
+into chunks and back (:mod:`modal_magic.cache.match` finds which chunk holds a key).
 """
 
 from __future__ import annotations
@@ -9,10 +9,7 @@ from __future__ import annotations
 import hmac
 import pickle
 from hashlib import blake2b
-from itertools import repeat
 from typing import Any, Sequence
-
-import numpy as np
 
 from .keys import KEY_BYTES
 
@@ -50,14 +47,6 @@ def join_keys(keys: Sequence[bytes | None]) -> bytes | None:
     if len(joined) % KEY_BYTES:
         raise ValueError(f"cache keys are {KEY_BYTES} bytes long; use row_keys() to make them")
     return joined or None
-
-
-def key_parts(joined: bytes) -> list[bytes]:
-    """The distinct 4-byte fingerprint tags among keys joined end to end (usually just one)."""
-    tags = np.frombuffer(joined, dtype="<u4")[:: KEY_BYTES // 4]
-    if (tags == tags[0]).all():
-        return [joined[:4]]
-    return [int(t).to_bytes(4, "little") for t in np.unique(tags)]
 
 
 def part_number(part: bytes) -> int:
@@ -122,26 +111,3 @@ def own_copy(value: Any) -> Any:
     if kind in _IMMUTABLE or (kind is tuple and all(type(item) in _IMMUTABLE for item in value)):
         return value
     return pickle.loads(dumps(value))
-
-
-Located = tuple[int, bytes, Sequence[int], Sequence[int]]  # (chunk id, keys blob, positions in it, indexes asked)
-
-
-def newest_wins(located: list[Located]) -> list[Located]:
-    """Drop hits that a newer chunk (a refresh, a retry) also holds; ``located`` is in id order."""
-    spans = sorted((indexes.start, indexes.stop) for _, _, _, indexes in located if type(indexes) is range)
-    if len(spans) == len(located) and all(stop <= start for (_, stop), (start, _) in zip(spans, spans[1:])):
-        return located  # disjoint runs of the keys asked for: nothing is shadowed
-    total = sum(len(indexes) for _, _, _, indexes in located)
-    owner: dict[int, int] = {}
-    for chunk_id, _, _, indexes in located:
-        owner.update(zip(indexes, repeat(chunk_id)))
-    if len(owner) == total:
-        return located
-    kept = []
-    for chunk_id, keys_blob, positions, indexes in located:
-        pairs = [(j, i) for j, i in zip(positions, indexes) if owner[i] == chunk_id]
-        if pairs:
-            kept.append((chunk_id, keys_blob, [j for j, _ in pairs], [i for _, i in pairs]))
-    return kept
-

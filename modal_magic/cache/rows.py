@@ -11,9 +11,12 @@ import sqlite3
 import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
+
 from ..fingerprint import function_fingerprint
 from .database import warn_once
 from .default import default_cache
+from .keys import RowKeyHasher
 
 if TYPE_CHECKING:
     from ..backends.base import Task
@@ -25,27 +28,42 @@ __all__ = ["RunCache", "result_options"]
 class RunCache:
     """The per-row cache as one run uses it: keys for its rows, hits up front, successes as they arrive.
 
+    Rows are keyed only when a key is needed: all of them up front when the cache holds results of
+    this function (to look them up), else only the rows being stored, as they are written. A
+    function's first run, and every run of one whose rows are too cheap to store, hashes nothing
+    before its rows start, and a cheap map never pays for keys it won't use.
+
     Successes are written as batches return, grouped so that cheap rows don't pay a database write
     per batch: the buffer is written once it holds ``FLUSH_WORK_S`` of computed work or
     ``FLUSH_ROWS`` rows, and always at the end. Work that took real time (an LLM call, a GPU batch)
-    is therefore written at once, and a crash loses at most the rows in flight plus a few
-    milliseconds' worth of cheap ones. Rows under ``CHEAP_ROW_S`` each aren't stored at all.
+    is therefore written at once, and a crash loses at most the rows in flight plus a fraction of a
+    second's worth of cheap ones. Rows under ``CHEAP_ROW_S`` each aren't stored at all, nor, unless
+    they take ``COSTLY_ROW_S``, rows of a run whose rows were mostly that cheap.
     """
 
-    FLUSH_WORK_S = 0.05
+    FLUSH_WORK_S = 0.25
     FLUSH_ROWS = 50_000
-    #: rows that computed faster than this aren't stored: reading them back would cost more
-    #: (about 1 µs a row) than computing them again, and storing them would slow the first run
-    CHEAP_ROW_S = 5e-6
+    #: rows that computed faster than this aren't stored: keying, storing and reading one back costs
+    #: about 1 µs, so storing them would slow the first run for a re-run no faster than computing them
+    CHEAP_ROW_S = 2e-6
+    #: a batch this slow a row is stored even in a run of mostly cheap rows (say a function that
+    #: skips most rows but calls a model on some): no hiccup of a busy machine makes cheap rows
+    #: look this slow
+    COSTLY_ROW_S = 0.01
 
-    def __init__(self, cache: Any, keys: list[bytes | None], refresh: bool) -> None:
+    def __init__(self, cache: Any, hasher: RowKeyHasher, args: list[Any], star: bool, refresh: bool) -> None:
         self.cache = cache
-        self.keys = keys
+        self.hasher = hasher
+        self.args = args
+        self.star = star
         self.refresh = refresh
         self.problems: list[tuple[bytes, str]] = []
-        self._keys: list[bytes | None] = []
-        self._values: list[Any] = []
+        self._keys: tuple[np.ndarray, np.ndarray] | None = None  # every row's, once needed
+        self._buffer: list[tuple[Sequence[int], list[Any], float]] = []  # (positions, values, per row s)
+        self._buffered_rows = 0
         self._buffered_work_s = 0.0
+        self._cheap_rows = 0  # rows of the run so far in batches under CHEAP_ROW_S a row
+        self._costly_rows = 0
 
     @classmethod
     def open(cls, task: Task, args: list[Any]) -> RunCache | None:
@@ -57,30 +75,63 @@ class RunCache:
                       "read from or written to it) until that is fixed", stacklevel=5)
             return None
         fingerprint = function_fingerprint(task.fn, star=task.star, result_options=result_options(task.options))
-        return cls(cache, cache.row_keys(fingerprint, args, star=task.star), task.options.cache == "refresh")
+        return cls(cache, RowKeyHasher(fingerprint), args, task.star, task.options.cache == "refresh")
 
-    def hits(self) -> dict[int, Any]:
-        return {} if self.refresh else self.cache.get_many(self.keys)
+    def hits(self) -> tuple[np.ndarray, list[Any]]:
+        """The positions of the rows the cache holds, and their values."""
+        if self.refresh or not self.args or not self.cache.holds_part(self.hasher.part):
+            return np.empty(0, dtype=np.intp), []
+        self._keys = self.hasher.key_array(self.args, self.star)
+        return self.cache.lookup(*self._keys)
 
     def save(self, positions: Sequence[int], values: list[Any], failed: list[int], work_s: float) -> None:
-        if work_s < self.CHEAP_ROW_S * len(positions):
+        per_row = work_s / max(1, len(positions))
+        if per_row < self.CHEAP_ROW_S:
+            self._cheap_rows += len(positions)
             return
-        if not failed and isinstance(positions, range):
-            self._keys.extend(self.keys[positions.start : positions.stop])
-            self._values.extend(values)
-        else:
+        if len(positions) > 1:  # a one-row batch may be all warm-up (a worker's or the function's first call)
+            self._costly_rows += len(positions)
+        if failed:
             skip = set(failed)
             kept = [i for i, p in enumerate(positions) if p not in skip]
-            self._keys.extend(self.keys[positions[i]] for i in kept)
-            self._values.extend(values[i] for i in kept)
+            positions, values = [positions[i] for i in kept], [values[i] for i in kept]
+        self._buffer.append((positions, values, per_row))
+        self._buffered_rows += len(values)
         self._buffered_work_s += work_s
-        if self._buffered_work_s >= self.FLUSH_WORK_S or len(self._keys) >= self.FLUSH_ROWS:
+        if self._buffered_work_s >= self.FLUSH_WORK_S or self._buffered_rows >= self.FLUSH_ROWS:
             self.flush()
 
     def flush(self) -> None:
-        if self._keys:
-            self.problems.extend(self.cache.put_columns(self._keys, self._values))
-        self._keys, self._values = [], []
+        """Write what is buffered and worth keeping."""
+        # A batch's time is wall time: a first call (a worker's, or a function loading its model)
+        # or a busy machine can make a batch of cheap rows look costly. So a batch is stored when
+        # most of the run's rows so far came in costly batches of several rows, or when it is far
+        # too slow for noise to explain and not a lone row: one stray stored row would make every
+        # later run of a cheap function key all its rows to look it up.
+        mostly_costly = self._costly_rows >= self._cheap_rows
+        kept = [entry for entry in self._buffer
+                if mostly_costly or (entry[2] >= self.COSTLY_ROW_S and len(entry[1]) > 1)]
+        if kept:
+            values = [value for _, batch_values, _ in kept for value in batch_values]
+            if self._keys is not None:
+                where = np.concatenate([np.arange(p.start, p.stop) if isinstance(p, range) else np.asarray(p, dtype=np.intp)
+                                        for p, _, _ in kept])
+                packed, bad = self._keys[0][where], self._keys[1][where]
+            else:
+                rows: list[Any] = []
+                for positions, _, _ in kept:
+                    if isinstance(positions, range):
+                        rows.extend(self.args[positions.start : positions.stop])
+                    else:
+                        rows.extend(self.args[p] for p in positions)
+                packed, bad = self.hasher.key_array(rows, self.star)
+            if bad.any():  # inputs that can't be hashed faithfully aren't cached
+                values = [value for value, skip in zip(values, bad.tolist()) if not skip]
+                packed = packed[~bad]
+            if len(values):
+                self.problems.extend(self.cache.put_packed(packed, values))
+        self._buffer = []
+        self._buffered_rows = 0
         self._buffered_work_s = 0.0
 
     def report(self) -> None:

@@ -43,11 +43,11 @@ from pathlib import Path
 import numpy as np
 from typing import Any, Sequence
 
-from .chunks import (CHUNK_FORMAT, Located, chunk_mac, dumps, join_keys, key_parts, newest_wins, own_copy,
-                     part_number, unpack)
+from .chunks import CHUNK_FORMAT, chunk_mac, dumps, join_keys, part_number, unpack
 from .database import DB_NAME, move_aside, open_database, rollback, write_failure
 from .keys import KEY_BYTES, row_keys
 from .location import CacheWarning, default_cache_dir, load_key
+from .match import KeyMatcher
 
 __all__ = ["RowCache", "DB_NAME"]
 
@@ -129,18 +129,71 @@ class RowCache:
         unpickle to a list of its length is treated as a miss and deleted. Rows with equal keys get
         equal values, each its own object unless immutable.
         """
-        out: dict[int, Any] = {}
-        joined = join_keys(keys)
-        if joined is None:
-            return out
+        packed, bad = _pack_keys(keys)
+        rows, values = self.lookup(packed, bad)
+        return dict(zip(rows.tolist(), values))
+
+    def lookup(self, packed: np.ndarray, bad: np.ndarray | None = None) -> tuple[np.ndarray, list[Any]]:
+        """:meth:`get_many` for keys in one array: the indexes of the rows the cache holds, and their values.
+
+        Parameters
+        ----------
+        packed : numpy.ndarray
+            ``(n, KEY_BYTES)`` uint8, one key per row (:meth:`RowKeyHasher.key_array`).
+        bad : numpy.ndarray, optional
+            ``n`` bools: rows that have no key (skipped).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from modal_magic.cache import RowKeyHasher
+        >>> with tempfile.TemporaryDirectory() as directory, RowCache(directory) as cache:
+        ...     packed, bad = RowKeyHasher("fp").key_array(["a", "b", "c"], star=False)
+        ...     cache.put_packed(packed[[0, 2]], ["A", "C"])
+        ...     rows, values = cache.lookup(packed, bad)
+        ...     rows.tolist(), values
+        []
+        ([0, 2], ['A', 'C'])
+        """
+        asked = np.flatnonzero(~bad) if bad is not None and bad.any() else None
+        keys = packed if asked is None else packed[asked]
+        if len(keys) == 0:
+            return np.empty(0, dtype=np.intp), []
         try:
             with self._lock:
-                self._read(keys, joined, out)
+                rows, values = self._read(np.ascontiguousarray(keys, dtype=np.uint8))
         except sqlite3.Error as e:
             self._recover_if_corrupt(e)
             warnings.warn(f"modal_magic couldn't read its cache at {self.path}: {e}; those rows will run",
                           CacheWarning, stacklevel=2)
-        return out
+            return np.empty(0, dtype=np.intp), []
+        return (rows if asked is None else asked[rows]), values
+
+    def holds_part(self, part: bytes) -> bool:
+        """Whether any chunk is filed under this fingerprint tag (the first 4 bytes of its keys).
+
+        A function never cached before (or whose rows were all too cheap to store) has none, and a
+        run of it skips keying its rows up front.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from modal_magic.cache import RowKeyHasher
+        >>> with tempfile.TemporaryDirectory() as directory, RowCache(directory) as cache:
+        ...     hasher = RowKeyHasher("fp")
+        ...     before = cache.holds_part(hasher.part)
+        ...     _ = cache.put_packed(hasher.key_array([1], star=False)[0], ["one"])
+        ...     before, cache.holds_part(hasher.part), cache.holds_part(RowKeyHasher("other").part)
+        (False, True, False)
+        """
+        try:
+            with self._lock:
+                row = self._db().execute("SELECT 1 FROM chunks WHERE part = ? LIMIT 1",
+                                         (part_number(part),)).fetchone()
+        except sqlite3.Error as e:
+            self._recover_if_corrupt(e)
+            return False
+        return row is not None
 
     def put_many(self, items: Sequence[tuple[bytes | None, Any]]) -> list[tuple[bytes, str]]:
         """Store ``(key, value)`` pairs in one transaction; return ``(key, reason)`` for those not stored.
@@ -169,29 +222,37 @@ class RowCache:
         if None in keys:
             values = [value for key, value in zip(keys, values) if key is not None]
             keys = [key for key in keys if key is not None]
-        joined = join_keys(keys)
-        if joined is None or self.read_only:  # read-only was said once, when the database was opened
+        packed, _ = _pack_keys(keys)
+        return self.put_packed(packed, values)
+
+    def put_packed(self, packed: np.ndarray, values: Sequence[Any]) -> list[tuple[bytes, str]]:
+        """:meth:`put_many` for keys in one ``(n, KEY_BYTES)`` uint8 array (every row with a key).
+
+        See :meth:`lookup` for an example.
+        """
+        values = values if isinstance(values, list) else list(values)
+        if len(packed) != len(values):
+            raise ValueError(f"{len(packed)} keys for {len(values)} values; give one key per value")
+        if not len(packed) or self.read_only:  # read-only was said once, when the database was opened
             return []
+        packed = np.ascontiguousarray(packed, dtype=np.uint8)
         rejected: list[tuple[bytes, str]] = []
         records: list[tuple[Any, ...]] = []
         now = int(self._clock())
-        parts = key_parts(joined)
-        if len(parts) == 1:
-            groups = [(keys, values, joined)]
+        tags = np.ascontiguousarray(packed[:, :4]).view(">u4").ravel()
+        if (tags == tags[0]).all():
+            groups: list[tuple[np.ndarray, list[Any]]] = [(packed, values)]
         else:
-            by_part: dict[bytes, tuple[list[bytes], list[Any]]] = {}
-            for key, value in zip(keys, values):
-                group = by_part.setdefault(key[:4], ([], []))
-                group[0].append(key)
-                group[1].append(value)
-            groups = [(k, v, b"".join(k)) for k, v in by_part.values()]
-        for group_keys, group_values, group_blob in groups:
-            part = part_number(group_blob[:4])
+            groups = []
+            for tag in np.unique(tags):
+                where = np.flatnonzero(tags == tag)
+                groups.append((packed[where], [values[i] for i in where.tolist()]))
+        for group_keys, group_values in groups:
+            part = int(np.ascontiguousarray(group_keys[:1, :4]).view(">u4")[0, 0])
             for start in range(0, len(group_keys), MAX_CHUNK_ROWS):
                 stop = start + MAX_CHUNK_ROWS
-                packed = self._pack(group_keys[start:stop], group_values[start:stop],
-                                    group_blob[KEY_BYTES * start : KEY_BYTES * stop], rejected)
-                for keys_blob, n, value_blob in packed:
+                for keys_blob, n, value_blob in self._pack(group_keys[start:stop].tobytes(),
+                                                           group_values[start:stop], rejected):
                     mac = chunk_mac(self._key, keys_blob, value_blob)
                     records.append((part, now, CHUNK_FORMAT, n, mac, keys_blob, value_blob))
         if not records:
@@ -211,7 +272,8 @@ class RowCache:
             self._recover_if_corrupt(e)
             stored = {key for key, _ in rejected}
             reason = write_failure(e, self.path)
-            return rejected + [(key, reason) for key in keys if key not in stored]
+            return rejected + [(key, reason) for key in packed.view(f"V{KEY_BYTES}").ravel().tolist()
+                               if key not in stored]
         try:
             with self._lock:
                 self._evict_if_needed()
@@ -252,71 +314,49 @@ class RowCache:
 
     # --- reading ----------------------------------------------------------------------------------
 
-    def _read(self, keys: Sequence[bytes | None], joined: bytes, out: dict[int, Any]) -> None:
+    def _read(self, keys: np.ndarray) -> tuple[np.ndarray, list[Any]]:
         db = self._db()
         now = int(self._clock())
-        located: list[Located] = []
+        tags = np.ascontiguousarray(keys[:, :4]).view(">u4").ravel()
+        parts = [int(tags[0])] if (tags == tags[0]).all() else np.unique(tags).tolist()
         stale_atime: list[int] = []
         broken: list[int] = []
+        loaded: dict[int, list[Any]] = {}
         db.execute("BEGIN")
         try:
             stored = []
-            for part in key_parts(joined):
-                stored += db.execute("SELECT id, n, atime, keys FROM chunks WHERE part = ? ORDER BY id",
-                                     (part_number(part),)).fetchall()
+            for part in parts:
+                stored += db.execute("SELECT id, n, atime, keys FROM chunks WHERE part = ?", (part,)).fetchall()
             if not stored:  # a function never cached before: no need to index the keys
-                return
-            index: dict[bytes | None, int] = dict(zip(keys, range(len(keys))))
-            index.pop(None, None)
-            duplicates: dict[bytes, list[int]] = {}
-            aligned = len(joined) == KEY_BYTES * len(keys)  # no None keys: offsets in ``joined`` are indexes
-            if len(index) + keys.count(None) < len(keys):
-                for i, key in enumerate(keys):
-                    if key is not None and index[key] != i:
-                        duplicates.setdefault(key, []).append(i)
-            # Pass 1: which chunk holds each requested key (the newest, when several do).
+                return np.empty(0, dtype=np.intp), []
+            matcher = KeyMatcher(keys)
+            atimes = {}
+            # Pass 1, keys only: which chunk holds the newest copy of each key asked for.
             for chunk_id, n, atime, keys_blob in sorted(stored):
                 if len(keys_blob) != KEY_BYTES * n:
                     broken.append(chunk_id)
-                    continue
-                first = index.get(keys_blob[:KEY_BYTES]) if aligned and n else None
-                if first is not None and joined[KEY_BYTES * first : KEY_BYTES * (first + n)] == keys_blob:
-                    # The usual re-run: the chunk is a run of the keys asked for, in order.
-                    located.append((chunk_id, keys_blob, range(n), range(first, first + n)))
-                else:
-                    found = list(map(index.get, np.frombuffer(keys_blob, dtype=f"V{KEY_BYTES}").tolist()))
-                    positions = [j for j, i in enumerate(found) if i is not None]
-                    if not positions:
-                        continue
-                    located.append((chunk_id, keys_blob, positions, [found[j] for j in positions]))
-                if atime < now - ATIME_RESOLUTION_S:
-                    stale_atime.append(chunk_id)
-            located = newest_wins(located)
+                elif matcher.probe(chunk_id, keys_blob):
+                    atimes[chunk_id] = atime
             # Pass 2: load, verify and unpickle the chunks that hold hits.
-            wanted = {chunk_id: (keys_blob, positions, indexes) for chunk_id, keys_blob, positions, indexes in located}
+            wanted = dict(matcher.needed())
             ids = list(wanted)
             for start in range(0, len(ids), _IN_CHUNK):
                 batch = ids[start : start + _IN_CHUNK]
                 query = ("SELECT id, fmt, n, checksum, keys, value FROM chunks "
                          f"WHERE id IN ({','.join('?' * len(batch))})")
                 for chunk_id, fmt, n, mac, keys_blob, value_blob in db.execute(query, batch):
-                    expected_keys, positions, indexes = wanted[chunk_id]
-                    values = unpack(fmt, n, mac, keys_blob, value_blob, expected_keys, self._key)
+                    values = unpack(fmt, n, mac, keys_blob, value_blob, wanted[chunk_id], self._key)
                     if values is None:
                         broken.append(chunk_id)
-                        continue
-                    if type(positions) is range:
-                        out.update(zip(indexes, values))
                     else:
-                        out.update(zip(indexes, map(values.__getitem__, positions)))
-                    if duplicates:
-                        for j, i in zip(positions, indexes):
-                            for extra in duplicates.get(keys_blob[KEY_BYTES * j : KEY_BYTES * (j + 1)], ()):
-                                out[extra] = own_copy(values[j])  # each row its own object
+                        loaded[chunk_id] = values
+                        if atimes[chunk_id] < now - ATIME_RESOLUTION_S:
+                            stale_atime.append(chunk_id)
         finally:
             db.execute("COMMIT")
         # A row whose newest chunk is broken stays a miss, even if an older chunk holds it: it reruns.
-        self._touch_and_drop([c for c in stale_atime if c not in broken], broken, now)
+        self._touch_and_drop(stale_atime, broken, now)
+        return matcher.assemble(loaded)
 
     def _touch_and_drop(self, touch: list[int], drop: list[int], now: int) -> None:
         """Best effort: refresh last-access times and delete broken chunks; skipped when busy or read-only."""
@@ -339,7 +379,7 @@ class RowCache:
 
     # --- writing ----------------------------------------------------------------------------------
 
-    def _pack(self, keys: list[bytes], values: list[Any], keys_blob: bytes,
+    def _pack(self, keys_blob: bytes, values: list[Any],
               rejected: list[tuple[bytes, str]]) -> list[tuple[bytes, int, bytes]]:
         """Pickle values into chunks of ``(keys blob, n, pickled list)``; report the ones that can't go."""
         try:
@@ -347,10 +387,11 @@ class RowCache:
         except Exception:
             blob = None
         if blob is not None and len(blob) <= min(MAX_CHUNK_BYTES, self.max_entry_bytes):
-            return [(keys_blob, len(keys), blob)]
+            return [(keys_blob, len(values), blob)]
         # Slow path: find the values that can't be pickled or are too large, group the rest by size.
         sized: list[tuple[bytes, Any, int]] = []
-        for key, value in zip(keys, values):
+        for i, value in enumerate(values):
+            key = keys_blob[KEY_BYTES * i : KEY_BYTES * (i + 1)]
             try:
                 size = len(dumps(value))
             except Exception as e:
@@ -422,6 +463,19 @@ class RowCache:
         with self._lock:
             self.close()
             move_aside(self.path, error)
+
+
+def _pack_keys(keys: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Keys given as ``bytes`` (``None`` for a row without one) as :meth:`RowCache.lookup` takes them."""
+    joined = join_keys(keys)
+    if joined is None:
+        return np.empty((len(keys), KEY_BYTES), dtype=np.uint8), np.ones(len(keys), dtype=bool)
+    if len(joined) == KEY_BYTES * len(keys):
+        return np.frombuffer(joined, dtype=np.uint8).reshape(-1, KEY_BYTES), None
+    bad = np.fromiter((key is None for key in keys), dtype=bool, count=len(keys))
+    packed = np.zeros((len(keys), KEY_BYTES), dtype=np.uint8)
+    packed[~bad] = np.frombuffer(joined, dtype=np.uint8).reshape(-1, KEY_BYTES)
+    return packed, bad
 
 
 def _delete_chunks(db: sqlite3.Connection, ids: Sequence[int]) -> None:
