@@ -155,8 +155,11 @@ def test_quickstart_shows_the_failed_rows_then_reruns_only_those(run, expected_c
     failed = expected_counts["FAILED"]
 
     assert text_of(outputs_of(nb, "reviews.modal.errors().head()")).count("ValueError: empty review") == min(failed, 5)
-    assert text_of(outputs_of(nb, "failed = ")).strip() == str(failed)
-    after = counts_in(text_of(outputs_of(nb, "columns = ")))
+    assert text_of(outputs_of(nb, "int(reviews.sentiment_error.notna().sum())")).strip() == str(failed)
+    retry = text_of(outputs_of(nb, "%%modal_map reviews.text --into sentiment --retry-failed"))
+    assert f"Done: {failed} rows" in retry, retry  # only the failed rows ran again
+    [_, after_retry] = [c.outputs for c in nb.cells if c.source == "reviews.sentiment.value_counts()"]
+    after = counts_in(text_of(after_retry))
     assert after == {**{k: v for k, v in expected_counts.items() if k != "FAILED"}, "BLANK": failed}
     assert text_of(outputs_of(nb, "len(reviews.modal.errors())")).strip() == "0"
 
