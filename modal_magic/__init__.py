@@ -17,6 +17,7 @@ from . import accessor as _accessor  # noqa: F401  (registers df.modal and serie
 from . import cache
 from .backends import register_backend
 from .checks import FunctionError
+from .jobs import MapJob, attach, jobs
 from .runs import last_result, last_run
 from .errors import Cancelled, MapInterrupted, ModalSetupError, RowError, RowFailed, UnpicklableResult, WorkerCrashed
 from .llm.keys import MissingAPIKey
@@ -63,10 +64,13 @@ __all__ = [
     "ModuleStateWarning",
     "UntestedModalClient",
     # the rest of the public API
+    "MapJob",
     "MapOptions",
+    "attach",
     "RunSummary",
     "cache",
     "last_result",
+    "jobs",
     "last_run",
     "load_ipython_extension",
     "register_backend",

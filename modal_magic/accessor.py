@@ -16,6 +16,7 @@ import pandas as pd
 
 from .declarations import unknown_option
 from .engine import map_frame
+from .jobs import MapJob, start_job
 from .retry import retry_failed
 from .errors import RowError
 from .llm import LLM_OPTION_NAMES, LLM_OPTIONS, LLMOptions, llm_frame
@@ -57,6 +58,11 @@ def _with_options(*declared: tuple[Option, ...], unchanged: bool = False) -> Cal
         return method
 
     return decorate
+
+
+def _now_or_background(options: MapOptions, title: str, run: Callable[[], pd.DataFrame]) -> pd.DataFrame | MapJob:
+    """Run at once, or with ``wait=False`` in the background as a :class:`~modal_magic.jobs.MapJob`."""
+    return run() if options.wait else start_job(run, title=title)
 
 
 def errors_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -111,12 +117,14 @@ class ModalFrameAccessor:
         *,
         into: str | None = None,
         **options: Any,
-    ) -> pd.DataFrame:
+    ) -> pd.DataFrame | MapJob:
         """Call ``fn(value)`` once for every value of ``column``, in parallel; return a new DataFrame.
 
         The result is the original frame (same rows, order and index) plus ``<into>`` (the return
         value, missing where the row failed) and ``<into>_error`` (missing where it succeeded, else
-        ``"ExceptionType: message"``). ``into`` defaults to the function's name.
+        ``"ExceptionType: message"``). ``into`` defaults to the function's name. With
+        ``wait=False`` it returns a :class:`~modal_magic.jobs.MapJob` at once instead, whose
+        ``result()`` is that DataFrame.
 
         Parameters
         ----------
@@ -153,7 +161,8 @@ class ModalFrameAccessor:
         if isinstance(column, list):
             raise TypeError("map() takes one column; use df.modal.starmap(fn, columns=[...]) to pass several")
         opts = MapOptions.create(**options)
-        return map_frame(self._frame, fn, columns=[column], star=False, into=into, options=opts)
+        return _now_or_background(opts, into or getattr(fn, "__name__", "map"), lambda: map_frame(
+            self._frame, fn, columns=[column], star=False, into=into, options=opts))
 
     @_with_options(OPTIONS)
     def starmap(
@@ -163,7 +172,7 @@ class ModalFrameAccessor:
         *,
         into: str | None = None,
         **options: Any,
-    ) -> pd.DataFrame:
+    ) -> pd.DataFrame | MapJob:
         """Call ``fn(*row_values)`` with one argument per column in ``columns``, for every row.
 
         Examples
@@ -177,10 +186,11 @@ class ModalFrameAccessor:
         if isinstance(columns, str) or not isinstance(columns, Sequence) or not columns:
             raise TypeError("starmap() needs columns=[...]: a list of column names, one per argument")
         opts = MapOptions.create(**options)
-        return map_frame(self._frame, fn, columns=list(columns), star=True, into=into, options=opts)
+        return _now_or_background(opts, into or getattr(fn, "__name__", "starmap"), lambda: map_frame(
+            self._frame, fn, columns=list(columns), star=True, into=into, options=opts))
 
     @_with_options(LLM_OPTIONS, OPTIONS)
-    def llm(self, template: str, *, into: str = "answer", **options: Any) -> pd.DataFrame:
+    def llm(self, template: str, *, into: str = "answer", **options: Any) -> pd.DataFrame | MapJob:
         """Fill ``template``'s ``{column}`` fields from each row, ask a chat model, add the answers as columns.
 
         Works with any OpenAI-compatible endpoint, through the ``openai`` client. The new columns:
@@ -239,7 +249,8 @@ class ModalFrameAccessor:
             raise unknown_option(unknown[0], (*LLM_OPTION_NAMES, *OPTION_NAMES))
         llm = LLMOptions.create(**{k: v for k, v in options.items() if k in LLM_OPTION_NAMES})
         opts = MapOptions.create(**{k: v for k, v in options.items() if k not in LLM_OPTION_NAMES})
-        return llm_frame(self._frame, template, into=into, llm=llm, options=opts)
+        return _now_or_background(opts, into, lambda: llm_frame(self._frame, template, into=into, llm=llm,
+                                                                options=opts))
 
     @_with_options(OPTIONS, unchanged=True)
     def retry_failed(self, into: str | None = None, **options: Any) -> pd.DataFrame:
@@ -278,7 +289,7 @@ class ModalSeriesAccessor:
         self._series = series
 
     @_with_options(OPTIONS)
-    def map(self, fn: Callable[[Any], Any], *, into: str | None = None, **options: Any) -> pd.DataFrame:
+    def map(self, fn: Callable[[Any], Any], *, into: str | None = None, **options: Any) -> pd.DataFrame | MapJob:
         """Call ``fn`` on every value; return a DataFrame of the values, ``<into>`` and ``<into>_error``.
 
         The Series becomes a column named after it (``"value"`` when it has no name).
@@ -292,4 +303,5 @@ class ModalSeriesAccessor:
         """
         name = self._series.name if self._series.name is not None else "value"
         opts = MapOptions.create(**options)
-        return map_frame(self._series.to_frame(name), fn, columns=[name], star=False, into=into, options=opts)
+        return _now_or_background(opts, into or getattr(fn, "__name__", "map"), lambda: map_frame(
+            self._series.to_frame(name), fn, columns=[name], star=False, into=into, options=opts))

@@ -16,6 +16,7 @@ import dataclasses
 import heapq
 import itertools
 import math
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import join, runs
+from . import control, join, runs
 from .backends import Backend, BackendFailed, Batch, BatchResult, Runtime, Task, create_backend
 from .backends._worker import backoff_delay, run_rows
 from .cache.rows import RunCache
@@ -277,6 +278,9 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, errors_cal
     outcomes = _Outcomes(n)
     started = time.monotonic()
     progress = make_progress(task.options.progress, n, title=into)
+    run_control = control.current()  # a background run (wait=False): watched and stopped from outside
+    if run_control is not None:
+        progress = run_control.watch(progress, n)
     logs: list[str] = []
     todo: Sequence[int] = range(n)
     if stored is not None:
@@ -293,7 +297,8 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, errors_cal
     backend = create_backend(task)
     try:
         backend.start(task)
-        _drive(backend, task, args, todo, outcomes, progress, index, logs, stored)
+        _drive(backend, task, args, todo, outcomes, progress, index, logs, stored,
+               run_control.stop if run_control is not None else None)
     except KeyboardInterrupt:
         backend.cancel()
         for position in outcomes.unfinished():
@@ -338,7 +343,8 @@ def _finish(progress: Progress, state: str, outcomes: _Outcomes, index: pd.Index
 
 
 def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], outcomes: _Outcomes,
-           progress: Progress, index: pd.Index, logs: list[str], stored: RunCache | None) -> None:
+           progress: Progress, index: pd.Index, logs: list[str], stored: RunCache | None,
+           stop: threading.Event | None = None) -> None:
     opts = task.options
     n = len(todo)
     # A run may have a meter (``.tokens``, ``.cost_usd``) that the bar shows as it runs; it sees
@@ -358,6 +364,8 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
     retry_at: list[tuple[float, int, Batch]] = []  # lost rows waiting out their backoff
 
     while cursor < n or in_flight or retry_at:
+        if stop is not None and stop.is_set():  # MapJob.cancel(): stop as the Stop button does
+            raise KeyboardInterrupt
         starting: list[Batch] = []
         while in_flight < backend.capacity:
             if retry_at and retry_at[0][0] <= time.monotonic():
