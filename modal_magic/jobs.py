@@ -79,16 +79,18 @@ class MapJob:
             finally:
                 self._run = None  # type: ignore[assignment]  # the function and frame are not kept twice
                 self._control.shown.set()
-                self._ended.set()
-        with _lock:
-            callbacks, self._callbacks = self._callbacks, None
-        for callback in callbacks or ():
-            callback(self)
+        try:  # before result() returns: a --background cell's columns are in place when it does
+            with _lock:
+                callbacks, self._callbacks = self._callbacks, None
+            for callback in callbacks or ():
+                callback(self)
+        finally:
+            self._ended.set()
 
     def _start(self) -> None:
         self._thread.start()
         self._control.shown.wait()
-        if self._ended.is_set() and self._control.summary() is None and self._error is not None:
+        if self._control.summary() is None and self._ended.wait() and self._error is not None:
             # The run never began (a user mistake caught before any row): say so here, at the call.
             raise self._error.with_traceback(None)
         _register(self)
@@ -117,7 +119,9 @@ class MapJob:
         >>> job = df.modal.map(embed, column="text", backend="modal", wait=False)    # doctest: +SKIP
         >>> out = job.result()                                                         # doctest: +SKIP
         """
-        if not self._ended.wait(timeout):
+        # A done callback runs in the job's thread after the run, before the job counts as ended.
+        in_callback = threading.current_thread() is self._thread
+        if not in_callback and not self._ended.wait(timeout):
             summary = self.summary
             raise TimeoutError(f"job {self.id} is still running after {timeout:g}s ({summary.succeeded + summary.failed} "
                                f"of {summary.total} rows done); call result() again to keep waiting")
@@ -127,7 +131,7 @@ class MapJob:
         return self._result
 
     def done(self) -> bool:
-        """True once the run has ended (finished, failed or cancelled)."""
+        """True once the run has ended (finished, failed or cancelled) and its columns are filled in."""
         return self._ended.is_set()
 
     def cancel(self) -> None:
