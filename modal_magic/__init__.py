@@ -74,22 +74,53 @@ __all__ = [
     "last_run",
     "load_ipython_extension",
     "register_backend",
+    "sessions",
     "shutdown",
     "unload_ipython_extension",
 ]
 
 
 def shutdown() -> None:
-    """Stop the warm local worker processes now (they start again on the next run).
+    """Stop the warm local worker processes and every warm Modal session (its app and containers).
+
+    Both start again on the next run that needs them.
 
     Examples
     --------
     >>> import modal_magic
     >>> modal_magic.shutdown()
     """
+    import sys
+
     from .backends.processes import shutdown_pool
 
     shutdown_pool()
+    if "modal_magic.backends.modal.session" in sys.modules:  # never import the Modal client just to stop nothing
+        from .backends.modal.session import shutdown_sessions
+
+        shutdown_sessions()
+
+
+def sessions() -> list[dict[str, Any]]:
+    """The warm Modal sessions of this kernel: one line per app kept up between cells.
+
+    Each line: ``app_id``, ``spec`` (what made its containers: image, GPU, secrets...),
+    ``containers`` (running at the last update), ``runs`` (served so far), ``running`` (now),
+    ``idle_s`` and ``keep_warm_s`` (the session and its containers stop after that much idle time).
+
+    Examples
+    --------
+    >>> import modal_magic
+    >>> modal_magic.sessions()
+    []
+    """
+    import sys
+
+    if "modal_magic.backends.modal.session" not in sys.modules:
+        return []
+    from .backends.modal.session import sessions as live
+
+    return live()
 
 
 def load_ipython_extension(ipython: Any) -> None:

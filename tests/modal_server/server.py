@@ -634,6 +634,8 @@ class ModalTestServer:
       retries_received     int, FunctionRetryInputs items (client-driven retries)
       outputs_sent         int, outputs produced (retried inputs produce several)
       workers_started      int, worker processes ("containers") bound to functions, replacements included
+      container_start_delay_s   settable: seconds each new container waits before its first input (a cold
+                           start); containers idle past their function's scaledown_window stop
       secrets              {name: env} of named secrets;  secret_lookups: every name looked up
       volumes              {name: volume_id};  images: {image_id: layer dict}
       blob_uploads / blob_downloads    HTTP PUTs / GETs on the blob endpoint
@@ -709,6 +711,8 @@ class ModalTestServer:
         self.internal_errors: list[str] = []
         self.blob_uploads = 0
         self.blob_downloads = 0
+        # seconds each new container waits before it runs anything (a simulated cold start)
+        self.container_start_delay_s = 0.0
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}-local{next(self._id_counter):06d}"
@@ -975,6 +979,8 @@ class ModalTestServer:
                 on_log=lambda task_id, line, fn=fn: self._on_log(fn, task_id, line),
                 on_worker_started=self._on_worker_started,
                 spares=self._spares,
+                start_delay_s=self.container_start_delay_s,
+                idle_timeout_s=float(fn.record.get("scaledown_window") or 0) if fn.record else 0.0,
             )
         return fn.runtime
 
