@@ -24,15 +24,17 @@ def plus_two(x):
     return x + 2
 
 
-MODEL: dict = {}
+MODEL = None
+LOADS = 0
 
 
 def predict(x):
-    """Loads its "model" into a module global on first use, as a notebook would load weights once."""
-    if "pid" not in MODEL:
-        MODEL["pid"] = os.getpid()
-        MODEL["loads"] = MODEL.get("loads", 0) + 1
-    return (MODEL["pid"], MODEL["loads"])
+    """Loads its "model" into a module global on first use, as the README says to load weights once."""
+    global MODEL, LOADS
+    if MODEL is None:
+        MODEL = os.getpid()
+        LOADS += 1
+    return (MODEL, LOADS)
 
 
 def run(fn, n=8, **options):
