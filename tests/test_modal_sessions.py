@@ -138,3 +138,19 @@ def test_keep_warm_is_checked_before_anything_starts():
         pd.DataFrame({"x": [1]}).modal.map(plus_one, column="x", backend="modal", keep_warm=7200)
     with pytest.raises(modal_magic.OptionsError, match="keep_warm=1 is not valid"):
         pd.DataFrame({"x": [1]}).modal.map(plus_one, column="x", backend="modal", keep_warm=1)
+
+
+def test_a_kernel_that_exits_stops_its_warm_app(modal_server):
+    import subprocess
+    import sys
+
+    script = ("import pandas as pd, modal_magic\n"
+              "out = pd.DataFrame({'x': [1, 2]}).modal.map(lambda x: x + 1, column='x', backend='modal', progress=False)\n"
+              "print(out['result'].tolist(), len(modal_magic.sessions()))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[2, 3] 1", done.stderr[-2000:]
+    assert [d["app_id"] for d in modal_server.apps_disconnected] == [modal_server.apps[0]["app_id"]]
+    deadline = time.monotonic() + 5
+    while modal_server.live_worker_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert modal_server.live_worker_pids() == []

@@ -40,6 +40,7 @@ _lock = threading.Lock()
 _SESSIONS: dict[str, WarmSession] = {}
 _last_spec: list[dict[str, Any]] = []  # the spec of the session used last, to say what changed
 _previous_output: list[Any] = []  # Modal's output manager before the first session replaced it
+_atexit_registered: list[bool] = []
 
 
 class WarmSession:
@@ -236,6 +237,11 @@ def _set_containers(n: int) -> None:
 def _install_output() -> None:
     from modal._output.manager import OutputManager
 
+    if not _atexit_registered:
+        # Registered after the modal client was imported, so it runs before the client's own exit
+        # hooks (atexit runs last-registered first) while the client can still stop the apps.
+        atexit.register(shutdown_sessions)
+        _atexit_registered.append(True)
     if not _previous_output:
         _previous_output.append(OutputManager.get())
         OutputManager._set(capturing_output(SINK, _set_containers))
@@ -266,5 +272,3 @@ def shutdown_sessions() -> int:
         _restore_output_if_unused()
     return len(live)
 
-
-atexit.register(shutdown_sessions)
