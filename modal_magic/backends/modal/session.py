@@ -266,6 +266,7 @@ def shutdown_sessions() -> int:
     with _lock:
         live = list(_SESSIONS.values())
         _SESSIONS.clear()
+        _last_spec.clear()  # the next run starts afresh, rather than "the warm ones had stopped"
     for session in live:
         session.close()
     with _lock:
