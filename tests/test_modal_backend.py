@@ -209,7 +209,7 @@ def test_modal_output_is_kept_out_of_the_notebook(modal_server, capfd):
     pd.DataFrame({"x": range(5)}).modal.map(noisy, column="x", backend="modal", progress=False)
     logs = modal_magic.last_run().logs
     assert "processing row 3" in logs, "container output comes back with the run"
-    assert any("Created Function serve" in line for line in logs), "so does Modal's own status"
+    assert any("Created Function modal_magic_runner" in line for line in logs), "so does Modal's own status"
     printed = capfd.readouterr()
     assert "Created objects" not in printed.out + printed.err
     assert "processing row" not in printed.out

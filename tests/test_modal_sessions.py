@@ -94,12 +94,12 @@ def test_keep_warm_0_stops_the_app_with_the_run(modal_server):
     assert run(plus_one, keep_warm=0)["y"].tolist() == [x + 1 for x in range(8)]
     assert modal_magic.sessions() == []
     assert [d["app_id"] for d in modal_server.apps_disconnected] == [modal_server.apps[0]["app_id"]]
-    assert modal_server.function("serve")["scaledown_window"] is None
+    assert modal_server.function("modal_magic_runner")["scaledown_window"] is None
 
 
 def test_an_idle_session_stops_after_keep_warm_and_so_do_its_containers(modal_server):
     run(plus_one, keep_warm=2)
-    assert modal_server.function("serve")["scaledown_window"] == 2
+    assert modal_server.function("modal_magic_runner")["scaledown_window"] == 2
     assert len(modal_magic.sessions()) == 1 and modal_server.live_worker_pids()
     deadline = time.monotonic() + 15
     while (modal_magic.sessions() or modal_server.live_worker_pids()) and time.monotonic() < deadline:

@@ -31,10 +31,12 @@ from ..base import LoopThread
 from . import container
 from .setup import LineSink, capturing_output, function_kwargs, setup_error, spec_changes, spec_of
 
-__all__ = ["SINK", "WarmSession", "acquire", "release", "sessions", "shutdown_sessions"]
+__all__ = ["RUNNER_NAME", "SINK", "WarmSession", "acquire", "release", "sessions", "shutdown_sessions"]
 
 #: Modal's output while sessions live (image builds, container logs), drained by the runs' bars
 SINK = LineSink()
+#: the one function of every warm app, as Modal's dashboard and logs name it
+RUNNER_NAME = "modal_magic_runner"
 
 _lock = threading.Lock()
 _SESSIONS: dict[str, WarmSession] = {}
@@ -98,7 +100,8 @@ class WarmSession:
         self._stop = asyncio.Event()
         try:
             app = modal.App(f"modal-magic-{self.spec['image'][:40]}".replace(" ", "")[:60])
-            serve = app.function(**function_kwargs(self.options, self.options.batch_size or 1))(container.serve)
+            serve = app.function(name=RUNNER_NAME, **function_kwargs(self.options, self.options.batch_size or 1))(
+                container.serve)
             async with contextlib.AsyncExitStack() as stack:
                 # The runner travels by value (the containers have no modal_magic); only while it is created.
                 with by_value([container.__name__]):
