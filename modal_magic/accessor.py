@@ -253,7 +253,7 @@ class ModalFrameAccessor:
                                                                 options=opts))
 
     @_with_options(OPTIONS, unchanged=True)
-    def retry_failed(self, into: str | None = None, **options: Any) -> pd.DataFrame:
+    def retry_failed(self, into: str | None = None, **options: Any) -> pd.DataFrame | MapJob:
         """Run again only the rows that failed, with new options if given; return the completed frame.
 
         Works on the frame a map returned. ``options`` override the original run's, e.g.
@@ -264,6 +264,9 @@ class ModalFrameAccessor:
         >>> out = df.modal.map(fetch, column="url")          # doctest: +SKIP
         >>> out = out.modal.retry_failed(retries=3)           # doctest: +SKIP
         """
+        if options.get("wait") is False:  # in the background, like a map with wait=False
+            foreground = {**options, "wait": True}
+            return start_job(lambda: retry_failed(self._frame, into, **foreground), title=into or "retry_failed")
         return retry_failed(self._frame, into, **options)
 
     def errors(self) -> pd.DataFrame:

@@ -180,3 +180,29 @@ def test_in_a_kernel_the_next_cell_finishes_first_and_the_bar_keeps_updating(tmp
     # widget messages of the cell it is running, so the kernel's own widget is what to read; JupyterLab
     # routes them to the bar whatever cell runs.)
     assert "bars: [(16, 16, 'success')]" in texts[2]
+
+
+def test_retry_failed_runs_in_the_background_too():
+    df = pd.DataFrame({"x": [1, 3]})
+    out = df.modal.map(tenfold, column="x", backend="threads", progress=False)
+    job = out.modal.retry_failed(wait=False, progress=False)
+    assert isinstance(job, MapJob)
+    again = job.result(timeout=30)
+    assert again["tenfold_error"].tolist() == [None, "ValueError: three"]  # it still fails, on its own retry
+    with pytest.raises(ValueError, match="retry_failed"):
+        pd.DataFrame({"x": [1]}).modal.retry_failed(wait=False)
+
+
+def test_stop_while_result_waits_stops_the_waiting_not_the_job():
+    import os
+    import signal
+
+    gate = threading.Event()
+    job = pd.DataFrame({"x": [1, 2]}).modal.map(lambda x: gate.wait(30) and x, column="x", backend="threads",
+                                                 progress=False, wait=False, cache=False)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # what the Stop button sends the kernel
+    with pytest.raises(KeyboardInterrupt):
+        job.result()
+    assert job.state == "running"
+    gate.set()
+    assert job.result(timeout=30)["result"].tolist() == [1, 2]
