@@ -18,6 +18,7 @@ from . import cache
 from .backends import register_backend
 from .checks import FunctionError
 from .deploy import Deployment, deploy, deployments, undeploy
+from .jobs import MapJob, attach, jobs
 from .runs import last_result, last_run
 from .errors import Cancelled, MapInterrupted, ModalSetupError, RowError, RowFailed, UnpicklableResult, WorkerCrashed
 from .llm.keys import MissingAPIKey
@@ -65,15 +66,19 @@ __all__ = [
     "UntestedModalClient",
     # the rest of the public API
     "Deployment",
+    "MapJob",
     "MapOptions",
+    "attach",
     "RunSummary",
     "cache",
     "deploy",
     "deployments",
     "last_result",
+    "jobs",
     "last_run",
     "load_ipython_extension",
     "register_backend",
+    "sessions",
     "shutdown",
     "undeploy",
     "unload_ipython_extension",
@@ -81,16 +86,46 @@ __all__ = [
 
 
 def shutdown() -> None:
-    """Stop the warm local worker processes now (they start again on the next run).
+    """Stop the warm local worker processes and every warm Modal session (its app and containers).
+
+    Both start again on the next run that needs them.
 
     Examples
     --------
     >>> import modal_magic
     >>> modal_magic.shutdown()
     """
+    import sys
+
     from .backends.pool import shutdown_pool
 
     shutdown_pool()
+    if "modal_magic.backends.modal.session" in sys.modules:  # never import the Modal client just to stop nothing
+        from .backends.modal.session import shutdown_sessions
+
+        shutdown_sessions()
+
+
+def sessions() -> list[dict[str, Any]]:
+    """The warm Modal sessions of this kernel: one line per app kept up between cells.
+
+    Each line: ``app_id``, ``spec`` (what made its containers: image, GPU, secrets...),
+    ``containers`` (running at the last update), ``runs`` (served so far), ``running`` (now),
+    ``idle_s`` and ``keep_warm_s`` (the session and its containers stop after that much idle time).
+
+    Examples
+    --------
+    >>> import modal_magic
+    >>> modal_magic.sessions()
+    []
+    """
+    import sys
+
+    if "modal_magic.backends.modal.session" not in sys.modules:
+        return []
+    from .backends.modal.session import sessions as live
+
+    return live()
 
 
 def load_ipython_extension(ipython: Any) -> None:

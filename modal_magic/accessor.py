@@ -20,6 +20,7 @@ import pandas as pd
 
 from .declarations import unknown_option
 from .engine import map_frame
+from .jobs import MapJob, start_job
 from .runs import LAST_RESULT_ERRORS
 from .retry import retry_failed
 from .errors import RowError
@@ -100,6 +101,20 @@ def _assigned_name(filename: str, lineno: int) -> str | None:
     return None
 
 
+def _now_or_background(options: MapOptions, title: str, run: Callable[[str], pd.DataFrame], call: str
+                       ) -> pd.DataFrame | MapJob:
+    """Run at once, or with ``wait=False`` in the background as a :class:`~modal_magic.jobs.MapJob`.
+
+    ``call`` is what the caller types to list the failed rows (see :func:`errors_call`); ``run``
+    takes the one that fits: a background run's frame is the job's ``result()``.
+    """
+    if options.wait:
+        return run(call)
+    if call != LAST_RESULT_ERRORS:
+        call = call.replace(".modal.errors()", ".result().modal.errors()")
+    return start_job(lambda: run(call), title=title)
+
+
 def errors_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Every failed row of ``frame``: one line per error, indexed by the row's label.
 
@@ -152,12 +167,14 @@ class ModalFrameAccessor:
         *,
         into: str | None = None,
         **options: Any,
-    ) -> pd.DataFrame:
+    ) -> pd.DataFrame | MapJob:
         """Call ``fn(value)`` once for every value of ``column``, in parallel; return a new DataFrame.
 
         The result is the original frame (same rows, order and index) plus ``<into>`` (the return
         value, missing where the row failed) and ``<into>_error`` (missing where it succeeded, else
-        ``"ExceptionType: message"``). ``into`` defaults to the function's name.
+        ``"ExceptionType: message"``). ``into`` defaults to the function's name. With
+        ``wait=False`` it returns a :class:`~modal_magic.jobs.MapJob` at once instead, whose
+        ``result()`` is that DataFrame.
 
         Parameters
         ----------
@@ -194,8 +211,8 @@ class ModalFrameAccessor:
         if isinstance(column, list):
             raise TypeError("map() takes one column; use df.modal.starmap(fn, columns=[...]) to pass several")
         opts = MapOptions.create(**options)
-        return map_frame(self._frame, fn, columns=[column], star=False, into=into, options=opts,
-                         errors_call=errors_call())
+        return _now_or_background(opts, into or getattr(fn, "__name__", "map"), lambda call: map_frame(
+            self._frame, fn, columns=[column], star=False, into=into, options=opts, errors_call=call), errors_call())
 
     @_with_options(OPTIONS)
     def starmap(
@@ -205,7 +222,7 @@ class ModalFrameAccessor:
         *,
         into: str | None = None,
         **options: Any,
-    ) -> pd.DataFrame:
+    ) -> pd.DataFrame | MapJob:
         """Call ``fn(*row_values)`` with one argument per column in ``columns``, for every row.
 
         Examples
@@ -219,11 +236,12 @@ class ModalFrameAccessor:
         if isinstance(columns, str) or not isinstance(columns, Sequence) or not columns:
             raise TypeError("starmap() needs columns=[...]: a list of column names, one per argument")
         opts = MapOptions.create(**options)
-        return map_frame(self._frame, fn, columns=list(columns), star=True, into=into, options=opts,
-                         errors_call=errors_call())
+        return _now_or_background(opts, into or getattr(fn, "__name__", "starmap"), lambda call: map_frame(
+            self._frame, fn, columns=list(columns), star=True, into=into, options=opts, errors_call=call),
+            errors_call())
 
     @_with_options(LLM_OPTIONS, OPTIONS)
-    def llm(self, template: str, *, into: str = "answer", **options: Any) -> pd.DataFrame:
+    def llm(self, template: str, *, into: str = "answer", **options: Any) -> pd.DataFrame | MapJob:
         """Fill ``template``'s ``{column}`` fields from each row, ask a chat model, add the answers as columns.
 
         Works with any OpenAI-compatible endpoint, through the ``openai`` client. The new columns:
@@ -287,11 +305,12 @@ class ModalFrameAccessor:
             raise unknown_option(unknown[0], (*LLM_OPTION_NAMES, *OPTION_NAMES))
         llm = LLMOptions.create(**{k: v for k, v in options.items() if k in LLM_OPTION_NAMES})
         opts = MapOptions.create(**{k: v for k, v in options.items() if k not in LLM_OPTION_NAMES})
-        return llm_frame(self._frame, template, into=into, llm=llm, options=opts, errors_call=errors_call())
+        return _now_or_background(opts, into, lambda call: llm_frame(
+            self._frame, template, into=into, llm=llm, options=opts, errors_call=call), errors_call())
 
     @_with_options(OPTIONS, unchanged=True)
     def retry_failed(self, into: str | None = None, *, fn: Callable[..., Any] | None = None,
-                     **options: Any) -> pd.DataFrame:
+                     **options: Any) -> pd.DataFrame | MapJob:
         """Run again only the rows that failed, with new options if given; return the completed frame.
 
         Works on the frame a map returned. ``fn`` is a fixed function to run them with (default: the
@@ -304,7 +323,11 @@ class ModalFrameAccessor:
         >>> out = out.modal.retry_failed(retries=3)           # doctest: +SKIP
         >>> out = out.modal.retry_failed(fn=fetch_fixed)      # doctest: +SKIP
         """
-        return retry_failed(self._frame, into, fn=fn, errors_call=errors_call(), **options)
+        # wait=False is taken here: the rerun itself runs in the foreground of the job's thread
+        background = options.pop("wait", True) is False
+        return _now_or_background(MapOptions.create(wait=not background), into or "retry_failed",
+                                  lambda call: retry_failed(self._frame, into, fn=fn, errors_call=call, **options),
+                                  errors_call())
 
     def errors(self) -> pd.DataFrame:
         """The failed rows: error text, type, message, traceback, attempts and the exception itself.
@@ -329,7 +352,7 @@ class ModalSeriesAccessor:
         self._series = series
 
     @_with_options(OPTIONS)
-    def map(self, fn: Callable[[Any], Any], *, into: str | None = None, **options: Any) -> pd.DataFrame:
+    def map(self, fn: Callable[[Any], Any], *, into: str | None = None, **options: Any) -> pd.DataFrame | MapJob:
         """Call ``fn`` on every value; return a DataFrame of the values, ``<into>`` and ``<into>_error``.
 
         The Series becomes a column named after it (``"value"`` when it has no name).
@@ -343,5 +366,6 @@ class ModalSeriesAccessor:
         """
         name = self._series.name if self._series.name is not None else "value"
         opts = MapOptions.create(**options)
-        return map_frame(self._series.to_frame(name), fn, columns=[name], star=False, into=into, options=opts,
-                         errors_call=errors_call())
+        return _now_or_background(opts, into or getattr(fn, "__name__", "map"), lambda call: map_frame(
+            self._series.to_frame(name), fn, columns=[name], star=False, into=into, options=opts, errors_call=call),
+            errors_call())

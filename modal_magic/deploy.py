@@ -131,7 +131,7 @@ def deploy_image(options: MapOptions) -> Any:
     --------
     >>> image = deploy_image(MapOptions.create(backend="modal", pip=["scikit-learn"]))  # doctest: +SKIP
     """
-    from .backends.modal import build_image
+    from .backends.modal.setup import build_image
 
     image = build_image(options)
     pins = [p for p in _runtime_pins(options) if not p.startswith("cloudpickle==")]  # build_image pins it
@@ -143,7 +143,7 @@ def deploy_image(options: MapOptions) -> Any:
 def _image_words(options: MapOptions) -> str:
     if options.image is not None:
         return "your image + modal_magic"
-    from .backends.modal import local_python_version
+    from .backends.modal.setup import local_python_version
 
     words = [f"debian_slim python {options.python_version or local_python_version()}"]
     if options.pip:
@@ -191,7 +191,7 @@ def deploy(fn: Callable[..., Any], name: str, schedule: Any = None, **options: A
     _check_callable(fn, scheduled=schedule is not None)
     modal_schedule = to_schedule(schedule)
     opts = _container_options(options)
-    from .backends.modal import check_credentials, check_python_version, check_reachable
+    from .backends.modal.setup import check_credentials, check_python_version, check_reachable
 
     check_python_version(opts)
     check_picklable(fn, where="Modal", otherwise="")
@@ -228,7 +228,7 @@ def _deploy_function(fn: Callable[..., Any], app_name: str, function_name: str, 
     import modal
 
     from .backends.base import LoopThread
-    from .backends.modal import _setup_error, function_kwargs
+    from .backends.modal.setup import function_kwargs, setup_error
     from .shipping import by_value, by_value_packages
 
     kwargs = function_kwargs(opts, 1)
@@ -247,7 +247,7 @@ def _deploy_function(fn: Callable[..., Any], app_name: str, function_name: str, 
             app.function(**kwargs)(deployed)
             loop.call(app.deploy.aio(name=app_name)).result(timeout=DEPLOY_TIMEOUT_S)
     except Exception as e:
-        raise _setup_error(e) from None
+        raise setup_error(e) from None
     finally:
         loop.stop()
 
@@ -284,7 +284,7 @@ def undeploy(app: str) -> None:
     import modal
 
     from .backends.base import LoopThread
-    from .backends.modal import check_credentials, check_reachable
+    from .backends.modal.setup import check_credentials, check_reachable
 
     check_credentials()
     check_reachable()

@@ -16,6 +16,7 @@ import dataclasses
 import heapq
 import itertools
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -23,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import join, runs
+from . import control, join, runs
 from .backends import Backend, BackendFailed, Batch, BatchResult, Runtime, Task, create_backend
 from .backends.row_runner import backoff_s, run_rows
 from .cache.rows import RunCache
@@ -313,6 +314,7 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: run
     n = len(args)
     outcomes = _Outcomes(n, expand=task.options.expand)
     started = time.monotonic()
+    run_control = control.current()  # a background run (wait=False): watched and stopped from outside
     logs: list[str] = []
     todo: Sequence[int] = range(n)
     positions, values = stored.hits() if stored is not None else (np.empty(0, dtype=np.intp), [])
@@ -325,6 +327,8 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: run
 
     def show() -> Progress:
         bar = make_progress(task.options.progress, n, title=into)
+        if run_control is not None:
+            bar = run_control.watch(bar, n)
         if len(positions):
             bar.update(cached=outcomes.cached, failed=cached_failed)
         return bar
@@ -337,7 +341,8 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: run
     try:
         backend.start(task)
         progress = show()
-        _drive(backend, task, args, todo, outcomes, progress, index, logs, stored)
+        _drive(backend, task, args, todo, outcomes, progress, index, logs, stored,
+               run_control.stop if run_control is not None else None)
     except KeyboardInterrupt:
         backend.cancel()
         outcomes.cancel_unfinished("the run was stopped before this row finished")
@@ -375,7 +380,8 @@ def _finish(progress: Progress, state: str, outcomes: _Outcomes, index: pd.Index
 
 
 def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], outcomes: _Outcomes,
-           progress: Progress, index: pd.Index, logs: list[str], stored: RunCache | None) -> None:
+           progress: Progress, index: pd.Index, logs: list[str], stored: RunCache | None,
+           stop: threading.Event | None = None) -> None:
     opts = task.options
     n = len(todo)
     # A run may have a meter (``.tokens``, ``.cost_usd``) that the bar shows as it runs; it sees
@@ -395,6 +401,8 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
     retry_at: list[tuple[float, int, Batch]] = []  # lost rows waiting out their backoff
 
     while cursor < n or in_flight or retry_at:
+        if stop is not None and stop.is_set():  # MapJob.cancel(): stop as the Stop button does
+            raise KeyboardInterrupt
         starting: list[Batch] = []
         while in_flight < backend.capacity:
             if retry_at and retry_at[0][0] <= time.monotonic():

@@ -59,6 +59,8 @@ LOCAL_BACKENDS = ("local", "threads", "sequential")
 #: Modal containers a run plans its batches for when ``max_containers`` isn't given (Modal
 #: itself scales further when the work is there)
 DEFAULT_MODAL_CONTAINERS = 32
+#: batches in flight at once to a deployed function (``backend="modal:APP/NAME"``) without ``max_containers``
+DEFAULT_DEPLOYED_CONCURRENCY = 8
 #: requests in flight at once for ``df.modal.llm`` when ``max_containers`` isn't given
 DEFAULT_LLM_CONCURRENCY = 64
 #: local worker processes per core at most: past that, CPU work only gains memory use
@@ -260,6 +262,15 @@ def _check_image(name: str, value: Any) -> Any:
     raise invalid(name, value, "a modal.Image (or use pip=/apt=/python_version= to describe one)")
 
 
+def _check_keep_warm(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise invalid(name, value, "a number of seconds: 0 (containers stop with the run) or 2 to 3600")
+    if value != 0 and not 2 <= value <= 3600:
+        raise invalid(name, value, "0 (containers stop with the run) or between 2 and 3600 seconds "
+                                   "(Modal keeps idle containers at most an hour)")
+    return int(math.ceil(value))
+
+
 def _check_on_error(name: str, value: Any) -> OnError:
     if value not in ("capture", "raise"):
         raise invalid(name, value, "'capture' (errors become a column) or 'raise' (stop at the first error)")
@@ -324,6 +335,11 @@ class MapOptions:
     volumes: Mapping[str, Any] = option(
         {}, _check_volumes, "Modal volumes to mount, /PATH=VOLUME_NAME.",
         trait="pairs", flag=Flag("pairs", spelling="--volume", metavar="/PATH=VOLUME_NAME", group=_PLACE))
+    keep_warm: int = option(
+        300, _check_keep_warm,
+        "Seconds Modal containers (and their app) stay up after a run, for the next cell to reuse; "
+        "0 stops them with the run. Idle containers are billed.",
+        trait="whole", flag=Flag(type=int, metavar="SECONDS", group=_PLACE))
     # Execution.
     timeout: float | None = option(
         None, positive_seconds, "Seconds one row may run before it fails.",
@@ -352,6 +368,11 @@ class MapOptions:
         "Reuse stored results of rows that already ran; 'refresh' recomputes and stores them again.",
         trait="cache", flag=Flag("cache"))
     progress: bool = option(True, true_or_false, "Show a progress bar.", trait="switch", flag=Flag("switch"))
+    wait: bool = option(
+        True, true_or_false,
+        "False: return a MapJob at once and run in the background (job.result() gives the frame); "
+        "on a magic's line: --background.",
+        trait="switch", flag=None)
     sample: int | None = option(
         None, positive_int, "Run on the first N rows only, to try the function out.",
         trait="whole", flag=Flag(type=int, metavar="N"))

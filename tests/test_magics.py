@@ -212,6 +212,8 @@ FLAG_CASES = [
     ("--sample 5", "sample", 5),
     ("--expand", "expand", True),
     ("--overwrite", "overwrite", True),
+    ("--keep-warm 60", "keep_warm", 60),
+    ("--background", "wait", False),
 ]
 
 
@@ -225,7 +227,9 @@ def test_each_flag_sets_its_option(ip, calls, flags, option, expected):
     ip.run_line_magic("load_ext", "modal_magic")
     image = ip.user_ns["img"] = Image()
 
-    ip.run_cell_magic("modal_map", f"df.x {flags}", CLASSIFY)
+    job = ip.run_cell_magic("modal_map", f"df.x {flags}", CLASSIFY)
+    if job is not None:  # --background: the engine is called from the job's thread
+        job.result(timeout=30)
 
     options = calls[-1]["options"]
     assert isinstance(options, MapOptions)

@@ -325,3 +325,32 @@ def test_running_modal_server_outside_pytest_fixtures():
             assert double.remote(21) == 42
         assert server.inputs_received == 1
     assert os.environ.get("MODAL_SERVER_URL") == before
+
+
+def test_spawned_calls_on_a_detached_app_outlive_the_client(modal_server):
+    app = modal.App("detached")
+
+    @app.function(serialized=True)
+    def square(x):
+        import time
+
+        time.sleep(x[1])
+        return x[0] ** 2
+
+    with app.run(detach=True):
+        quick = [square.spawn((i, 0.2)).object_id for i in range(3)]
+        slow = square.spawn((9, 60)).object_id
+    (app_record,) = modal_server.apps
+    assert not app_record["stopped"], "a detached app keeps running after its client leaves"
+    # What a new kernel does with the ids it recorded: collect the finished calls...
+    assert [modal.FunctionCall.from_id(i).get(timeout=30) for i in quick] == [0, 1, 4]
+    with pytest.raises(TimeoutError):
+        modal.FunctionCall.from_id(slow).get(timeout=0.5)
+    assert modal_server.executions == 4 and list(modal_server.executions_by_function.values()) == [4]
+    # ...and cancel the one it no longer wants: then no call is left and the app stops by itself.
+    modal.FunctionCall.from_id(slow).cancel()
+    deadline = time.monotonic() + 10
+    while not modal_server.apps[0]["stopped"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert modal_server.apps[0]["stopped"], "a detached app with no work left stops"
+    assert modal_server.live_worker_pids() == []

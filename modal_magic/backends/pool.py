@@ -25,8 +25,10 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from .base import Batch
 
@@ -53,13 +55,46 @@ def describe_exit(code: int | None) -> str:
 Message = tuple["WorkerProcess", "bytes | None", float]
 
 
+class _Spawner:
+    """Starts worker processes from a thread that outlives runs.
+
+    A worker asks Linux to kill it when its parent dies (PR_SET_PDEATHSIG), and Linux means the
+    parent *thread*: a worker started by a background run's thread (``wait=False``) would be killed
+    when that run ends, and the warm pool with it. The main thread never ends before the process, so
+    it starts its workers itself; any other thread hands the start to this one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+
+    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        if threading.current_thread() is threading.main_thread():
+            return subprocess.Popen(argv, **kwargs)
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="modal_magic-spawner")
+            executor = self._executor
+        return executor.submit(subprocess.Popen, argv, **kwargs).result()
+
+    def stop(self) -> None:
+        """End the spawning thread (with :func:`shutdown_pool`; it starts again when needed)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+
+_spawner = _Spawner()
+
+
 class WorkerProcess:
     """One worker process, the socket to it, and the two threads that move its messages."""
 
     def __init__(self, messages: queue.SimpleQueue[Message]) -> None:
         parent_sock, child_sock = socket.socketpair()
         fd = child_sock.fileno()
-        self.proc = subprocess.Popen(
+        self.proc = _spawner.popen(
             [sys.executable, _WORKER_SCRIPT, str(fd)],
             pass_fds=(fd,),
             stdin=subprocess.DEVNULL,
@@ -219,6 +254,7 @@ def shutdown_pool() -> None:
     """
     with SHARED_POOL.lock:
         SHARED_POOL.shutdown()
+    _spawner.stop()
 
 
 atexit.register(shutdown_pool)

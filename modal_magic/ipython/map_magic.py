@@ -25,6 +25,7 @@ from ..engine import map_frame
 from ..retry import rerun_failed
 from ..runs import RunSpec, runs_columns
 from ..errors import MapInterrupted, ModalSetupError, OptionsError, RowError
+from ..jobs import MapJob, start_job
 from ..options import OPTION_NAMES, OPTIONS, MapOptions, check_option
 from .parsing import (CellArgs, add_option_flags, bind, define_function, in_flag_words, make_parser, map_options,
                       option_flags, option_traits, parse_known, resolve_frame, split_line)
@@ -69,6 +70,9 @@ def _parser() -> Any:
                         help="Bind the result to a new DataFrame NAME and leave DF unchanged.")
     parser.add_argument("--fn", metavar="NAME",
                         help="The function to map (default: the last top-level def in the cell).")
+    parser.add_argument("--background", action="store_true",
+                        help="Run in the background: the cell returns a MapJob at once (other cells can run); "
+                             "the columns are filled in when it ends (job.result() waits for it).")
     parser.add_argument("--retry-failed", action="store_true",
                         help="Run only the rows of DF whose INTO_error holds an error (with this cell's function "
                              "and flags, e.g. more --retries), and fill their results in.")
@@ -120,7 +124,7 @@ class ModalMagic(MapOptionTraits):  # type: ignore[misc,valid-type]
         return {name: getattr(self, name) for name in OPTION_NAMES}
 
     @line_cell_magic
-    def modal_map(self, line: str, cell: str | None = None) -> None:
+    def modal_map(self, line: str, cell: str | None = None) -> MapJob | None:
         args = parse_line(line)
         if cell is None and args.fn is None:  # %modal_map, the line form: the function is defined already
             raise UsageError("%modal_map (one %) maps a function defined earlier: name it with --fn NAME, "
@@ -128,20 +132,29 @@ class ModalMagic(MapOptionTraits):  # type: ignore[misc,valid-type]
         user_ns = self.shell.user_ns
         frame = resolve_frame(user_ns, args)
         options = map_options(user_ns, self.option_defaults(), args.options)
+        if args.background:
+            options = options.replace(wait=False)
         fn = define_function(self.shell, cell or "", args.fn, what="the function to map")
         into = args.into if args.into is not None else default_into(fn)
-        try:
+        def run() -> pd.DataFrame:
             if args.retry_failed:
-                out = self._retry_failed(frame, fn, args, into, options)
-            else:
-                out = map_frame(frame, fn, columns=list(args.columns), star=args.star, into=into,
-                                options=options, errors_call=args.errors_call, magic=True)
+                return self._retry_failed(frame, fn, args, into, options)
+            return map_frame(frame, fn, columns=list(args.columns), star=args.star, into=into,
+                             options=options, errors_call=args.errors_call, magic=True)
+
+        try:
+            if not options.wait:
+                job = start_job(run, title=into)
+                job.add_done_callback(lambda job: _bind_when_done(job, user_ns, args, frame, into, options))
+                return job
+            out = run()
         except (OptionsError, FunctionError, ModalSetupError) as error:  # caught before any row ran
             raise UsageError(in_flag_words(str(error))) from None
         except MapInterrupted as stopped:  # Stop pressed: keep what finished, then say where it is
             bind(user_ns, args, frame, stopped.result, into=into, options=options)
             raise MapInterrupted(stopped_message(stopped, args, into), stopped.result) from None
         bind(user_ns, args, frame, out, into=into, options=options)
+        return None
 
     modal_map.__doc__ = PARSER.format_help() + "\n" + _EXAMPLES
 
@@ -176,6 +189,18 @@ def stopped_message(stopped: MapInterrupted, args: CellArgs, into: str) -> str:
             "come from the cache")
 
 
+def _bind_when_done(job: MapJob, user_ns: dict[str, Any], args: CellArgs, frame: pd.DataFrame, into: str,
+                    options: MapOptions) -> None:
+    """A ``--background`` cell's columns, filled in (or bound to ``-o NAME``) when its job ends."""
+    try:
+        out = job.result()
+    except MapInterrupted as stopped:  # cancelled: keep what finished, as Stop does in the foreground
+        out = stopped.result
+    except Exception:  # job.result() raises it again for whoever asks; there is nothing to fill in
+        return
+    bind(user_ns, args, frame, out, into=into, options=options)
+
+
 def parse_line(line: str) -> CellArgs:
     """Parse the ``%%modal_map`` line into :class:`CellArgs`; raise ``UsageError`` for a bad one.
 
@@ -206,6 +231,7 @@ def parse_line(line: str) -> CellArgs:
         output=given.get("output"),
         fn=given.get("fn"),
         retry_failed=bool(given.get("retry_failed")),
+        background=bool(given.get("background")),
         options=option_flags(given, OPTIONS),
     )
 

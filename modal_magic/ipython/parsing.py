@@ -73,6 +73,7 @@ class CellArgs:
     output: str | None = None  # -o NAME: bind a new DataFrame to NAME and leave the frame as it is
     fn: str | None = None  # --fn NAME: the function to map (default: the cell's last top-level def)
     retry_failed: bool = False  # --retry-failed: run only DF's failed rows for INTO
+    background: bool = False  # --background: run as a MapJob, fill the columns in when it ends
     options: Mapping[str, Any] = field(default_factory=dict)  # only the option flags given on the line
 
     def __post_init__(self) -> None:

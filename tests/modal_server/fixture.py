@@ -10,7 +10,8 @@ Fixtures:
   modal_server          function-scoped: the same server, reset for the test (no apps, functions,
                         secrets or records left from other tests), with MODAL_SERVER_URL, MODAL_TOKEN_ID,
                         MODAL_TOKEN_SECRET, MODAL_CONFIG_PATH (a missing file) etc. set through
-                        monkeypatch; after the test every worker process is killed again.
+                        monkeypatch; after the test every worker process is killed again. modal_magic's
+                        warm sessions are stopped before and after (each test starts with no warm app).
 """
 
 from __future__ import annotations
@@ -67,9 +68,18 @@ def _cached_client_url() -> str | None:
     return client.server_url if client is not None else None
 
 
+def stop_warm_sessions() -> None:
+    """Stop modal_magic's warm Modal sessions: their apps live on a server that is about to forget them."""
+    import sys
+
+    if "modal_magic.backends.modal.session" in sys.modules:
+        sys.modules["modal_magic.backends.modal.session"].shutdown_sessions()
+
+
 @pytest.fixture
 def modal_server(modal_server_session: ModalTestServer, monkeypatch: pytest.MonkeyPatch):
     server = modal_server_session
+    stop_warm_sessions()
     server.reset()
     with tempfile.TemporaryDirectory(prefix="modal-config-") as config_dir:
         for key, value in client_env(server, config_dir).items():
@@ -81,6 +91,7 @@ def modal_server(modal_server_session: ModalTestServer, monkeypatch: pytest.Monk
             yield server
         finally:
             errors = list(server.internal_errors)
+            stop_warm_sessions()
             server.reset()
             if errors:
                 warnings.warn(f"local Modal test server hit internal errors:\n{errors[0]}", RuntimeWarning)

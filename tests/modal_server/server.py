@@ -170,6 +170,7 @@ class _App:
     tags: dict = field(default_factory=dict)  # tag -> function id (after publish)
     logs: list = field(default_factory=list)  # (function_id, task_id, line)
     log_event: asyncio.Event = field(default_factory=asyncio.Event)
+    client_gone: bool = False  # a detached app whose client disconnected: it stops when its calls are done
 
     def notify_logs(self):
         ev, self.log_event = self.log_event, asyncio.Event()
@@ -353,7 +354,15 @@ class _Servicer(api_grpc.ModalClientBase):
 
     @_unary
     async def AppClientDisconnect(self, req):
-        await self.server._stop_app(req.app_id, reason=req.reason, exception=req.exception)
+        s = self.server
+        app = s._apps.get(req.app_id)
+        if app is not None and app.state == api_pb2.APP_STATE_DETACHED:
+            # Like Modal: a detached app outlives its client, and stops once no call is left running.
+            s.apps_disconnected.append({"app_id": app.id, "reason": req.reason, "exception": req.exception})
+            app.client_gone = True
+            await s._stop_detached_if_done(app)
+            return empty_pb2.Empty()
+        await s._stop_app(req.app_id, reason=req.reason, exception=req.exception)
         return empty_pb2.Empty()
 
     @_unary
@@ -648,6 +657,12 @@ class ModalTestServer:
       retries_received     int, FunctionRetryInputs items (client-driven retries)
       outputs_sent         int, outputs produced (retried inputs produce several)
       workers_started      int, worker processes ("containers") bound to functions, replacements included
+      container_start_delay_s   settable: seconds each new container waits before its first input (a cold
+                           start); containers idle past their function's scaledown_window stop
+      executions           int, attempts handed to containers (retries included); executions_by_function:
+                           the same by function name. A detached app (app.run(detach=True)) outlives its
+                           client's disconnect and stops once none of its calls is left running; the
+                           outputs of finished calls stay retrievable (FunctionCall.from_id(id).get())
       secrets              {name: env} of named secrets;  secret_lookups: every name looked up
       volumes              {name: volume_id};  images: {image_id: layer dict}
       blob_uploads / blob_downloads    HTTP PUTs / GETs on the blob endpoint
@@ -724,6 +739,11 @@ class ModalTestServer:
         self.internal_errors: list[str] = []
         self.blob_uploads = 0
         self.blob_downloads = 0
+        # seconds each new container waits before it runs anything (a simulated cold start)
+        self.container_start_delay_s = 0.0
+        # attempts handed to containers (every run of an input, retries included), in all and by function
+        self.executions = 0
+        self.executions_by_function: collections.Counter = collections.Counter()
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}-local{next(self._id_counter):06d}"
@@ -1007,6 +1027,8 @@ class ModalTestServer:
                 on_log=lambda task_id, line, fn=fn: self._on_log(fn, task_id, line),
                 on_worker_started=self._on_worker_started,
                 spares=self._spares,
+                start_delay_s=self.container_start_delay_s,
+                idle_timeout_s=float(fn.record.get("scaledown_window") or 0) if fn.record else 0.0,
             )
         return fn.runtime
 
@@ -1109,6 +1131,8 @@ class ModalTestServer:
             else:
                 ready.append(a)
         if ready:
+            self.executions += len(ready)
+            self.executions_by_function[fn.name] += len(ready)
             self._runtime_for(fn).submit(ready)
 
     def _retry_inputs(self, req: api_pb2.FunctionRetryInputsRequest) -> api_pb2.FunctionRetryInputsResponse:
@@ -1228,6 +1252,9 @@ class ModalTestServer:
             call.num_finished += 1
         self.outputs_sent += 1
         call.notify()
+        app = self._apps.get(call.fn.app_id)
+        if app is not None and app.client_gone and not app.stopped:
+            asyncio.get_running_loop().create_task(self._stop_detached_if_done(app))
 
     async def _get_outputs(self, req: api_pb2.FunctionGetOutputsRequest) -> api_pb2.FunctionGetOutputsResponse:
         call = self._calls.get(req.function_call_id)
@@ -1298,11 +1325,17 @@ class ModalTestServer:
         call.closed = True
         call.notify()
 
-    async def _stop_app(self, app_id: str, reason, exception: str) -> None:
+    async def _stop_detached_if_done(self, app: _App) -> None:
+        running = [c for c in self._calls.values() if c.fn.app_id == app.id and not c.closed and c.num_unfinished]
+        if not running and not app.stopped:
+            await self._stop_app(app.id, reason=None, exception="", record=False)
+
+    async def _stop_app(self, app_id: str, reason, exception: str, record: bool = True) -> None:
         app = self._apps.get(app_id)
         if app is None:
             return
-        self.apps_disconnected.append({"app_id": app_id, "reason": reason, "exception": exception})
+        if record:
+            self.apps_disconnected.append({"app_id": app_id, "reason": reason, "exception": exception})
         if app.state == api_pb2.APP_STATE_DEPLOYED:
             return
         app.stopped = True

@@ -334,8 +334,14 @@ class FunctionRuntime:
         on_log: Callable[[str, str], None],
         on_worker_started: Callable[[str], None] | None = None,
         spares: SparePool | None = None,
+        start_delay_s: float = 0.0,
+        idle_timeout_s: float = 0.0,
     ):
         self.name = name
+        # a container's cold start (image pull, Python start, imports) on top of the worker's own start
+        self.start_delay_s = start_delay_s
+        # scaledown_window: a container idle this long stops (0: containers stay while the app runs)
+        self.idle_timeout_s = idle_timeout_s
         self.spec = spec
         self.pool_size = max(1, pool_size)
         self.timeout_secs = timeout_secs
@@ -389,7 +395,12 @@ class FunctionRuntime:
             self._wakeup.clear()
             self._idle_slots += 1
             try:
-                await self._wakeup.wait()
+                if self.idle_timeout_s > 0:
+                    await asyncio.wait_for(self._wakeup.wait(), self.idle_timeout_s)
+                else:
+                    await self._wakeup.wait()
+            except asyncio.TimeoutError:
+                return None  # idle past the scaledown window: this container stops
             finally:
                 self._idle_slots -= 1
         if self.batch_max_size > 0:
@@ -427,6 +438,8 @@ class FunctionRuntime:
                         self._requeue_front(batch)
                         return
                     try:
+                        if self.start_delay_s > 0:
+                            await asyncio.sleep(self.start_delay_s)
                         await worker.init(self.spec, self._on_log)
                     except WorkerInitError as exc:
                         worker = None
@@ -458,6 +471,11 @@ class FunctionRuntime:
         except asyncio.CancelledError:
             pass
         finally:
+            me = asyncio.current_task()
+            if me in self._slots:  # scaled down: a later input starts a new container
+                self._slots.remove(me)
+                if self._queue and not self._closed:  # one came in as this container was stopping
+                    self._ensure_slots()
             if worker is not None:
                 self._workers.discard(worker)
                 await worker.kill()
