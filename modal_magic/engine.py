@@ -100,10 +100,17 @@ class _Outcomes:
     values: list[Any] = field(init=False)
     errors: dict[int, RowError] = field(default_factory=dict)
     cached: int = 0
+    #: each row's seconds where it ran (``timings=True``; NaN until measured), else None
+    seconds: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.values = [None] * self.n
         self._done = bytearray(self.n)
+
+    def time(self, positions: Sequence[int], seconds: list[float] | None) -> None:
+        """Record a batch's per-row seconds (when it measured them)."""
+        if self.seconds is not None and seconds is not None and len(seconds) == len(positions):
+            self.seconds[np.asarray(positions, dtype=np.intp)] = seconds
 
     def file(self, positions: Sequence[int], values: list[Any], errors: list[tuple]) -> list[int]:
         """Record a batch's outcomes; return the positions that failed."""
@@ -208,6 +215,8 @@ def map_frame(
         frame = frame.iloc[: options.sample]
     error_column = f"{into}_error"
     planned = [error_column] if options.expand else [into, error_column]
+    if options.timings:
+        planned.append(join.seconds_column(into))
     clashes = join.clashing_columns(frame, planned)
     if clashes and not options.overwrite:
         raise OptionsError(
@@ -257,6 +266,8 @@ def _join(frame: pd.DataFrame, outcomes: _Outcomes, into: str, spec: RunSpec) ->
         columns[into] = join.result_series(outcomes.values, set(outcomes.errors), frame.index)
     result_columns = tuple(columns)
     columns[spec.error_column] = join.error_series(outcomes.errors, outcomes.n, frame.index)
+    if outcomes.seconds is not None:
+        columns[join.seconds_column(into)] = join.seconds_series(outcomes.seconds, frame.index)
     out = join.attach(frame, columns)
     run_id = runs.remember(dataclasses.replace(spec, result_columns=result_columns), retryable=bool(outcomes.errors))
     out.attrs[RunSpec.ATTRS_KEY] = {**frame.attrs.get(RunSpec.ATTRS_KEY, {}), into: run_id}
@@ -274,7 +285,7 @@ class _Stopped(Exception):
 def _execute(task: Task, args: list[Any], index: pd.Index, into: str, errors_call: str,
              stored: RunCache | None) -> _Outcomes:
     n = len(args)
-    outcomes = _Outcomes(n)
+    outcomes = _Outcomes(n, seconds=np.full(n, np.nan) if task.options.timings else None)
     started = time.monotonic()
     progress = make_progress(task.options.progress, n, title=into)
     logs: list[str] = []
@@ -400,6 +411,7 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
                 continue
             sizer.observe(len(result.batch.positions), result.elapsed_s)
             failed = outcomes.file(result.batch.positions, result.values, result.errors)
+            outcomes.time(result.batch.positions, result.row_seconds)
             usage = {}
             if meter is not None:
                 meter.observe(result.values, result.errors)
@@ -442,8 +454,10 @@ def _run_inline(task: Task, args: list[Any], positions: Sequence[int], outcomes:
         chunk = _as_range(positions[start : start + INLINE_CHUNK])
         chunk_args = (args[chunk.start : chunk.stop] if isinstance(chunk, range) else [args[p] for p in chunk])
         began = time.perf_counter()
-        values, errors = run_rows(task.fn, task.star, chunk_args, opts.retries, opts.timeout)
+        seconds: list[float] | None = [] if opts.timings else None
+        values, errors = run_rows(task.fn, task.star, chunk_args, opts.retries, opts.timeout, seconds)
         failed = outcomes.file(chunk, values, errors)
+        outcomes.time(chunk, seconds)
         if stored is not None:
             stored.save(chunk, values, failed, time.perf_counter() - began)
         progress.update(done=len(chunk) - len(failed), failed=len(failed))

@@ -356,6 +356,10 @@ class MapOptions:
         None, positive_int, "Run on the first N rows only, to try the function out.",
         trait="whole", flag=Flag(type=int, metavar="N"))
     # Result shape.
+    timings: bool = option(
+        False, true_or_false,
+        "Add <into>_seconds: each row's wall time where it ran (NaN for cached rows and rows that never ran).",
+        trait="switch", flag=Flag("switch", group=_RESULT))
     expand: bool = option(
         False, true_or_false, "Spread dict results into one column per key.",
         trait="switch", flag=Flag("switch", group=_RESULT))
@@ -442,6 +446,11 @@ def _check_combination(values: dict[str, Any]) -> None:
             f"{', '.join(modal_only)} only appl{'y' if len(modal_only) > 1 else 'ies'} on Modal, "
             f"but backend={backend!r} runs on this machine; "
             "add backend='modal' to run there"
+        )
+    if values["timings"] and backend.startswith("modal:"):
+        raise OptionsError(
+            f"timings=True measures each row where it runs, but backend={backend!r} calls a deployed "
+            "function that doesn't report it; leave timings out, or map the function itself with backend='modal'"
         )
     if values["image"] is not None and (values["pip"] or values["apt"] or values["python_version"]):
         raise OptionsError(

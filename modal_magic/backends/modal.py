@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import pickle
 import queue
 import socket
 import sys
@@ -284,7 +283,8 @@ class ModalBackend(Backend):
             OutputManager._set(_capturing_output(self._sink, self._set_containers))
             try:
                 self._inputs = asyncio.Queue()
-                runner = _worker.batch_runner(task.fn, task.star, opts.retries, opts.timeout, task.is_async)
+                runner = _worker.batch_runner(task.fn, task.star, opts.retries, opts.timeout, task.is_async,
+                                              timings=opts.timings)
                 app = modal.App(f"modal-magic-{runner.__name__.removeprefix('modal_magic_')}"[:60])
                 batch_rows = opts.batch_size or 1
                 remote = app.function(**function_kwargs(opts, batch_rows))(runner)
@@ -336,8 +336,7 @@ class ModalBackend(Backend):
             return []
         batch_id, packed = item
         batch = self._in_flight.pop(batch_id)
-        values, errors, elapsed = pickle.loads(packed)
-        return [BatchResult(batch, values, errors, elapsed)]
+        return [BatchResult.from_packed(batch, packed)]
 
     def cancel(self) -> None:
         if self._session is not None:
