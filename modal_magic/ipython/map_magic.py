@@ -23,6 +23,7 @@ from traitlets import TraitError, validate
 
 from ..checks import FunctionError, default_into
 from ..engine import map_frame
+from ..estimate import DEFAULT_SAMPLE, Estimate, estimate_frame
 from ..retry import rerun_failed
 from ..runs import RunSpec, runs_columns
 from ..errors import MapInterrupted, ModalSetupError, OptionsError
@@ -71,6 +72,10 @@ def _parser() -> Any:
     parser.add_argument("--retry-failed", action="store_true",
                         help="Run only the rows of DF whose INTO_error holds an error (with this cell's function "
                              "and flags, e.g. more --retries), and fill their results in.")
+    parser.add_argument("--estimate", action="store_true",
+                        help="Don't run the whole column: time a sample of rows spread over DF (--sample N, "
+                             "default 200) and show the projected wall time and, on Modal, dollars. The sample's "
+                             "results are cached for the real run; DF is left unchanged.")
     add_option_flags(parser, OPTIONS, config_class="ModalMagic")
     return parser
 
@@ -108,13 +113,15 @@ class ModalMagic(MapOptionTraits):  # type: ignore[misc,valid-type]
         return {name: getattr(self, name) for name in OPTION_NAMES}
 
     @cell_magic
-    def modal_map(self, line: str, cell: str) -> None:
+    def modal_map(self, line: str, cell: str) -> Estimate | None:
         args = parse_line(line)
         user_ns = self.shell.user_ns
         frame = resolve_frame(user_ns, args)
         options = map_options(user_ns, self.option_defaults(), args.options)
         fn = self._define_function(cell, args.fn)
         into = args.into if args.into is not None else default_into(fn)
+        if args.estimate:
+            return self._estimate(frame, fn, args, into, options)
         try:
             if args.retry_failed:
                 out = self._retry_failed(frame, fn, args, into, options)
@@ -129,6 +136,22 @@ class ModalMagic(MapOptionTraits):  # type: ignore[misc,valid-type]
         bind(user_ns, args, frame, out, into=into, options=options)
 
     modal_map.__doc__ = PARSER.format_help() + "\n" + _EXAMPLES
+
+    def _estimate(self, frame: pd.DataFrame, fn: Callable[..., Any], args: CellArgs, into: str,
+                  options: MapOptions) -> Estimate:
+        """``--estimate``: the sample's projection, shown as the cell's output (and bound to ``-o NAME``)."""
+        if args.retry_failed:
+            raise UsageError("--estimate and --retry-failed don't go together: estimate the whole column, "
+                             "or retry its failed rows")
+        sample = options.sample or DEFAULT_SAMPLE
+        try:
+            estimate = estimate_frame(frame, fn, columns=list(args.columns), star=args.star, into=into,
+                                      sample=sample, options=options.replace(sample=None))
+        except (OptionsError, FunctionError, ModalSetupError) as error:
+            raise UsageError(in_flag_words(str(error))) from None
+        if args.output is not None:
+            self.shell.user_ns[args.output] = estimate
+        return estimate
 
     def _retry_failed(self, frame: pd.DataFrame, fn: Callable[..., Any], args: CellArgs, into: str,
                       options: MapOptions) -> pd.DataFrame:
@@ -197,6 +220,7 @@ def parse_line(line: str) -> CellArgs:
         output=given.get("output"),
         fn=given.get("fn"),
         retry_failed=bool(given.get("retry_failed")),
+        estimate=bool(given.get("estimate")),
         options=option_flags(given, OPTIONS),
     )
 

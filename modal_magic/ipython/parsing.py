@@ -72,6 +72,7 @@ class CellArgs:
     output: str | None = None  # -o NAME: bind a new DataFrame to NAME and leave the frame as it is
     fn: str | None = None  # --fn NAME: the function to map (default: the cell's last top-level def)
     retry_failed: bool = False  # --retry-failed: run only DF's failed rows for INTO
+    estimate: bool = False  # --estimate: time a sample (--sample N, default 200) and project the run
     options: Mapping[str, Any] = field(default_factory=dict)  # only the option flags given on the line
 
     def __post_init__(self) -> None:
