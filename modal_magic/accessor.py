@@ -49,11 +49,14 @@ def _with_options(*declared: tuple[Option, ...], unchanged: bool = False) -> Cal
         signature = inspect.signature(method)
         fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
         given = {p.name for p in fixed}
-        added = [
-            inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY,
-                              default=_Unchanged() if unchanged else o.fresh_default(), annotation=o.annotation)
-            for options in declared for o in options if o.name not in given
-        ]
+        added = []
+        for options in declared:  # a name two option sets declare (budget_usd) is the first one's
+            for o in options:
+                if o.name not in given:
+                    given.add(o.name)
+                    added.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY,
+                                                   default=_Unchanged() if unchanged else o.fresh_default(),
+                                                   annotation=o.annotation))
         method.__signature__ = signature.replace(parameters=[*fixed, *added])  # type: ignore[attr-defined]
         return method
 

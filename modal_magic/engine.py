@@ -19,7 +19,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,9 @@ from .errors import Cancelled, MapInterrupted, RowError, RowFailed
 from .options import MapOptions, OptionsError
 from .progress import Progress, RunSummary, make_progress
 from .runs import RunSpec
+
+if TYPE_CHECKING:
+    from .spend import MapBudget
 
 __all__ = ["map_frame", "BatchSizer", "check_columns"]
 
@@ -102,6 +105,8 @@ class _Outcomes:
     cached: int = 0
     #: each row's seconds where it ran (``timings=True``; NaN until measured), else None
     seconds: np.ndarray | None = None
+    #: estimated dollars of Modal container time so far (``backend="modal"`` only)
+    compute_usd: float | None = None
 
     def __post_init__(self) -> None:
         self.values = [None] * self.n
@@ -343,6 +348,7 @@ def _finish(progress: Progress, state: str, outcomes: _Outcomes, index: pd.Index
         first_failures=[(str(index[p]), str(e)) for p, e in first],
         errors_call=errors_call,
         logs=tuple(logs),
+        compute_usd=outcomes.compute_usd,
     )
     runs.set_last_run(summary)
     progress.close(state, summary)  # type: ignore[arg-type]
@@ -367,11 +373,20 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
     next_id = 0
     in_flight = 0
     retry_at: list[tuple[float, int, Batch]] = []  # lost rows waiting out their backoff
+    budget: MapBudget | None = None
+    if opts.backend == "modal":  # container time has a known rate: count its dollars, capped by budget_usd
+        from .spend import MapBudget  # here: it shares the LLM package's booking, and that package imports us
 
-    while cursor < n or in_flight or retry_at:
+        budget = MapBudget(opts)  # with budget_usd each batch books its worst case before it is sent
+        outcomes.compute_usd = 0.0
+    held: Batch | None = None  # a batch waiting for those in flight to settle, so it fits the budget
+
+    while cursor < n or in_flight or retry_at or held is not None:
         starting: list[Batch] = []
         while in_flight < backend.capacity:
-            if retry_at and retry_at[0][0] <= time.monotonic():
+            if held is not None:
+                batch, held = held, None
+            elif retry_at and retry_at[0][0] <= time.monotonic():
                 batch = heapq.heappop(retry_at)[2]
             elif (cursor < n and backend.inline_when_tiny and opts.batch_size is None
                   and _parallel_cannot_pay(sizer, n - cursor)):
@@ -387,8 +402,19 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
                 cursor += size
             else:
                 break
+            if budget is not None:
+                verdict = budget.check(batch)
+                if verdict == "wait":
+                    held = batch
+                    break
+                if verdict == "refuse":
+                    _refuse_unsent(budget, batch, todo[cursor:], retry_at, outcomes, progress)
+                    cursor = n
+                    break
             batch.id = next_id
             next_id += 1
+            if budget is not None:
+                budget.book(batch)
             starting.append(batch)
             in_flight += 1
         if starting:
@@ -403,6 +429,9 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
         _relay_backend_news(backend, progress, logs)
         for result in results:
             in_flight -= 1
+            if budget is not None:
+                budget.settle(result)
+                outcomes.compute_usd = budget.cost_usd(backend.container_seconds())
             if result.requeue:
                 heapq.heappush(retry_at, (time.monotonic(), next(_TIEBREAK), result.batch))
                 continue
@@ -421,6 +450,18 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
             progress.update(done=len(result.batch.positions) - len(failed), failed=len(failed), **usage)
             if failed:
                 _raise_if_asked(failed, task, outcomes, index)
+
+
+def _refuse_unsent(budget: MapBudget, batch: Batch, rest: Sequence[int], retry_at: list, outcomes: _Outcomes,
+                   progress: Progress) -> None:
+    """The budget can't take ``batch``: it, the rows not yet batched and those waiting to retry fail unsent."""
+    waiting = [p for _, _, b in retry_at for p in b.positions]
+    retry_at.clear()
+    unsent = [*batch.positions, *rest, *waiting]
+    error = RowError.from_exception(budget.refusal(batch, len(unsent)))
+    for position in unsent:
+        outcomes.fail(int(position), error)
+    progress.update(failed=len(unsent), retrying=0)
 
 
 def _as_range(positions: Sequence[int]) -> Sequence[int]:

@@ -352,6 +352,12 @@ class MapOptions:
         "Reuse stored results of rows that already ran; 'refresh' recomputes and stores them again.",
         trait="cache", flag=Flag("cache"))
     progress: bool = option(True, true_or_false, "Show a progress bar.", trait="switch", flag=Flag("switch"))
+    budget_usd: float | None = option(
+        None, positive_number,
+        "Modal only: send no batch that could take the run's container time past this many dollars "
+        "(each batch books its worst case, its timeout at the container's rate); rows not sent fail with "
+        "BudgetExceeded, finished rows are kept and cached.",
+        trait="number", flag=Flag(type=float, metavar="USD"))
     sample: int | None = option(
         None, positive_int, "Run on the first N rows only, to try the function out.",
         trait="whole", flag=Flag(type=int, metavar="N"))
@@ -446,6 +452,13 @@ def _check_combination(values: dict[str, Any]) -> None:
             f"{', '.join(modal_only)} only appl{'y' if len(modal_only) > 1 else 'ies'} on Modal, "
             f"but backend={backend!r} runs on this machine; "
             "add backend='modal' to run there"
+        )
+    if values["budget_usd"] is not None and backend != "modal":
+        where = ("a deployed function's resources aren't known here" if backend.startswith("modal:")
+                 else f"backend={backend!r} runs on this machine, which bills nothing")
+        raise OptionsError(
+            f"budget_usd= caps what Modal containers cost, but {where}, so no cost is known; "
+            "leave budget_usd out, or run with backend='modal'"
         )
     if values["timings"] and backend.startswith("modal:"):
         raise OptionsError(

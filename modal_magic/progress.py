@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal, TextIO
 
+from .costs import dollars
+
 __all__ = ["Progress", "RunSummary", "State", "TextProgress", "WidgetProgress", "make_progress"]
 
 State = Literal["success", "failed", "aborted"]
@@ -50,6 +52,8 @@ class RunSummary:
     tokens: int | None = None
     cost_usd: float | None = None
     logs: tuple[str, ...] = ()  # output from where the rows ran (Modal's build and container logs)
+    #: estimated dollars of Modal container time (Modal runs only; see modal_magic.costs)
+    compute_usd: float | None = None
 
     @property
     def rows_per_s(self) -> float:
@@ -529,6 +533,9 @@ def _summary_line(outcome: State, summary: RunSummary) -> str:
             f"({_format_rate(summary.rows_per_s)} rows/s) | {summary.succeeded:,} succeeded, "
             f"{failed}, {summary.cached:,} cached")
     usage = _usage_text(summary.tokens, summary.cost_usd)
+    if summary.compute_usd is not None:
+        compute = f"≈ {dollars(summary.compute_usd)} Modal compute (estimate)"
+        usage = f"{usage}, {compute}" if usage else compute
     return f"{line} | {usage}" if usage else line
 
 

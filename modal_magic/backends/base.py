@@ -180,6 +180,14 @@ class Backend(ABC):
         """How many containers/workers are running now, where that's worth showing; else ``None``."""
         return None
 
+    def container_seconds(self) -> float | None:
+        """Container-seconds this run has been billed for so far, start to scale-down, where known.
+
+        ``None`` (the default) means the backend doesn't track its containers' lifetimes; a Modal
+        run's compute dollars are then estimated from the time its batches measured.
+        """
+        return None
+
     def drain_logs(self) -> list[str]:
         """Output lines from where the rows run that arrived since the last call (Modal's logs)."""
         return []

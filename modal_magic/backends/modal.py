@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 import cloudpickle
 
+from ..costs import input_timeout_s
 from ..errors import ModalSetupError, WorkerCrashed
 from ..options import DEFAULT_MODAL_CONTAINERS, MapOptions
 from . import row_runner as _worker
@@ -132,9 +133,8 @@ def function_kwargs(options: MapOptions, batch_rows: int) -> dict[str, Any]:
         kwargs["max_containers"] = options.max_containers
     if options.retries:
         kwargs["retries"] = options.retries
-    if options.timeout is not None:
-        budget = options.timeout * batch_rows * (options.retries + 1) + 5 * options.retries
-        kwargs["timeout"] = int(min(max(math.ceil(budget) + 5, 10), 24 * 3600))
+    if options.timeout is not None:  # the same figure a map's budget_usd books per input
+        kwargs["timeout"] = input_timeout_s(options.timeout, options.retries, batch_rows)
     return kwargs
 
 
