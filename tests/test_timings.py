@@ -127,3 +127,23 @@ def test_magic_flag_adds_the_seconds_column(ip):
     df = ip.user_ns["df"]
     assert df.columns.tolist() == ["x", "nap", "nap_error", "nap_seconds"]
     assert df["nap_seconds"].iloc[1] >= 0.05
+
+
+def test_retry_failed_replaces_the_failed_tries_time():
+    state = {"failed": False}
+
+    def once(x):
+        if x == 2 and not state["failed"]:
+            state["failed"] = True
+            raise ValueError("once")
+        time.sleep(0.1 if x == 2 else 0.0)
+        return x
+
+    out = pd.DataFrame({"x": [1, 2, 3]}).modal.map(once, column="x", backend="threads", timings=True,
+                                                  progress=False)
+    assert out["once_seconds"].iloc[1] < 0.1
+    again = out.modal.retry_failed()
+    assert again["once"].tolist() == [1, 2, 3]
+    assert again["once_seconds"].iloc[1] >= 0.1
+    assert again["once_seconds"].iloc[0] == out["once_seconds"].iloc[0]
+    assert again["once_seconds"].dtype == np.float64
