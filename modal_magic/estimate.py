@@ -81,6 +81,8 @@ def planned_parallelism(options: MapOptions, is_async: bool) -> int:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.3g} µs"
     if seconds < 1:
         return f"{seconds * 1000:.3g} ms"
     if seconds < 90:
@@ -152,7 +154,7 @@ class Estimate:
                          f"{_duration(self.p90_s)}, mean {_duration(self.mean_s)}{cached}")
             low, likely, high = self.wall_s
             lines.append(f"  wall time: ≈ {_duration(likely)} (90%: {_duration(low)}–{_duration(high)}) "
-                         f"at {self.parallelism} {'containers' if self.rate is not None else 'at once'}")
+                         f"at {self.parallelism} {'containers' if self.rate is not None else 'rows at once'}")
         if self.usd is not None and self.rate is not None and self.container_seconds is not None:
             low, likely, high = self.usd
             at_most = "at most " if self.rate.at_most else ""
@@ -210,7 +212,12 @@ def estimate_frame(frame: pd.DataFrame, fn: Callable[..., Any], *, columns: Sequ
     for error in failed:
         name = getattr(error, "type_name", type(error).__name__)
         by_type[name] = by_type.get(name, 0) + 1
-    values = tuple(out.loc[~errors, into].iloc[:SHOWN_VALUES].tolist()) if into in out.columns else ()
+    succeeded = out.loc[~errors]
+    if into in out.columns:
+        values = tuple(succeeded[into].iloc[:SHOWN_VALUES].tolist())
+    else:  # expand=True: the dicts' keys became columns
+        made = [c for c in out.columns if c not in sub.columns and c not in (f"{into}_error", f"{into}_seconds")]
+        values = tuple(succeeded[made].iloc[:SHOWN_VALUES].to_dict("records"))
     is_async = _is_async(fn)
     parallel = max(1, min(planned_parallelism(options, is_async), len(frame)))
     rate = costs.container_rate(options.gpu, cpu=options.cpu, memory=options.memory) if options.backend == "modal" \

@@ -59,7 +59,7 @@ def test_repr_shows_time_values_and_errors_but_no_dollars_locally():
     text = repr(est)
     assert text.startswith("Estimate for 500 rows on backend='threads', from a sample of 50")
     assert "per row: median" in text and "p10–p90" in text
-    assert "at 4 at once" in text
+    assert "at 4 rows at once" in text
     assert "sample returned: 10, 110, 210" in text
     # rows 25, 50, ... fail: those among the 50 spread positions
     failures = int(est.result["seen_error"].notna().sum())
@@ -169,3 +169,16 @@ def test_empty_frame_estimates_nothing():
     est = pd.DataFrame({"x": []}).modal.estimate(seen, column="x", backend="threads", progress=False)
     assert est.rows == 0 and est.sampled == 0 and math.isnan(est.median_s)
     assert "not measured" in repr(est)
+
+
+def test_expanded_results_are_shown_as_the_rows_dicts():
+    est = pd.DataFrame({"x": range(10)}).modal.estimate(lambda v: {"a": v, "b": -v}, column="x", into="r", sample=2,
+                                                       backend="threads", expand=True, progress=False)
+    assert est.values == ({"a": 0, "b": 0}, {"a": 9, "b": -9})
+    assert "sample returned: {'a': 0, 'b': 0}, {'a': 9, 'b': -9}" in repr(est)
+
+
+def test_microsecond_rows_read_in_microseconds():
+    est = pd.DataFrame({"x": range(10)}).modal.estimate(abs, column="x", sample=5, backend="sequential",
+                                                       progress=False)
+    assert " µs" in repr(est).splitlines()[1]
