@@ -213,6 +213,7 @@ FLAG_CASES = [
     ("--sample 5", "sample", 5),
     ("--expand", "expand", True),
     ("--timings", "timings", True),
+    ("--budget-usd 2.5", "budget_usd", 2.5),
     ("--overwrite", "overwrite", True),
 ]
 
@@ -223,8 +224,9 @@ class Image:
 
 @pytest.mark.parametrize(("flags", "option", "expected"), FLAG_CASES, ids=[c[0] for c in FLAG_CASES])
 def test_each_flag_sets_its_option(ip, calls, flags, option, expected):
-    # a backend every option applies to (a deployed function doesn't report per-row timings)
-    backend = "modal" if option == "timings" else "modal:reviews-app/classify"
+    # a backend every option applies to (a deployed function doesn't report per-row timings, and
+    # its resources, so its cost, aren't known)
+    backend = "modal" if option in ("timings", "budget_usd") else "modal:reviews-app/classify"
     ip.config.ModalMagic.backend = backend
     ip.run_line_magic("load_ext", "modal_magic")
     image = ip.user_ns["img"] = Image()
