@@ -432,6 +432,8 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
             if budget is not None:
                 budget.settle(result)
                 outcomes.compute_usd = budget.cost_usd(backend.container_seconds())
+                if backend.status() is None:  # live dollars on the bar, where the backend has nothing to say
+                    progress.update(status=budget.status(outcomes.compute_usd))
             if result.requeue:
                 heapq.heappush(retry_at, (time.monotonic(), next(_TIEBREAK), result.batch))
                 continue

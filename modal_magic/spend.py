@@ -52,6 +52,17 @@ class MapBudget:
         else what the batches measured (:attr:`spent_usd`)."""
         return self.rate.cost(container_seconds) if container_seconds is not None else self.spent_usd
 
+    @staticmethod
+    def status(compute_usd: float) -> str:
+        """The bar's live line for what the run's containers have cost so far.
+
+        Examples
+        --------
+        >>> MapBudget.status(0.0123)
+        '≈ $0.0123 Modal compute so far (estimate)'
+        """
+        return f"≈ {dollars(compute_usd)} Modal compute so far (estimate)"
+
     def worst_usd(self, batch: Batch) -> float:
         """The most ``batch`` can cost: its input's timeout, for each of Modal's tries, at the rate."""
         opts = self.options

@@ -88,6 +88,7 @@ def test_summary_line_shows_modal_compute_dollars(modal_server, round_rates, cap
     assert summary.compute_usd == pytest.approx(0.0002, rel=0.5)
     text = capsys.readouterr().err + capsys.readouterr().out
     assert re.search(r"≈ \$0\.000\d+ Modal compute \(estimate\)", text), text
+    assert re.search(r"nap: ≈ \$0\.000\d+ Modal compute so far \(estimate\) \| 2/2 rows", text), text
 
 
 def test_local_runs_report_no_compute_dollars():
