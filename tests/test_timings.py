@@ -147,3 +147,13 @@ def test_retry_failed_replaces_the_failed_tries_time():
     assert again["once_seconds"].iloc[1] >= 0.1
     assert again["once_seconds"].iloc[0] == out["once_seconds"].iloc[0]
     assert again["once_seconds"].dtype == np.float64
+
+
+def test_warm_workers_start_timing_when_a_run_asks():
+    # the local workers keep the last function they were sent: timings must reach them anyway
+    df = pd.DataFrame({"x": [0.01, 0.02]})
+    plain = df.modal.map(nap, column="x", backend="local", progress=False, cache=False)
+    assert "nap_seconds" not in plain.columns
+    timed = df.modal.map(nap, column="x", backend="local", progress=False, cache=False, timings=True)
+    assert not timed["nap_seconds"].isna().any()
+    assert timed["nap_seconds"].iloc[1] >= 0.02
