@@ -198,6 +198,10 @@ def estimate_frame(frame: pd.DataFrame, fn: Callable[..., Any], *, columns: Sequ
     if options.sample is not None:
         raise OptionsError("an estimate picks its own rows, spread over the frame: give their number as "
                            "estimate(..., sample=N), without the map option sample=")
+    if options.backend.startswith("modal:"):
+        raise OptionsError(f"an estimate times each row where it runs, which the deployed function "
+                           f"backend={options.backend!r} doesn't report; estimate the function itself with "
+                           "backend='modal' and the same gpu=/cpu=/memory=")
     check_columns(frame, list(columns))
     if into is None:
         into = default_into(fn) if fn is not None else options.backend.rpartition("/")[2].replace("-", "_")

@@ -119,6 +119,8 @@ def test_mistakes_are_refused_before_any_row_runs():
         df.modal.estimate(seen)
     with pytest.raises(KeyError, match="column 'y' not found"):
         df.modal.estimate(seen, column="y")
+    with pytest.raises(OptionsError, match="an estimate times each row where it runs, which the deployed function"):
+        df.modal.estimate(None, column="x", backend="modal:app/fn")
     with pytest.raises(OptionsError, match="unknown option 'max_container'"):
         df.modal.estimate(seen, column="x", max_container=2)
 
