@@ -20,6 +20,7 @@ import pandas as pd
 
 from .declarations import unknown_option
 from .engine import map_frame
+from .estimate import DEFAULT_SAMPLE, Estimate, estimate_frame
 from .jobs import MapJob, start_job
 from .runs import LAST_RESULT_ERRORS
 from .retry import retry_failed
@@ -54,11 +55,14 @@ def _with_options(*declared: tuple[Option, ...], unchanged: bool = False) -> Cal
         signature = inspect.signature(method)
         fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
         given = {p.name for p in fixed}
-        added = [
-            inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY,
-                              default=_Unchanged() if unchanged else o.fresh_default(), annotation=o.annotation)
-            for options in declared for o in options if o.name not in given
-        ]
+        added = []
+        for options in declared:  # a name two option sets declare (budget_usd) is the first one's
+            for o in options:
+                if o.name not in given:
+                    given.add(o.name)
+                    added.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY,
+                                                   default=_Unchanged() if unchanged else o.fresh_default(),
+                                                   annotation=o.annotation))
         method.__signature__ = signature.replace(parameters=[*fixed, *added])  # type: ignore[attr-defined]
         return method
 
@@ -240,6 +244,52 @@ class ModalFrameAccessor:
             self._frame, fn, columns=list(columns), star=True, into=into, options=opts, errors_call=call),
             errors_call())
 
+    @_with_options(OPTIONS)
+    def estimate(
+        self,
+        fn: Callable[..., Any],
+        column: Any = None,
+        *,
+        columns: Sequence[Any] | None = None,
+        into: str | None = None,
+        sample: int = DEFAULT_SAMPLE,
+        **options: Any,
+    ) -> Estimate:
+        """Time ``sample`` rows spread over the frame, and project the whole run's wall time and dollars.
+
+        The sample runs with these options (as the real run would) and its results are cached, so
+        the real run doesn't pay for them again. The returned :class:`~modal_magic.estimate.Estimate`
+        prints the per-row time (median, p10–p90), the projected wall time at ``max_containers`` and,
+        for ``backend="modal"``, the projected dollars at Modal's rates for the ``gpu``/``cpu``/
+        ``memory`` asked for; ``.result`` is the sample's frame.
+
+        Parameters
+        ----------
+        fn
+            The function the real run will map.
+        column, columns
+            One column (as for :meth:`map`), or several (as for :meth:`starmap`).
+        sample
+            How many rows to run (fewer when the frame is smaller).
+        **options
+            As for :meth:`map`.
+
+        Examples
+        --------
+        >>> import modal_magic, pandas as pd
+        >>> df = pd.DataFrame({"x": range(1000)})
+        >>> est = df.modal.estimate(lambda v: v + 1, column="x", sample=10, backend="threads", progress=False)
+        >>> est.sampled, est.rows
+        (10, 1000)
+        """
+        if (column is None) == (columns is None):
+            raise TypeError("estimate() needs column= (one argument per row) or columns=[...] (several), not "
+                            f"both; the DataFrame has: {', '.join(map(repr, self._frame.columns.tolist()))}")
+        opts = MapOptions.create(**options)
+        star = columns is not None
+        chosen = list(columns) if columns is not None else [column]
+        return estimate_frame(self._frame, fn, columns=chosen, star=star, into=into, sample=sample, options=opts)
+
     @_with_options(LLM_OPTIONS, OPTIONS)
     def llm(self, template: str, *, into: str = "answer", **options: Any) -> pd.DataFrame | MapJob:
         """Fill ``template``'s ``{column}`` fields from each row, ask a chat model, add the answers as columns.
@@ -369,3 +419,20 @@ class ModalSeriesAccessor:
         return _now_or_background(opts, into or getattr(fn, "__name__", "map"), lambda call: map_frame(
             self._series.to_frame(name), fn, columns=[name], star=False, into=into, options=opts, errors_call=call),
             errors_call())
+
+    @_with_options(OPTIONS)
+    def estimate(self, fn: Callable[[Any], Any], *, into: str | None = None, sample: int = DEFAULT_SAMPLE,
+                 **options: Any) -> Estimate:
+        """Time ``sample`` values spread over the Series and project the whole run (see ``DataFrame.modal.estimate``).
+
+        Examples
+        --------
+        >>> import modal_magic, pandas as pd
+        >>> est = pd.Series(range(50), name="x").modal.estimate(str, sample=5, backend="threads", progress=False)
+        >>> est.values
+        ('0', '12', '24')
+        """
+        name = self._series.name if self._series.name is not None else "value"
+        opts = MapOptions.create(**options)
+        return estimate_frame(self._series.to_frame(name), fn, columns=[name], star=False, into=into,
+                              sample=sample, options=opts)

@@ -12,13 +12,14 @@ run's ``gpu``, ``cpu`` and ``memory`` into dollars per container-second.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .gpu import parse_gpu
 
-__all__ = ["AS_OF", "DEFAULT_CPU_CORES", "DEFAULT_MEMORY_MIB", "MODAL_RATES", "ContainerRate", "container_rate",
-           "dollars"]
+__all__ = ["AS_OF", "DEFAULT_CPU_CORES", "DEFAULT_MEMORY_MIB", "MODAL_DEFAULT_TIMEOUT_S", "MODAL_RATES", "ContainerRate",
+           "container_rate", "dollars", "input_timeout_s"]
 
 #: when :data:`MODAL_RATES` was read from modal.com/pricing
 AS_OF = "2026-06"
@@ -43,6 +44,8 @@ MODAL_RATES: dict[str, float] = {
 #: what a Modal function reserves when ``cpu=`` / ``memory=`` are not given
 DEFAULT_CPU_CORES = 0.125
 DEFAULT_MEMORY_MIB = 128
+#: seconds Modal lets one input run when the function sets no ``timeout`` (Modal's default)
+MODAL_DEFAULT_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -115,3 +118,21 @@ def dollars(usd: float) -> str:
     if usd >= 1:
         return f"${usd:,.2f}"
     return f"${usd:.4g}"
+
+
+def input_timeout_s(timeout: float | None, retries: int, batch_rows: int) -> int:
+    """The seconds Modal lets one input of ``batch_rows`` rows run: the Modal function's ``timeout=``.
+
+    Each row may take ``timeout`` seconds per try, plus the backoff between tries; with no
+    ``timeout`` it is Modal's own default per input. This is also the most container time one
+    input can be billed for, which a map's ``budget_usd`` books before sending it.
+
+    Examples
+    --------
+    >>> input_timeout_s(None, 0, 10), input_timeout_s(2.0, 0, 1), input_timeout_s(30.0, 1, 4)
+    (300, 10, 250)
+    """
+    if timeout is None:
+        return MODAL_DEFAULT_TIMEOUT_S
+    budget = timeout * batch_rows * (retries + 1) + 5 * retries
+    return int(min(max(math.ceil(budget) + 5, 10), 24 * 3600))

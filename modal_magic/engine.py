@@ -19,7 +19,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,9 @@ from .errors import Cancelled, ColumnNotFound, MapInterrupted, RowError, RowFail
 from .options import MapOptions, OptionsError
 from .progress import Progress, make_progress
 from .runs import RunSpec
+
+if TYPE_CHECKING:
+    from .spend import MapBudget
 
 __all__ = ["map_frame", "BatchSizer", "check_columns"]
 
@@ -102,10 +105,19 @@ class _Outcomes:
     errors: dict[int, RowError] = field(default_factory=dict)
     cached: int = 0
     cancelled: set[int] = field(default_factory=set)  # rows that never ran (Stop, on_error="raise")
+    #: each row's seconds where it ran (``timings=True``; NaN until measured), else None
+    seconds: np.ndarray | None = None
+    #: estimated dollars of Modal container time so far (``backend="modal"`` only)
+    compute_usd: float | None = None
 
     def __post_init__(self) -> None:
         self.values = [None] * self.n
         self._done = bytearray(self.n)
+
+    def time(self, positions: Sequence[int], seconds: list[float] | None) -> None:
+        """Record a batch's per-row seconds (when it measured them)."""
+        if self.seconds is not None and seconds is not None and len(seconds) == len(positions):
+            self.seconds[np.asarray(positions, dtype=np.intp)] = seconds
 
     def file(self, positions: Sequence[int], values: list[Any], errors: list[tuple]) -> list[int]:
         """Record a batch's outcomes; return the positions that failed."""
@@ -241,6 +253,8 @@ def map_frame(
         frame = frame.iloc[: options.sample]
     error_column = f"{into}_error"
     planned = [error_column] if options.expand else [into, error_column]
+    if options.timings:
+        planned.append(join.seconds_column(into))
     clashes = [c for c in join.clashing_columns(frame, planned) if c not in runs.columns_made(frame, into)]
     if clashes and not options.overwrite:
         raise OptionsError(
@@ -293,6 +307,8 @@ def _join(frame: pd.DataFrame, outcomes: _Outcomes, into: str, spec: RunSpec) ->
         columns[into] = join.result_series(outcomes.values, set(outcomes.errors), frame.index)
     result_columns = tuple(columns)
     columns[spec.error_column] = join.error_series(outcomes.errors, outcomes.n, frame.index)
+    if outcomes.seconds is not None:
+        columns[join.seconds_column(into)] = join.seconds_series(outcomes.seconds, frame.index)
     out = join.attach(frame, columns)
     run_id = runs.remember(dataclasses.replace(spec, result_columns=result_columns), retryable=bool(outcomes.errors))
     out.attrs[RunSpec.ATTRS_KEY] = {**frame.attrs.get(RunSpec.ATTRS_KEY, {}), into: run_id}
@@ -312,7 +328,7 @@ class _Stopped(Exception):
 def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: runs.Wording,
              stored: RunCache | None) -> _Outcomes:
     n = len(args)
-    outcomes = _Outcomes(n, expand=task.options.expand)
+    outcomes = _Outcomes(n, expand=task.options.expand, seconds=np.full(n, np.nan) if task.options.timings else None)
     started = time.monotonic()
     run_control = control.current()  # a background run (wait=False): watched and stopped from outside
     logs: list[str] = []
@@ -375,6 +391,8 @@ def _finish(progress: Progress, state: str, outcomes: _Outcomes, index: pd.Index
     """Count the run once, from its outcomes: the bar's summary and ``last_run()`` are this one record."""
     summary = runs.summarize(outcomes.n, outcomes.errors, outcomes.cancelled, outcomes.cached, index,
                              time.monotonic() - started, words, logs, stopped=stopped, raised=raised)
+    if outcomes.compute_usd is not None:
+        summary = dataclasses.replace(summary, compute_usd=outcomes.compute_usd)
     runs.set_last_run(summary)
     progress.close(state, summary)  # type: ignore[arg-type]
 
@@ -399,13 +417,22 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
     next_id = 0
     in_flight = 0
     retry_at: list[tuple[float, int, Batch]] = []  # lost rows waiting out their backoff
+    budget: MapBudget | None = None
+    if opts.backend == "modal":  # container time has a known rate: count its dollars, capped by budget_usd
+        from .spend import MapBudget  # here: it shares the LLM package's booking, and that package imports us
 
-    while cursor < n or in_flight or retry_at:
+        budget = MapBudget(opts)  # with budget_usd each batch books its worst case before it is sent
+        outcomes.compute_usd = 0.0
+    held: Batch | None = None  # a batch waiting for those in flight to settle, so it fits the budget
+
+    while cursor < n or in_flight or retry_at or held is not None:
         if stop is not None and stop.is_set():  # MapJob.cancel(): stop as the Stop button does
             raise KeyboardInterrupt
         starting: list[Batch] = []
         while in_flight < backend.capacity:
-            if retry_at and retry_at[0][0] <= time.monotonic():
+            if held is not None:
+                batch, held = held, None
+            elif retry_at and retry_at[0][0] <= time.monotonic():
                 batch = heapq.heappop(retry_at)[2]
             elif (cursor < n and backend.inline_when_tiny and opts.batch_size is None
                   and _parallel_cannot_pay(sizer, n - cursor)):
@@ -422,8 +449,19 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
                 cursor += size
             else:
                 break
+            if budget is not None:
+                verdict = budget.check(batch)
+                if verdict == "wait":
+                    held = batch
+                    break
+                if verdict == "refuse":
+                    _refuse_unsent(budget, batch, todo[cursor:], retry_at, outcomes, progress)
+                    cursor = n
+                    break
             batch.id = next_id
             next_id += 1
+            if budget is not None:
+                budget.book(batch)
             starting.append(batch)
             in_flight += 1
         if starting:
@@ -438,6 +476,11 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
         _relay_backend_news(backend, progress, logs)
         for result in results:
             in_flight -= 1
+            if budget is not None:
+                budget.settle(result)
+                outcomes.compute_usd = budget.cost_usd(backend.container_seconds())
+                if backend.status() is None:  # live dollars on the bar, where the backend has nothing to say
+                    progress.update(status=budget.status(outcomes.compute_usd))
             if result.requeue:
                 heapq.heappush(retry_at, (time.monotonic(), next(_TIEBREAK), result.batch))
                 continue
@@ -446,6 +489,7 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
                 continue
             sizer.observe(len(result.batch.positions), result.elapsed_s)
             failed = outcomes.file(result.batch.positions, result.values, result.errors)
+            outcomes.time(result.batch.positions, result.row_seconds)
             usage = {}
             if meter is not None:
                 meter.observe(result.values, result.errors)
@@ -455,6 +499,18 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
             progress.update(done=len(result.batch.positions) - len(failed), failed=len(failed), **usage)
             if failed:
                 _raise_if_asked(failed, task, outcomes, index)
+
+
+def _refuse_unsent(budget: MapBudget, batch: Batch, rest: Sequence[int], retry_at: list, outcomes: _Outcomes,
+                   progress: Progress) -> None:
+    """The budget can't take ``batch``: it, the rows not yet batched and those waiting to retry fail unsent."""
+    waiting = [p for _, _, b in retry_at for p in b.positions]
+    retry_at.clear()
+    unsent = [*batch.positions, *rest, *waiting]
+    error = RowError.from_exception(budget.refusal(batch, len(unsent)))
+    for position in unsent:
+        outcomes.fail(int(position), error)
+    progress.update(failed=len(unsent), retrying=0)
 
 
 def _as_range(positions: Sequence[int]) -> Sequence[int]:
@@ -488,8 +544,10 @@ def _run_inline(task: Task, args: list[Any], positions: Sequence[int], outcomes:
         chunk = _as_range(positions[start : start + INLINE_CHUNK])
         chunk_args = (args[chunk.start : chunk.stop] if isinstance(chunk, range) else [args[p] for p in chunk])
         began = time.perf_counter()
-        values, errors = run_rows(task.fn, task.star, chunk_args, opts.retries, opts.timeout)
+        seconds: list[float] | None = [] if opts.timings else None
+        values, errors = run_rows(task.fn, task.star, chunk_args, opts.retries, opts.timeout, seconds)
         failed = outcomes.file(chunk, values, errors)
+        outcomes.time(chunk, seconds)
         if stored is not None:
             stored.save(chunk, values, failed, time.perf_counter() - began)
         progress.update(done=len(chunk) - len(failed), failed=len(failed))

@@ -17,7 +17,8 @@ from pandas.api import types as ptypes
 
 from .errors import RowError
 
-__all__ = ["result_series", "error_series", "attach", "clashing_columns", "expand_dicts", "not_a_dict"]
+__all__ = ["result_series", "error_series", "seconds_column", "seconds_series", "attach", "clashing_columns",
+           "expand_dicts", "not_a_dict"]
 
 _COPY_ON_WRITE = int(pd.__version__.split(".")[0]) >= 3
 
@@ -70,6 +71,28 @@ def error_series(errors: dict[int, RowError], n: int, index: pd.Index) -> pd.Ser
     for position, error in errors.items():
         column[position] = error
     return pd.Series(column, index=index, dtype=object, copy=False)
+
+
+def seconds_column(into: str) -> str:
+    """The name of the per-row seconds column (``timings=True``) of the result ``into``.
+
+    Examples
+    --------
+    >>> seconds_column("label")
+    'label_seconds'
+    """
+    return f"{into}_seconds"
+
+
+def seconds_series(seconds: np.ndarray, index: pd.Index) -> pd.Series:
+    """The ``<into>_seconds`` column: float64, NaN for rows that came from the cache or never ran.
+
+    Examples
+    --------
+    >>> seconds_series(np.array([0.5, np.nan]), pd.RangeIndex(2)).tolist()
+    [0.5, nan]
+    """
+    return pd.Series(np.asarray(seconds, dtype=np.float64), index=index, copy=False)
 
 
 _FAST_DTYPES = {int: np.int64, float: np.float64, bool: np.bool_}

@@ -373,10 +373,20 @@ class MapOptions:
         "False: return a MapJob at once and run in the background (job.result() gives the frame); "
         "on a magic's line: --background.",
         trait="switch", flag=None)
+    budget_usd: float | None = option(
+        None, positive_number,
+        "Modal only: send no batch that could take the run's container time past this many dollars "
+        "(each batch books its worst case, its timeout at the container's rate); rows not sent fail with "
+        "BudgetExceeded, finished rows are kept and cached.",
+        trait="number", flag=Flag(type=float, metavar="USD"))
     sample: int | None = option(
         None, positive_int, "Run on the first N rows only, to try the function out.",
         trait="whole", flag=Flag(type=int, metavar="N"))
     # Result shape.
+    timings: bool = option(
+        False, true_or_false,
+        "Add <into>_seconds: each row's wall time where it ran (NaN for cached rows and rows that never ran).",
+        trait="switch", flag=Flag("switch", group=_RESULT))
     expand: bool = option(
         False, true_or_false, "Spread dict results into one column per key.",
         trait="switch", flag=Flag("switch", group=_RESULT))
@@ -463,6 +473,18 @@ def _check_combination(values: dict[str, Any]) -> None:
             f"{', '.join(modal_only)} only appl{'y' if len(modal_only) > 1 else 'ies'} on Modal, "
             f"but backend={backend!r} runs on this machine; "
             "add backend='modal' to run there"
+        )
+    if values["budget_usd"] is not None and backend != "modal":
+        where = ("a deployed function's resources aren't known here" if backend.startswith("modal:")
+                 else f"backend={backend!r} runs on this machine, which bills nothing")
+        raise OptionsError(
+            f"budget_usd= caps what Modal containers cost, but {where}, so no cost is known; "
+            "leave budget_usd out, or run with backend='modal'"
+        )
+    if values["timings"] and backend.startswith("modal:"):
+        raise OptionsError(
+            f"timings=True measures each row where it runs, but backend={backend!r} calls a deployed "
+            "function that doesn't report it; leave timings out, or map the function itself with backend='modal'"
         )
     if values["image"] is not None and (values["pip"] or values["apt"] or values["python_version"]):
         raise OptionsError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 
 from . import join
@@ -95,6 +96,12 @@ def rerun_failed(frame: pd.DataFrame, into: str, spec: RunSpec, overrides: dict[
         values = [None if i in still_failed else v for i, v in enumerate(values)]
         columns[name] = join.result_series(values, still_failed, frame.index)
     columns[spec.error_column] = pd.Series(merged_errors, index=frame.index, dtype=object)
+    timed = join.seconds_column(into)
+    if timed in redo.columns:  # timings=True: the retried rows' times replace their failed tries'
+        seconds = (frame[timed] if timed in frame.columns else pd.Series(np.nan, index=frame.index)).to_numpy(
+            dtype=np.float64, copy=True)
+        seconds[failed] = redo[timed].to_numpy(dtype=np.float64)
+        columns[timed] = join.seconds_series(seconds, frame.index)
     out = join.attach(frame, columns)
     set_last_result(out)
     return out

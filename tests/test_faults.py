@@ -457,7 +457,7 @@ def test_a_rows_timeout_does_not_count_worker_start_up(monkeypatch):
 
     def slow_start(self, messages):
         real(self, messages)
-        self.send(("fn", __import__("cloudpickle").dumps(lambda x: time.sleep(1.5)), False, 0, None, False))
+        self.send(("fn", __import__("cloudpickle").dumps(lambda x: time.sleep(1.5)), False, 0, None, False, False))
         self.send(("batch", 2**62, 1, __import__("pickle").dumps([0])))
 
     monkeypatch.setattr(pool.WorkerProcess, "__init__", slow_start)

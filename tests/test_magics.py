@@ -57,7 +57,8 @@ def calls(monkeypatch):
         seen.append(dict(frame=frame, fn=fn, columns=columns, star=star, into=into, options=options,
                          errors_call=errors_call))
         into = into or fn.__name__
-        return frame.assign(**{into: 1, f"{into}_error": pd.Series(None, index=frame.index, dtype=object)})
+        out = frame.assign(**{into: 1, f"{into}_error": pd.Series(None, index=frame.index, dtype=object)})
+        return out.assign(**{f"{into}_seconds": 0.5}) if options.timings else out
 
     monkeypatch.setattr(map_magic, "map_frame", fake_map_frame)
     return seen
@@ -211,6 +212,8 @@ FLAG_CASES = [
     ("--no-progress", "progress", False),
     ("--sample 5", "sample", 5),
     ("--expand", "expand", True),
+    ("--timings", "timings", True),
+    ("--budget-usd 2.5", "budget_usd", 2.5),
     ("--overwrite", "overwrite", True),
     ("--keep-warm 60", "keep_warm", 60),
     ("--background", "wait", False),
@@ -223,7 +226,10 @@ class Image:
 
 @pytest.mark.parametrize(("flags", "option", "expected"), FLAG_CASES, ids=[c[0] for c in FLAG_CASES])
 def test_each_flag_sets_its_option(ip, calls, flags, option, expected):
-    ip.config.ModalMagic.backend = "modal:reviews-app/classify"  # a backend every option applies to
+    # a backend every option applies to (a deployed function doesn't report per-row timings, and
+    # its resources, so its cost, aren't known)
+    backend = "modal" if option in ("timings", "budget_usd") else "modal:reviews-app/classify"
+    ip.config.ModalMagic.backend = backend
     ip.run_line_magic("load_ext", "modal_magic")
     image = ip.user_ns["img"] = Image()
 
@@ -234,7 +240,7 @@ def test_each_flag_sets_its_option(ip, calls, flags, option, expected):
     options = calls[-1]["options"]
     assert isinstance(options, MapOptions)
     assert getattr(options, option) == (image if expected == "IMAGE" else expected)
-    defaults = MapOptions.create(backend="modal:reviews-app/classify")
+    defaults = MapOptions.create(backend=backend)
     changed = [name for name in OPTION_NAMES if getattr(options, name) != getattr(defaults, name)]
     assert changed == [option]
 

@@ -42,14 +42,15 @@ class AsyncBackend(Backend):
         assert task is not None
         started = time.perf_counter()
         opts = task.options
+        seconds: list[float] | None = [] if opts.timings else None
         try:
-            values, errors = await run_rows_async(task.fn, task.star, batch.args, opts.retries, opts.timeout)
+            values, errors = await run_rows_async(task.fn, task.star, batch.args, opts.retries, opts.timeout, seconds)
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # the row loop itself broke: the batch is lost, not silently dropped
             self._outbox.put(BatchResult(batch, lost=e))
             return
-        self._outbox.put(BatchResult(batch, values, errors, time.perf_counter() - started))
+        self._outbox.put(BatchResult(batch, values, errors, time.perf_counter() - started, row_seconds=seconds))
 
     def submit(self, batch: Batch) -> None:
         self.submit_many([batch])

@@ -103,6 +103,16 @@ class BatchResult:
     # lost along with other batches that were running beside it (so maybe not because of its rows)
     lost_with_others: bool = False
     requeue: bool = False  # the batch never started (its worker went away first): send it again as is
+    #: each row's wall time where it ran, in batch order (``timings=True`` only; else ``None``)
+    row_seconds: list[float] | None = None
+
+    @classmethod
+    def from_packed(cls, batch: Batch, data: Any) -> BatchResult:
+        """The result of ``batch`` from the bytes a worker or container sent (see ``row_runner.pack_results``)."""
+        from .row_runner import unpack_results
+
+        values, errors, elapsed, seconds = unpack_results(data)
+        return cls(batch, values, errors, elapsed, row_seconds=seconds)
 
 
 class BackendFailed(RuntimeError):
@@ -168,6 +178,14 @@ class Backend(ABC):
 
     def containers(self) -> int | None:
         """How many containers/workers are running now, where that's worth showing; else ``None``."""
+        return None
+
+    def container_seconds(self) -> float | None:
+        """Container-seconds this run has been billed for so far, start to scale-down, where known.
+
+        ``None`` (the default) means the backend doesn't track its containers' lifetimes; a Modal
+        run's compute dollars are then estimated from the time its batches measured.
+        """
         return None
 
     def drain_logs(self) -> list[str]:

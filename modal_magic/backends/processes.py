@@ -84,7 +84,8 @@ class ProcessBackend(Backend):
         # every run starts its workers in the kernel's cwd, environment and sys.path as they are now
         self._run_bytes = pickle.dumps(("run", list(sys.path), os.getcwd(), dict(os.environ)), protocol=5)
         # a worker keeps the last function it was sent; anything that changes how it runs rows is part of the token
-        self._token = hash((self._fn_bytes, task.star, task.options.retries, task.options.timeout, task.is_async))
+        self._token = hash((self._fn_bytes, task.star, task.options.retries, task.options.timeout, task.is_async,
+                            task.options.timings))
         self._target = capped_concurrency(self._worker_count(task), process_ceiling(), "worker processes",
                                             f"twice its {cores()} cores", self._count_option)
         self._workers = []
@@ -171,7 +172,7 @@ class ProcessBackend(Backend):
         worker.sent_at[batch.id] = time.monotonic()
         if worker.fn_token != self._token:
             opts = task.options
-            worker.send(("fn", self._fn_bytes, task.star, opts.retries, opts.timeout, task.is_async))
+            worker.send(("fn", self._fn_bytes, task.star, opts.retries, opts.timeout, task.is_async, opts.timings))
             worker.fn_token = self._token
         # If the worker is dead already, its reader reports it and results() sends this batch again.
         worker.send(("batch", batch.id, len(batch.args), dumps(batch.args)))
@@ -240,8 +241,7 @@ class ProcessBackend(Backend):
         batch = worker.batches.pop(batch_id)
         worker.sent_at.pop(batch_id, None)
         worker.started_at.pop(batch_id, None)
-        values, errors, elapsed = pickle.loads(memoryview(data)[9:])
-        return [BatchResult(batch, values, errors, elapsed)]
+        return [BatchResult.from_packed(batch, memoryview(data)[9:])]
 
     def _swap(self, worker: WorkerProcess) -> None:
         """Replace a dead or stuck worker in the pool and in this run."""

@@ -118,29 +118,33 @@ def run_rows(
     args_list: Sequence[Any],
     retries: int = 0,
     timeout: float | None = None,
+    seconds: list[float] | None = None,
 ) -> tuple[list[Any], list[ErrorTuple]]:
     """Call ``fn`` on each row's arguments; return ``(values, errors)`` with ``None`` where a row failed.
 
     The timeout is enforced with ``SIGALRM`` when called on a process's main thread (workers and the
-    sequential backend); elsewhere the caller enforces it.
+    sequential backend); elsewhere the caller enforces it. With ``seconds`` (a list, ``timings=True``)
+    each row's wall time, all its tries and their backoff included, is appended to it in row order;
+    without it the tight loop measures nothing, so tiny rows pay nothing for the feature.
     """
     # asked each call, not kept in a global: this module travels by value to Modal, and a Thread
     # object (it holds locks) can't be pickled
     main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if main and not _IGNORES_SIGINT else None
     if not callable(handler):
-        return _run_rows(fn, star, args_list, retries, timeout, main, _NO_SIGNALS)
+        return _run_rows(fn, star, args_list, retries, timeout, main, _NO_SIGNALS, seconds)
     interrupt = _InterruptWatch(handler)
     try:
-        return _run_rows(fn, star, args_list, retries, timeout, main, interrupt)
+        return _run_rows(fn, star, args_list, retries, timeout, main, interrupt, seconds)
     finally:
         interrupt.restore()
 
 
 def _run_rows(fn: Callable[..., Any], star: bool, args_list: Sequence[Any], retries: int, timeout: float | None,
-              main: bool, interrupt: _InterruptWatch | _NoSignals) -> tuple[list[Any], list[ErrorTuple]]:
+              main: bool, interrupt: _InterruptWatch | _NoSignals,
+              seconds: list[float] | None = None) -> tuple[list[Any], list[ErrorTuple]]:
     use_alarm = timeout is not None and main
-    if not use_alarm and not retries:
+    if not use_alarm and not retries and seconds is None:
         return _run_rows_once(fn, star, args_list, interrupt)
     previous = signal.signal(signal.SIGALRM, _on_alarm) if use_alarm else None
     values: list[Any] = [None] * len(args_list)
@@ -148,6 +152,7 @@ def _run_rows(fn: Callable[..., Any], star: bool, args_list: Sequence[Any], retr
     try:
         for i, args in enumerate(args_list):
             attempt = 1
+            began = time.perf_counter()
             while True:
                 try:
                     if use_alarm:
@@ -169,6 +174,8 @@ def _run_rows(fn: Callable[..., Any], star: bool, args_list: Sequence[Any], retr
                     break
                 time.sleep(backoff_s(attempt))
                 attempt += 1
+            if seconds is not None:
+                seconds.append(time.perf_counter() - began)
     finally:
         if previous is not None:
             signal.signal(signal.SIGALRM, previous)
@@ -217,12 +224,14 @@ async def run_rows_async(
     args_list: Sequence[Any],
     retries: int = 0,
     timeout: float | None = None,
+    seconds: list[float] | None = None,
 ) -> tuple[list[Any], list[ErrorTuple]]:
     """The same as :func:`run_rows` for an ``async def`` function, awaited on the running loop."""
     values: list[Any] = [None] * len(args_list)
     errors: list[ErrorTuple] = []
     for i, args in enumerate(args_list):
         attempt = 1
+        began = time.perf_counter()
         while True:
             try:
                 call = _guarded(fn(*args) if star else fn(args))
@@ -241,6 +250,8 @@ async def run_rows_async(
                 break
             await asyncio.sleep(backoff_s(attempt))
             attempt += 1
+        if seconds is not None:
+            seconds.append(time.perf_counter() - began)
     return values, errors
 
 
@@ -254,15 +265,39 @@ def dumps(obj: Any) -> bytes:
         return cloudpickle.dumps(obj, protocol=5)
 
 
-def pack_results(values: list[Any], errors: list[ErrorTuple], elapsed: float) -> bytes:
-    """Serialise a batch's results; a value or exception that can't travel becomes that row's error only."""
+def pack_results(values: list[Any], errors: list[ErrorTuple], elapsed: float,
+                 seconds: list[float] | None = None) -> bytes:
+    """Serialise a batch's results; a value or exception that can't travel becomes that row's error only.
+
+    The result is ``(values, errors, elapsed)``, with each row's seconds as a fourth item when
+    measured (:func:`unpack_results` reads both).
+    """
     try:
-        return dumps((values, errors, elapsed))
+        return dumps(_packed(values, errors, elapsed, seconds))
     except Exception:  # noqa: BLE001 - a value's own __reduce__ may raise anything: find it row by row
-        return _pack_row_by_row(values, errors, elapsed)
+        return _pack_row_by_row(values, errors, elapsed, seconds)
 
 
-def _pack_row_by_row(values: list[Any], errors: list[ErrorTuple], elapsed: float) -> bytes:
+def _packed(values: list[Any], errors: list[ErrorTuple], elapsed: float, seconds: list[float] | None) -> tuple:
+    return (values, errors, elapsed) if seconds is None else (values, errors, elapsed, seconds)
+
+
+def unpack_results(data: Any) -> tuple[list[Any], list[ErrorTuple], float, list[float] | None]:
+    """What :func:`pack_results` packed: ``(values, errors, elapsed, seconds or None)``.
+
+    Examples
+    --------
+    >>> unpack_results(pack_results([1], [], 0.5))
+    ([1], [], 0.5, None)
+    >>> unpack_results(pack_results([1], [], 0.5, [0.25]))[3]
+    [0.25]
+    """
+    values, errors, elapsed, *seconds = pickle.loads(data)
+    return values, errors, elapsed, seconds[0] if seconds else None
+
+
+def _pack_row_by_row(values: list[Any], errors: list[ErrorTuple], elapsed: float,
+                     seconds: list[float] | None = None) -> bytes:
     """:func:`pack_results` for a batch that didn't pickle whole: each row that can't travel says so."""
     safe_errors: list[ErrorTuple] = []
     for err in errors:
@@ -281,30 +316,34 @@ def _pack_row_by_row(values: list[Any], errors: list[ErrorTuple], elapsed: float
             values[i] = None
             message = f"the function returned a {type(value).__name__} that can't be pickled: {describe(e)}"
             safe_errors.append((i, "UnpicklableResult", message, "", 1, None))
-    return dumps((values, safe_errors, elapsed))
+    return dumps(_packed(values, safe_errors, elapsed, seconds))
 
 
 def batch_runner(
-    fn: Callable[..., Any], star: bool, retries: int, timeout: float | None, is_async: bool
+    fn: Callable[..., Any], star: bool, retries: int, timeout: float | None, is_async: bool,
+    timings: bool = False,
 ) -> Callable[[Any], Any]:
     """The function a Modal container runs: one input is ``(batch_id, [row args...])``.
 
     It returns ``(batch_id, packed results)`` and never raises for a row, so one bad row can't fail
     its batch; Modal's own retries then apply only to inputs lost with their container. This module
-    is shipped to the container by value, so the container needs nothing of modal_magic.
+    is shipped to the container by value, so the container needs nothing of modal_magic. With
+    ``timings`` each row's seconds travel back too (see :func:`pack_results`).
     """
 
     def run_batch(item: tuple[int, list[Any]]) -> tuple[int, bytes]:
         batch_id, args_list = item
         started = time.perf_counter()
-        values, errors = run_rows(fn, star, args_list, retries, timeout)
-        return batch_id, pack_results(values, errors, time.perf_counter() - started)
+        seconds: list[float] | None = [] if timings else None
+        values, errors = run_rows(fn, star, args_list, retries, timeout, seconds)
+        return batch_id, pack_results(values, errors, time.perf_counter() - started, seconds)
 
     async def run_batch_async(item: tuple[int, list[Any]]) -> tuple[int, bytes]:
         batch_id, args_list = item
         started = time.perf_counter()
-        values, errors = await run_rows_async(fn, star, args_list, retries, timeout)
-        return batch_id, pack_results(values, errors, time.perf_counter() - started)
+        seconds: list[float] | None = [] if timings else None
+        values, errors = await run_rows_async(fn, star, args_list, retries, timeout, seconds)
+        return batch_id, pack_results(values, errors, time.perf_counter() - started, seconds)
 
     runner = run_batch_async if is_async else run_batch
     name = "".join(c if c.isalnum() or c == "_" else "_" for c in getattr(fn, "__name__", "fn"))
@@ -343,21 +382,24 @@ class _AsyncBatches:
         threading.Thread(target=self._loop.run_forever, name="modal_magic-worker-loop", daemon=True).start()
 
     def start(self, batch_id: int, fn: Any, star: bool, args_list: list[Any], retries: int,
-              timeout: float | None) -> None:
-        asyncio.run_coroutine_threadsafe(self._run(batch_id, fn, star, args_list, retries, timeout), self._loop)
+              timeout: float | None, timings: bool = False) -> None:
+        asyncio.run_coroutine_threadsafe(self._run(batch_id, fn, star, args_list, retries, timeout, timings),
+                                         self._loop)
 
     async def _run(self, batch_id: int, fn: Any, star: bool, args_list: list[Any], retries: int,
-                   timeout: float | None) -> None:
+                   timeout: float | None, timings: bool) -> None:
         started = time.perf_counter()
         if timeout is not None:  # the kernel's watchdog counts this batch's time from here
             self._send(b"S" + batch_id.to_bytes(8, "little"))
+        seconds: list[float] | None = [] if timings else None
         try:
-            values, errors = await run_rows_async(fn, star, args_list, retries, timeout)
+            values, errors = await run_rows_async(fn, star, args_list, retries, timeout, seconds)
         except BaseException as e:  # the row loop itself broke: every row says why, none goes missing
             values, errors = [None] * len(args_list), [_error_tuple(i, e, 1) for i in range(len(args_list))]
+            seconds = None
         _exit_if_forked(self._pid)
         elapsed = time.perf_counter() - started
-        self._send(b"R" + batch_id.to_bytes(8, "little") + pack_results(values, errors, elapsed))
+        self._send(b"R" + batch_id.to_bytes(8, "little") + pack_results(values, errors, elapsed, seconds))
 
 
 def _exit_if_forked(pid: int) -> None:
@@ -379,8 +421,8 @@ def _reset(path: list[str], cwd: str, env: dict[str, str]) -> None:
 def main(fd: int) -> None:
     """Serve batches over the socket ``fd`` until told to exit or the parent goes away.
 
-    Messages in: ``("run", sys.path, cwd, environ)`` at the start of each run, ``("fn", ...)`` when
-    the function changes, ``("batch", id, rows, payload)``, ``("exit",)``. Messages out: ``S`` + id
+    Messages in: ``("run", sys.path, cwd, environ)`` at the start of each run, ``("fn", fn, star,
+    retries, timeout, is_async, timings)`` when the function or how it runs changes, ``("batch", id, rows, payload)``, ``("exit",)``. Messages out: ``S`` + id
     when a batch starts (only with a timeout: the kernel's watchdog counts from it) and ``R`` + id +
     results when it ends. The kernel always reads (a thread per worker), so a large result never
     blocks this process for long.
@@ -403,7 +445,7 @@ def main(fd: int) -> None:
 
     fn: Any = None
     load_error: BaseException | None = None
-    star, retries, timeout, is_async = False, 0, None, False
+    star, retries, timeout, is_async, timings = False, 0, None, False, False
     async_batches: _AsyncBatches | None = None
     while True:
         try:
@@ -422,20 +464,22 @@ def main(fd: int) -> None:
             if failure is None and is_async:
                 if async_batches is None:
                     async_batches = _AsyncBatches(send, pid)
-                async_batches.start(batch_id, fn, star, args_list, retries, timeout)
+                async_batches.start(batch_id, fn, star, args_list, retries, timeout, timings)
                 continue
             if timeout is not None:  # the kernel's watchdog counts this batch's time from here
                 send(b"S" + batch_id.to_bytes(8, "little"))
             started = time.perf_counter()
+            seconds: list[float] | None = None
             if failure is not None:  # every row of the batch fails the same way, and says why
                 values, errors = [None] * n, [_error_tuple(i, failure, 1) for i in range(n)]
             else:
-                values, errors = run_rows(fn, star, args_list, retries, timeout)
+                seconds = [] if timings else None
+                values, errors = run_rows(fn, star, args_list, retries, timeout, seconds)
             elapsed = time.perf_counter() - started
             _exit_if_forked(pid)
-            send(b"R" + batch_id.to_bytes(8, "little") + pack_results(values, errors, elapsed))
+            send(b"R" + batch_id.to_bytes(8, "little") + pack_results(values, errors, elapsed, seconds))
         elif kind == "fn":
-            _, fn_bytes, star, retries, timeout, is_async = message
+            _, fn_bytes, star, retries, timeout, is_async, timings = message
             try:
                 fn, load_error = cloudpickle.loads(fn_bytes), None
             except Exception as e:  # e.g. a module the function needs isn't installed in the worker

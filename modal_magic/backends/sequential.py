@@ -41,8 +41,9 @@ class SequentialBackend(Backend):
         batch = self._pending.popleft()
         opts = self._task.options
         started = time.perf_counter()
-        values, errors = run_rows(self._task.fn, self._task.star, batch.args, opts.retries, opts.timeout)
-        return [BatchResult(batch, values, errors, time.perf_counter() - started)]
+        seconds: list[float] | None = [] if opts.timings else None
+        values, errors = run_rows(self._task.fn, self._task.star, batch.args, opts.retries, opts.timeout, seconds)
+        return [BatchResult(batch, values, errors, time.perf_counter() - started, row_seconds=seconds)]
 
     def cancel(self) -> None:
         self._pending.clear()

@@ -45,8 +45,9 @@ class RowThread:
             # row that timed out are the engine's, so the in-thread loop only retries exceptions.
             opts = task.options
             try:
-                values, errors = run_rows(task.fn, task.star, batch.args, opts.retries)
-                result = BatchResult(batch, values, errors, time.monotonic() - self.started)
+                seconds: list[float] | None = [] if opts.timings else None
+                values, errors = run_rows(task.fn, task.star, batch.args, opts.retries, seconds=seconds)
+                result = BatchResult(batch, values, errors, time.monotonic() - self.started, row_seconds=seconds)
             except BaseException as e:  # the row loop itself broke: the batch is lost, never silently dropped
                 result = BatchResult(batch, lost=e)
             with backend._lock:

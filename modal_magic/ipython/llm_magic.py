@@ -19,9 +19,13 @@ from IPython.core.magic import Magics, cell_magic, magics_class
 
 from ..checks import FunctionError
 from ..errors import MapInterrupted, ModalSetupError, OptionsError
-from ..llm import DEFAULT_INTO, LLM_OPTIONS, LLMOptions, llm_frame
+from ..llm import DEFAULT_INTO, LLM_OPTION_NAMES, LLM_OPTIONS, LLMOptions, llm_frame
 from ..llm.templates import TemplateError, template_fields
 from ..options import OPTIONS
+
+#: the map options an LLM cell takes: those of the same name as an LLM option (budget_usd, whose LLM
+#: form caps the tokens' dollars) are the LLM option's
+_MAP_OPTIONS = tuple(o for o in OPTIONS if o.name not in LLM_OPTION_NAMES)
 from .map_magic import ModalMagic
 from .parsing import (CellArgs, add_option_flags, bind, in_flag_words, lookup, make_parser, map_options,
                       option_flags, parse_known, resolve_frame, split_line)
@@ -77,7 +81,7 @@ def llm_parser() -> Any:
     parser.add_argument("-o", "--output", metavar="NAME",
                         help="Bind the result to a new DataFrame NAME; DF stays as it is.")
     add_option_flags(parser, LLM_OPTIONS)
-    add_option_flags(parser, OPTIONS, config_class="ModalMagic")
+    add_option_flags(parser, _MAP_OPTIONS, config_class="ModalMagic")
     return parser
 
 
@@ -110,7 +114,7 @@ def parse_llm_line(line: str) -> LLMCellArgs:
     llm = option_flags(given, LLM_OPTIONS)
     schema = llm.pop("schema", None)  # a name in the notebook, looked up when the cell runs
     return LLMCellArgs(frame=frame, into=given.get("into", DEFAULT_INTO), output=given.get("output"),
-                       schema=schema, llm=llm, options=option_flags(given, OPTIONS))
+                       schema=schema, llm=llm, options=option_flags(given, _MAP_OPTIONS))
 
 
 def _map_defaults(shell: Any) -> dict[str, Any]:
@@ -118,7 +122,7 @@ def _map_defaults(shell: Any) -> dict[str, Any]:
     magic = shell.magics_manager.registry.get(ModalMagic.__name__)
     if magic is None:  # used without %load_ext: the defaults as configured, read by an unregistered instance
         magic = ModalMagic(config=shell.config)
-    return magic.option_defaults()
+    return {name: value for name, value in magic.option_defaults().items() if name not in LLM_OPTION_NAMES}
 
 
 def run_llm_cell(magic: Magics, line: str, cell: str) -> None:

@@ -22,6 +22,7 @@ from traitlets import TraitError, validate
 
 from ..checks import FunctionError, default_into
 from ..engine import map_frame
+from ..estimate import DEFAULT_SAMPLE, Estimate, estimate_frame
 from ..retry import rerun_failed
 from ..runs import RunSpec, runs_columns
 from ..errors import MapInterrupted, ModalSetupError, OptionsError, RowError
@@ -76,6 +77,10 @@ def _parser() -> Any:
     parser.add_argument("--retry-failed", action="store_true",
                         help="Run only the rows of DF whose INTO_error holds an error (with this cell's function "
                              "and flags, e.g. more --retries), and fill their results in.")
+    parser.add_argument("--estimate", action="store_true",
+                        help="Don't run the whole column: time a sample of rows spread over DF (--sample N, "
+                             "default 200) and show the projected wall time and, on Modal, dollars. The sample's "
+                             "results are cached for the real run; DF is left unchanged.")
     add_option_flags(parser, OPTIONS, config_class="ModalMagic")
     return parser
 
@@ -124,7 +129,7 @@ class ModalMagic(MapOptionTraits):  # type: ignore[misc,valid-type]
         return {name: getattr(self, name) for name in OPTION_NAMES}
 
     @line_cell_magic
-    def modal_map(self, line: str, cell: str | None = None) -> MapJob | None:
+    def modal_map(self, line: str, cell: str | None = None) -> MapJob | Estimate | None:
         args = parse_line(line)
         if cell is None and args.fn is None:  # %modal_map, the line form: the function is defined already
             raise UsageError("%modal_map (one %) maps a function defined earlier: name it with --fn NAME, "
@@ -136,6 +141,9 @@ class ModalMagic(MapOptionTraits):  # type: ignore[misc,valid-type]
             options = options.replace(wait=False)
         fn = define_function(self.shell, cell or "", args.fn, what="the function to map")
         into = args.into if args.into is not None else default_into(fn)
+        if args.estimate:
+            return self._estimate(frame, fn, args, into, options)
+
         def run() -> pd.DataFrame:
             if args.retry_failed:
                 return self._retry_failed(frame, fn, args, into, options)
@@ -157,6 +165,22 @@ class ModalMagic(MapOptionTraits):  # type: ignore[misc,valid-type]
         return None
 
     modal_map.__doc__ = PARSER.format_help() + "\n" + _EXAMPLES
+
+    def _estimate(self, frame: pd.DataFrame, fn: Callable[..., Any], args: CellArgs, into: str,
+                  options: MapOptions) -> Estimate:
+        """``--estimate``: the sample's projection, shown as the cell's output (and bound to ``-o NAME``)."""
+        if args.retry_failed:
+            raise UsageError("--estimate and --retry-failed don't go together: estimate the whole column, "
+                             "or retry its failed rows")
+        sample = options.sample or DEFAULT_SAMPLE
+        try:
+            estimate = estimate_frame(frame, fn, columns=list(args.columns), star=args.star, into=into,
+                                      sample=sample, options=options.replace(sample=None))
+        except (OptionsError, FunctionError, ModalSetupError) as error:
+            raise UsageError(in_flag_words(str(error))) from None
+        if args.output is not None:
+            self.shell.user_ns[args.output] = estimate
+        return estimate
 
     def _retry_failed(self, frame: pd.DataFrame, fn: Callable[..., Any], args: CellArgs, into: str,
                       options: MapOptions) -> pd.DataFrame:
@@ -232,6 +256,7 @@ def parse_line(line: str) -> CellArgs:
         fn=given.get("fn"),
         retry_failed=bool(given.get("retry_failed")),
         background=bool(given.get("background")),
+        estimate=bool(given.get("estimate")),
         options=option_flags(given, OPTIONS),
     )
 

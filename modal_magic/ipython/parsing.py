@@ -74,6 +74,7 @@ class CellArgs:
     fn: str | None = None  # --fn NAME: the function to map (default: the cell's last top-level def)
     retry_failed: bool = False  # --retry-failed: run only DF's failed rows for INTO
     background: bool = False  # --background: run as a MapJob, fill the columns in when it ends
+    estimate: bool = False  # --estimate: time a sample (--sample N, default 200) and project the run
     options: Mapping[str, Any] = field(default_factory=dict)  # only the option flags given on the line
 
     def __post_init__(self) -> None:
@@ -325,15 +326,16 @@ def bind(user_ns: dict[str, Any], args: CellArgs, frame: pd.DataFrame, out: pd.D
 def _result_columns(frame: pd.DataFrame, out: pd.DataFrame, into: str, options: MapOptions) -> list[Any]:
     """The columns the run added to (or replaced in) ``frame`` to make ``out``."""
     error_column = f"{into}_error"
+    timed = [f"{into}_seconds"] if options.timings else []
     if not options.expand:
-        return [into, error_column]
+        return [into, error_column, *timed]
     added = [c for c in out.columns if c not in frame.columns]
     if options.overwrite:  # dict keys may have replaced existing columns: those that changed
         rows = frame.iloc[: len(out)]
         added += [c for c in frame.columns if c not in added and not out[c].equals(rows[c])]
     if error_column not in added:
         added.append(error_column)
-    return added
+    return added + [c for c in timed if c not in added]
 
 
 def _full_length(column: pd.Series, index: pd.Index, *, errors: bool = False) -> pd.Series:

@@ -13,6 +13,8 @@ import html
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..costs import dollars
+
 __all__ = ["RunSummary", "State", "format_duration", "summary_lines", "summary_html", "static_html"]
 
 State = Literal["success", "failed", "aborted"]
@@ -56,7 +58,9 @@ class RunSummary:
     cost_usd: float | None = None
     logs: tuple[str, ...] = ()  # output from where the rows ran (Modal's build and container logs)
     cancelled: int = 0
-    no_cache: str = "cache=False"  # how the caller turns the cache off, for the hint after "N cached"
+    no_cache: str = "cache=False"
+    #: estimated dollars of Modal container time (Modal runs only; see modal_magic.costs)
+    compute_usd: float | None = None  # how the caller turns the cache off, for the hint after "N cached"
 
     @property
     def ran(self) -> int:
@@ -147,6 +151,9 @@ def summary_line(state: State, summary: RunSummary) -> str:
     line = (f"{_VERDICT[outcome(state, summary)]}: {summary.total:,} rows in "
             f"{format_duration(summary.elapsed_s)} ({rate}) | {counts}")
     usage = usage_text(summary.tokens, summary.cost_usd)
+    if summary.compute_usd is not None:
+        compute = f"≈ {dollars(summary.compute_usd)} Modal compute (estimate)"
+        usage = f"{usage}, {compute}" if usage else compute
     return f"{line} | {usage}" if usage else line
 
 

@@ -21,7 +21,6 @@ import asyncio
 import concurrent.futures
 import hashlib
 import math
-import pickle
 import queue
 from typing import Any
 
@@ -57,7 +56,8 @@ def pack_runner(task: Task) -> tuple[bytes, str]:
     does whatever the caller registered by value (the LLM row code).
     """
     opts = task.options
-    runner = row_runner.batch_runner(task.fn, task.star, opts.retries, opts.timeout, task.is_async)
+    runner = row_runner.batch_runner(task.fn, task.star, opts.retries, opts.timeout, task.is_async,
+                                     timings=opts.timings)
     with by_value([row_runner.__name__, *cloudpickle.list_registry_pickle_by_value()]):
         payload = dumps_function(runner)
     return payload, hashlib.sha256(payload).hexdigest()[:32]
@@ -209,8 +209,7 @@ class ModalBackend(Backend):
             return []
         batch_id, packed = item
         batch = self._in_flight.pop(batch_id)
-        values, errors, elapsed = pickle.loads(packed)
-        return [BatchResult(batch, values, errors, elapsed)]
+        return [BatchResult.from_packed(batch, packed)]
 
     def cancel(self) -> None:
         if self._map is not None:

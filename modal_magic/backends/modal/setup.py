@@ -11,7 +11,6 @@ counting containers as it goes.
 
 from __future__ import annotations
 
-import math
 import socket
 import sys
 import threading
@@ -21,6 +20,7 @@ from urllib.parse import urlparse
 
 import cloudpickle
 
+from ...costs import input_timeout_s
 from ...errors import ModalSetupError, WorkerCrashed
 from ...options import MapOptions
 
@@ -115,9 +115,8 @@ def function_kwargs(options: MapOptions, batch_rows: int) -> dict[str, Any]:
         kwargs["max_containers"] = options.max_containers
     if options.retries:
         kwargs["retries"] = options.retries
-    if options.timeout is not None:
-        budget = options.timeout * batch_rows * (options.retries + 1) + 5 * options.retries
-        kwargs["timeout"] = int(min(max(math.ceil(budget) + 5, 10), 24 * 3600))
+    if options.timeout is not None:  # the same figure a map's budget_usd books per input
+        kwargs["timeout"] = input_timeout_s(options.timeout, options.retries, batch_rows)
     if options.keep_warm:
         kwargs["scaledown_window"] = options.keep_warm
     return kwargs

@@ -10,6 +10,7 @@ other at the top:
 - :mod:`~modal_magic.llm.row.shipped`: the row functions as shipped, :class:`ContainerRow` (a Modal
   container) and :class:`WorkerRow` (a worker process);
 - :mod:`~modal_magic.llm.row.answers`: an answer's usage, and a structured answer checked against its schema;
+- :mod:`~modal_magic.llm.row.booking`: the arithmetic of a hard dollar cap (shared with a map's ``budget_usd``);
 - :mod:`~modal_magic.llm.row.limits`: :class:`Request`, :class:`Limits`, :class:`RateLimiter`,
   :class:`Budget`, :class:`Meter`, and the retry timing;
 - :mod:`~modal_magic.llm.row.failures`: the errors a row ends with, and keeping the key out of them.

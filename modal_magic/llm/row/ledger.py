@@ -20,6 +20,7 @@ import os
 import tempfile
 from typing import Any, Callable
 
+from .booking import verdict
 from .limits import Budget
 
 __all__ = ["SharedBudget", "new_ledger"]
@@ -98,20 +99,18 @@ class SharedBudget(Budget):
         limit, me = self.limit_usd, str(os.getpid())
 
         def book(committed: float, flights: dict[str, float]) -> tuple[float, str]:
-            if self.stopped is not None or committed + worst_usd > limit:
-                return committed, "refuse"
-            if committed + sum(flights.values()) + worst_usd <= limit:
+            answer = "refuse" if self.stopped is not None else verdict(limit, committed, sum(flights.values()),
+                                                                      worst_usd)
+            if answer == "book":
                 flights[me] = flights.get(me, 0.0) + worst_usd
-                return committed, "booked"
-            return committed, "wait"
+            return committed, answer
 
         while True:
-            verdict = self._update(book)
-            if verdict == "booked":
-                self._in_flight += 1
-                self.in_flight_usd += worst_usd
+            answer = self._update(book)
+            if answer == "book":
+                self.book(worst_usd)
                 return
-            if verdict == "refuse":
+            if answer == "refuse":
                 raise self._refuse(worst_usd, detail)
             await asyncio.sleep(POLL_S)
 
@@ -131,7 +130,6 @@ class SharedBudget(Budget):
             return committed + actual_usd, None
 
         self._update(unbook)
-        self._in_flight = max(0, self._in_flight - 1)
-        self.in_flight_usd = max(0.0, self.in_flight_usd - worst_usd) if self._in_flight else 0.0
+        self.release(worst_usd, 0.0)  # this process's bookings; spent_usd is the ledger's, set by _update
         if actual_usd > worst_usd * (1 + 1e-9):
             self._note_overrun(worst_usd, actual_usd)

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .booking import Bookings
 from .failures import BudgetExceeded
 
 #: first wait before retrying a failed request without ``Retry-After``; doubles each try, with jitter
@@ -180,7 +181,7 @@ class RateLimiter:
         self._paused_until = max(self._paused_until, self._clock() + seconds)
 
 
-class Budget:
+class Budget(Bookings):
     """A hard cap on dollars: each request books its worst case before it is sent.
 
     :meth:`acquire` books ``worst_usd`` (the most the request can be billed: its prompt's token
@@ -208,10 +209,7 @@ class Budget:
     """
 
     def __init__(self, limit_usd: float | None) -> None:
-        self.limit_usd = limit_usd
-        self.spent_usd = 0.0
-        self.in_flight_usd = 0.0
-        self._in_flight = 0  # requests booked and not yet settled: at 0, nothing is booked (no float residue)
+        super().__init__(limit_usd)  # the booking arithmetic, shared with a map's budget
         self.stopped: str | None = None
         self.overrun: str | None = None  # the endpoint billed more than a request's worst case
         self._waiters: list[Any] = []  # futures of requests waiting for those in flight to settle
@@ -246,11 +244,11 @@ class Budget:
         if self.limit_usd is None:
             return
         while True:
-            if self.stopped is not None or self.spent_usd + worst_usd > self.limit_usd:
+            verdict = self.check(worst_usd)
+            if self.stopped is not None or verdict == "refuse":
                 raise self._refuse(worst_usd, detail)
-            if self.spent_usd + self.in_flight_usd + worst_usd <= self.limit_usd:
-                self.in_flight_usd += worst_usd
-                self._in_flight += 1
+            if verdict == "book":
+                self.book(worst_usd)
                 return
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -262,11 +260,10 @@ class Budget:
 
     def settle(self, worst_usd: float, actual_usd: float) -> None:
         """A request booked ``worst_usd`` and was billed ``actual_usd`` (0 when it got no answer)."""
-        self.spent_usd += actual_usd
         if self.limit_usd is None:
+            self.spent_usd += actual_usd
             return
-        self._in_flight = max(0, self._in_flight - 1)
-        self.in_flight_usd = max(0.0, self.in_flight_usd - worst_usd) if self._in_flight else 0.0
+        self.release(worst_usd, actual_usd)
         if actual_usd > worst_usd * (1 + 1e-9):
             self._note_overrun(worst_usd, actual_usd)
         self._wake()

@@ -1,0 +1,120 @@
+"""A map's ``budget_usd`` on Modal: book each batch's worst case before it is sent, settle with its measured time.
+
+The same rule as an LLM run's budget (:mod:`modal_magic.llm.row.booking`): the engine asks
+:meth:`MapBudget.check` before submitting each batch, and sends it only on ``"book"``. A batch's
+worst case is the most container time Modal can bill for it, its input's timeout
+(:func:`modal_magic.costs.input_timeout_s`: ``timeout`` × rows × tries, or Modal's 300 s default
+when ``timeout`` is unset) times Modal's own tries of a lost input, at the container's rate
+(:func:`modal_magic.costs.container_rate`). When it comes back the batch is settled with the time
+it measured in its container × the rate; a batch lost with its container is settled at its worst
+case (it may have been billed that long). So the batches' container time never costs more than the
+budget. Start-up and the idle time before a container scales down are not counted (they don't
+depend on how many batches are sent); the estimate (:mod:`modal_magic.estimate`) shows them.
+"""
+
+from __future__ import annotations
+
+from .backends import Batch, BatchResult
+from .costs import ContainerRate, container_rate, dollars, input_timeout_s
+from .llm.row.booking import Bookings, Verdict
+from .llm.row.failures import BudgetExceeded
+from .options import MapOptions
+
+__all__ = ["MapBudget"]
+
+
+class MapBudget:
+    """What a Modal map may still send under ``budget_usd``, batch by batch.
+
+    Examples
+    --------
+    >>> from modal_magic.backends import Batch
+    >>> budget = MapBudget(MapOptions.create(backend="modal", cpu=1.0, timeout=10.0, budget_usd=1.0))
+    >>> round(budget.worst_usd(Batch(0, [0], [1])), 6) == round(15 * budget.rate.usd_per_second, 6)
+    True
+    """
+
+    def __init__(self, options: MapOptions) -> None:
+        self.options = options
+        self.rate: ContainerRate = container_rate(options.gpu, cpu=options.cpu, memory=options.memory)
+        self.bookings = Bookings(options.budget_usd)
+        self._booked: dict[int, float] = {}
+        self.stopped: str | None = None
+
+    @property
+    def spent_usd(self) -> float:
+        """Dollars of container time the batches that came back measured (lost ones at their worst case)."""
+        return self.bookings.spent_usd
+
+    def cost_usd(self, container_seconds: float | None = None) -> float:
+        """The run's estimated compute dollars: ``container_seconds`` × the rate where the backend
+        counts its containers' lifetimes (:meth:`~modal_magic.backends.base.Backend.container_seconds`),
+        else what the batches measured (:attr:`spent_usd`)."""
+        return self.rate.cost(container_seconds) if container_seconds is not None else self.spent_usd
+
+    @staticmethod
+    def status(compute_usd: float) -> str:
+        """The bar's live line for what the run's containers have cost so far.
+
+        Examples
+        --------
+        >>> MapBudget.status(0.0123)
+        '≈ $0.0123 Modal compute so far (estimate)'
+        """
+        return f"≈ {dollars(compute_usd)} Modal compute so far (estimate)"
+
+    def worst_usd(self, batch: Batch) -> float:
+        """The most ``batch`` can cost: its input's timeout, for each of Modal's tries, at the rate."""
+        opts = self.options
+        rows = opts.batch_size or len(batch.args)  # the Modal function's timeout is set for batch_size rows
+        seconds = input_timeout_s(opts.timeout, opts.retries, rows) * (1 + opts.retries)
+        return self.rate.cost(seconds)
+
+    def check(self, batch: Batch) -> Verdict:
+        """``"book"`` (send it), ``"wait"`` (for batches in flight to settle) or ``"refuse"``."""
+        if self.stopped is not None:
+            return "refuse"
+        return self.bookings.check(self.worst_usd(batch))
+
+    def book(self, batch: Batch) -> None:
+        """``batch`` is being sent (after :meth:`check` said ``"book"``)."""
+        worst = self.worst_usd(batch)
+        self._booked[batch.id] = worst
+        self.bookings.book(worst)
+
+    def settle(self, result: BatchResult) -> None:
+        """``result`` came back: what its container time cost replaces its booking."""
+        worst = self._booked.pop(result.batch.id, None)
+        if worst is None:
+            return
+        if result.requeue:  # never started
+            actual = 0.0
+        elif result.lost is not None:  # it may have run, billed, until its timeout
+            actual = worst
+        else:
+            actual = self.rate.cost(result.elapsed_s)
+        self.bookings.release(worst, actual)
+
+    def refusal(self, batch: Batch, rows_left: int) -> BudgetExceeded:
+        """The error of every row not sent, once a batch didn't fit (every later one is refused too)."""
+        if self.stopped is None:
+            limit = self.options.budget_usd or 0.0
+            opts = self.options
+            seconds = self.worst_usd(batch) / self.rate.usd_per_second
+            if opts.timeout is None:
+                why = "Modal's default 300 s per input, as timeout= is unset"
+            else:
+                why = f"timeout={opts.timeout:g}s per row"
+                if input_timeout_s(opts.timeout, 0, 1) == 10 and opts.timeout < 5:
+                    why += ", Modal's shortest is 10 s"
+            if opts.retries:
+                why += f", {1 + opts.retries} tries"
+            self.stopped = (
+                f"budget_usd={limit:g}: {dollars(self.spent_usd)} spent, and the next batch "
+                f"({len(batch.args)} row{'s' if len(batch.args) != 1 else ''}) could cost up to "
+                f"{dollars(self.worst_usd(batch))} ({seconds:,.0f} container-seconds: {why}; at "
+                f"{dollars(self.rate.usd_per_second * 3600)}/h for {self.rate.resources}), which would pass it, so it and the {rows_left - len(batch.args)} rows "
+                "after it were not sent. Raise budget_usd, or set a smaller timeout= so each batch books less, "
+                "and run again: the finished rows are cached and not paid for twice"
+            )
+        return BudgetExceeded(self.stopped)
