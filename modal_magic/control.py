@@ -36,13 +36,11 @@ class _Counting(Progress):
         self.final: RunSummary | None = None
         self.state: State | None = None
 
-    def update(self, *, done: int = 0, failed: int = 0, cached: int = 0, retrying: int | None = None,
-               containers: int | None = None, tokens: int | None = None, cost_usd: float | None = None) -> None:
+    def update(self, *, done: int = 0, failed: int = 0, cached: int = 0, **gauges: Any) -> None:
         self.done += done
         self.failed += failed
         self.cached += cached
-        self.inner.update(done=done, failed=failed, cached=cached, retrying=retrying, containers=containers,
-                          tokens=tokens, cost_usd=cost_usd)
+        self.inner.update(done=done, failed=failed, cached=cached, **gauges)  # the gauges Progress.update takes
 
     def log(self, lines: list[str]) -> None:
         self.inner.log(lines)

@@ -360,6 +360,8 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: run
         _drive(backend, task, args, todo, outcomes, progress, index, logs, stored,
                run_control.stop if run_control is not None else None)
     except KeyboardInterrupt:
+        if run_control is not None and run_control.stop.is_set():  # job.cancel(): what was submitted goes too
+            backend.cancel_submitted()
         backend.cancel()
         outcomes.cancel_unfinished("the run was stopped before this row finished")
         _finish(progress, "aborted", outcomes, index, started, words, logs, stopped=True)

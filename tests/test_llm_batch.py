@@ -395,3 +395,20 @@ def test_the_magics_batch_flag(openai_server, ip):
     assert ip.user_ns["reviews"]["label"].tolist() == ["POSITIVE", "NEGATIVE", "NEUTRAL"]
     assert len(openai_server.batches) == 1 and openai_server.requests == []
     assert "--batch" in llm_magic.magic_help()
+
+
+def test_a_background_batch_run_returns_a_job_and_cancelling_it_cancels_the_batch(openai_server):
+    openai_server.batch_state.batch_delay_s = 30.0  # long enough that only the cancel can end it
+    df = pd.DataFrame({"text": [f"row {i}" for i in range(3)]})
+
+    job = df.modal.llm("Say {text}", wait=False, **QUIET)
+    assert isinstance(job, modal_magic.MapJob)
+    wait_for(lambda: openai_server.batches)
+    assert not job.done()
+    job.cancel()
+    with pytest.raises(modal_magic.MapInterrupted) as stopped:
+        job.result(timeout=60)
+
+    assert openai_server.batches[0].status == "cancelled"  # cancelled at OpenAI, not only no longer awaited
+    assert stopped.value.result["answer_error"].str.startswith("Cancelled").all()
+    assert job.state == "cancelled"

@@ -196,6 +196,13 @@ class Backend(ABC):
         """One line on what the rows are waiting for (an OpenAI batch's state), shown on the bar; else ``None``."""
         return None
 
+    def cancel_submitted(self) -> None:
+        """Cancel work this run submitted that would outlive it (an OpenAI batch); ``MapJob.cancel()`` calls it.
+
+        Stop only stops waiting for such work (a re-run collects it); cancelling a job means it. By
+        default a backend has nothing that outlives its run.
+        """
+
 
 def error_tuples_for(batch: Batch, exc: BaseException, attempts: int) -> list[tuple[int, str, str, str, int, Any]]:
     """Every row of ``batch`` failing the same way (a setup error that affects the whole batch)."""

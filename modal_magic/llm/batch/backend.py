@@ -141,6 +141,7 @@ class BatchBackend(Backend):
         self._to_mark: list[_Handed] = []
         self._tracked: dict[str, _Tracked] = {}
         self._status: str | None = None
+        self._cancelled: set[str] = set()  # batch ids this run cancelled at OpenAI
         self._client: Any = None
         self._secrets = (run.api_key, *url_secrets(run.base_url))
         # Where each row's outcome goes: its engine batch, and what is still missing in each.
@@ -205,7 +206,8 @@ class BatchBackend(Backend):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        running = [t.batch_id for t in self._tracked.values() if t.status not in _TERMINAL]
+        running = [t.batch_id for t in self._tracked.values()
+                   if t.status not in _TERMINAL and t.batch_id not in self._cancelled]
         if running:
             warnings.warn(
                 f"stopped waiting for OpenAI batch{'es' if len(running) > 1 else ''} {', '.join(running)}: "
@@ -228,7 +230,11 @@ class BatchBackend(Backend):
         ids = [t.batch_id for t in self._tracked.values() if t.status not in _TERMINAL]
         for batch_id in ids:
             self._openai().batches.cancel(batch_id)
+        self._cancelled.update(ids)  # asked for: no "keeps running" warning when the run stops waiting
         return ids
+
+    def cancel_submitted(self) -> None:
+        self.cancel_batches()
 
     # --- the thread ----------------------------------------------------------------------------------
 
