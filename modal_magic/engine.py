@@ -7,7 +7,8 @@ row's position as it arrives (completion order never matters), retries lost batc
 and hands the filled-in results to :mod:`modal_magic.join`. The cache is reached through
 :mod:`modal_magic.cache.rows` and the run records through :mod:`modal_magic.runs`: this module is
 the loop only. It knows nothing of IPython or display:
-progress is fed through :mod:`modal_magic.progress`.
+progress is fed through :mod:`modal_magic.progress`. How big each batch is comes from
+:mod:`modal_magic.batching`, and where each row's outcome is filed from :mod:`modal_magic.outcomes`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
-import math
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
@@ -29,8 +28,10 @@ from .backends import Backend, BackendFailed, Batch, BatchResult, Runtime, Task,
 from .backends.row_runner import backoff_s, run_rows
 from .cache.rows import RunCache
 from .checks import check_function, check_picklable, default_into
-from .errors import Cancelled, ColumnNotFound, MapInterrupted, RowError, RowFailed
+from .errors import ColumnNotFound, MapInterrupted, RowError, RowFailed
 from .options import MapOptions, OptionsError
+from .batching import BatchSizer
+from .outcomes import Outcomes
 from .progress import Progress, make_progress
 from .runs import RunSpec
 
@@ -39,10 +40,6 @@ if TYPE_CHECKING:
 
 __all__ = ["map_frame", "BatchSizer", "check_columns"]
 
-#: how long a batch should compute for: long enough to amortise a round trip, short enough to balance
-TARGET_BATCH_S = 0.05
-#: how fast an automatic batch may grow between measurements
-GROWTH = 8
 #: how often the engine wakes to refresh progress and notice Ctrl-C, at most
 _TICK_S = 0.2
 #: remote output lines a run keeps for ``last_run().logs``
@@ -56,127 +53,6 @@ INLINE_TOTAL_S = 0.25
 INLINE_CHUNK = 50_000
 #: orders batches waiting to be sent again that are due at the same moment
 _TIEBREAK = itertools.count()
-
-class BatchSizer:
-    """Picks each batch's size from the per-row time measured so far (joblib's auto batching, in short).
-
-    Until a measurement comes back, batches hold ``initial`` rows; each measurement lets the size grow
-    by at most ``GROWTH`` toward ``target_s`` of work per batch, never past ``max_size``, and near the
-    end batches shrink so the last ones finish together instead of one worker holding the tail.
-    """
-
-    def __init__(self, workers: int, fixed: int | None, *, target_s: float = TARGET_BATCH_S,
-                 initial: int = 1, max_size: int | None = None) -> None:
-        self.workers = max(1, workers)
-        self.fixed = fixed
-        self.target_s = target_s
-        self.initial = max(1, initial if max_size is None else min(initial, max_size))
-        self.max_size = max_size
-        self.per_row_s: float | None = None
-        self.largest_measured = 1
-
-    def observe(self, rows: int, elapsed_s: float) -> None:
-        if rows <= 0:
-            return
-        per_row = max(elapsed_s / rows, 1e-9)
-        self.per_row_s = per_row if self.per_row_s is None else 0.7 * self.per_row_s + 0.3 * per_row
-        self.largest_measured = max(self.largest_measured, rows)
-
-    def next_size(self, remaining: int) -> int:
-        if self.fixed is not None:
-            return self.fixed
-        if self.per_row_s is None:
-            return self.initial
-        wanted = self.target_s / self.per_row_s
-        balanced = math.ceil(remaining / (2 * self.workers))
-        size = min(wanted, self.largest_measured * GROWTH, balanced)
-        if self.max_size is not None:
-            size = min(size, self.max_size)
-        return max(1, int(size))
-
-
-@dataclass
-class _Outcomes:
-    """Results and errors filed by position as they arrive."""
-
-    n: int
-    expand: bool = False  # a row's value must be a dict: anything else (but None) is that row's error
-    values: list[Any] = field(init=False)
-    errors: dict[int, RowError] = field(default_factory=dict)
-    cached: int = 0
-    cancelled: set[int] = field(default_factory=set)  # rows that never ran (Stop, on_error="raise")
-    #: each row's seconds where it ran (``timings=True``; NaN until measured), else None
-    seconds: np.ndarray | None = None
-    #: estimated dollars of Modal container time so far (``backend="modal"`` only)
-    compute_usd: float | None = None
-
-    def __post_init__(self) -> None:
-        self.values = [None] * self.n
-        self._done = bytearray(self.n)
-
-    def time(self, positions: Sequence[int], seconds: list[float] | None) -> None:
-        """Record a batch's per-row seconds (when it measured them)."""
-        if self.seconds is not None and seconds is not None and len(seconds) == len(positions):
-            self.seconds[np.asarray(positions, dtype=np.intp)] = seconds
-
-    def file(self, positions: Sequence[int], values: list[Any], errors: list[tuple]) -> list[int]:
-        """Record a batch's outcomes; return the positions that failed."""
-        if isinstance(positions, range) and positions.step == 1:
-            self.values[positions.start : positions.stop] = values
-            self._done[positions.start : positions.stop] = b"\x01" * len(positions)
-        else:
-            for position, value in zip(positions, values):
-                self.values[position] = value
-                self._done[position] = 1
-        failed = []
-        for i, type_name, message, tb, attempts, exc in errors:
-            position = positions[i]
-            self.values[position] = None
-            self.errors[position] = RowError.create(type_name, message, traceback=tb, attempts=attempts, exception=exc)
-            failed.append(position)
-        if self.expand:  # counted as failed here, so the bar and the summary agree with errors()
-            failed += self._not_dicts(positions, values, set(failed))
-        return failed
-
-    def _not_dicts(self, positions: Sequence[int], values: list[Any], failed: set[int]) -> list[int]:
-        """Under ``expand=True``, file a row that returned something other than a dict as an error."""
-        wrong = []
-        for position, value in zip(positions, values):
-            if position not in failed and value is not None and not isinstance(value, dict):
-                self.fail(position, join.not_a_dict(value))
-                wrong.append(position)
-        return wrong
-
-    def file_cached(self, positions: np.ndarray, values: list[Any]) -> int:
-        """Rows whose results came from the cache (their positions, in any order, and values).
-
-        Returns how many of them failed (a non-dict under ``expand=True``).
-        """
-        if len(positions) == self.n and self.n and positions[0] == 0 and (np.diff(positions) == 1).all():
-            self.values = list(values)
-            self._done = bytearray(b"\x01" * self.n)
-        else:
-            for position, value in zip(positions.tolist(), values):
-                self.values[position] = value
-                self._done[position] = 1
-        failed = len(self._not_dicts(positions.tolist(), values, set())) if self.expand else 0
-        self.cached += len(positions) - failed
-        return failed
-
-    def fail(self, position: int, error: RowError) -> None:
-        self.values[position] = None
-        self.errors[position] = error
-        self._done[position] = 1
-
-    def unfinished(self) -> list[int]:
-        return [i for i in range(self.n) if not self._done[i]]
-
-    def cancel_unfinished(self, why: str) -> None:
-        """Give every row that never finished a ``Cancelled`` error: no row disappears."""
-        for position in self.unfinished():
-            self.fail(position, RowError.from_exception(Cancelled(why)))
-            self.cancelled.add(position)
-
 
 def _arguments(frame: pd.DataFrame, columns: list[str], star: bool) -> list[Any]:
     if not star:
@@ -288,7 +164,7 @@ def map_frame(
     return _join(frame, outcomes, into, spec)
 
 
-def _join(frame: pd.DataFrame, outcomes: _Outcomes, into: str, spec: RunSpec) -> pd.DataFrame:
+def _join(frame: pd.DataFrame, outcomes: Outcomes, into: str, spec: RunSpec) -> pd.DataFrame:
     options = spec.options
     columns: dict[str, pd.Series] = {}
     if options.expand:
@@ -320,15 +196,15 @@ class _Stopped(Exception):
     """Internal: Stop was pressed, or a row failed under ``on_error="raise"`` (``raised``); carries
     what finished up to where the frame is built."""
 
-    def __init__(self, outcomes: _Outcomes, raised: RowFailed | None = None) -> None:
+    def __init__(self, outcomes: Outcomes, raised: RowFailed | None = None) -> None:
         self.outcomes = outcomes
         self.raised = raised
 
 
 def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: runs.Wording,
-             stored: RunCache | None) -> _Outcomes:
+             stored: RunCache | None) -> Outcomes:
     n = len(args)
-    outcomes = _Outcomes(n, expand=task.options.expand, seconds=np.full(n, np.nan) if task.options.timings else None)
+    outcomes = Outcomes(n, expand=task.options.expand, seconds=np.full(n, np.nan) if task.options.timings else None)
     started = time.monotonic()
     run_control = control.current()  # a background run (wait=False): watched and stopped from outside
     logs: list[str] = []
@@ -388,7 +264,7 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: run
     return outcomes
 
 
-def _finish(progress: Progress, state: str, outcomes: _Outcomes, index: pd.Index, started: float,
+def _finish(progress: Progress, state: str, outcomes: Outcomes, index: pd.Index, started: float,
             words: runs.Wording, logs: list[str], *, stopped: bool = False, raised: bool = False) -> None:
     """Count the run once, from its outcomes: the bar's summary and ``last_run()`` are this one record."""
     summary = runs.summarize(outcomes.n, outcomes.errors, outcomes.cancelled, outcomes.cached, index,
@@ -399,7 +275,7 @@ def _finish(progress: Progress, state: str, outcomes: _Outcomes, index: pd.Index
     progress.close(state, summary)  # type: ignore[arg-type]
 
 
-def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], outcomes: _Outcomes,
+def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], outcomes: Outcomes,
            progress: Progress, index: pd.Index, logs: list[str], stored: RunCache | None,
            stop: threading.Event | None = None) -> None:
     opts = task.options
@@ -503,7 +379,7 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
                 _raise_if_asked(failed, task, outcomes, index)
 
 
-def _refuse_unsent(budget: MapBudget, batch: Batch, rest: Sequence[int], retry_at: list, outcomes: _Outcomes,
+def _refuse_unsent(budget: MapBudget, batch: Batch, rest: Sequence[int], retry_at: list, outcomes: Outcomes,
                    progress: Progress) -> None:
     """The budget can't take ``batch``: it, the rows not yet batched and those waiting to retry fail unsent."""
     waiting = [p for _, _, b in retry_at for p in b.positions]
@@ -538,7 +414,7 @@ def _parallel_cannot_pay(sizer: BatchSizer, remaining: int) -> bool:
     )
 
 
-def _run_inline(task: Task, args: list[Any], positions: Sequence[int], outcomes: _Outcomes, progress: Progress,
+def _run_inline(task: Task, args: list[Any], positions: Sequence[int], outcomes: Outcomes, progress: Progress,
                 index: pd.Index, stored: RunCache | None) -> None:
     """Run the remaining rows in this thread, in chunks so the bar moves and Stop is noticed."""
     opts = task.options
@@ -571,14 +447,14 @@ def _relay_backend_news(backend: Backend, progress: Progress, logs: list[str]) -
         progress.update(status=status)
 
 
-def _raise_if_asked(failed: list[int], task: Task, outcomes: _Outcomes, index: pd.Index) -> None:
+def _raise_if_asked(failed: list[int], task: Task, outcomes: Outcomes, index: pd.Index) -> None:
     if task.options.on_error == "raise":
         position = min(failed)
         error = outcomes.errors[position]
         raise RowFailed(index[position], position, error) from error.exception
 
 
-def _requeue_lost(result: BatchResult, task: Task, outcomes: _Outcomes, retry_at: list, progress: Progress, index: pd.Index) -> None:
+def _requeue_lost(result: BatchResult, task: Task, outcomes: Outcomes, retry_at: list, progress: Progress, index: pd.Index) -> None:
     """A batch never came back: split it so each row gets an isolated try; give up on a row after its tries."""
     batch, cause = result.batch, result.lost
     assert cause is not None
