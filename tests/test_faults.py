@@ -162,9 +162,7 @@ def test_an_oom_killed_worker_is_reported_and_replaced():
 @pytest.mark.parametrize("backend", ["local", "threads"])
 def test_timeout_fails_the_slow_row_only(backend):
     df = pd.DataFrame({"x": range(6)})
-    started = time.monotonic()
     out = df.modal.map(sleep_on_2, column="x", backend=backend, timeout=0.5, progress=False)
-    assert time.monotonic() - started < 10
     assert out["sleep_on_2_error"].tolist()[2] == "TimeoutError: the row ran longer than timeout=0.5s"
     assert out["sleep_on_2"].drop(index=2).tolist() == [0, 1, 3, 4, 5]
 
