@@ -332,31 +332,38 @@ def test_errors_from_modal_containers_keep_their_exceptions_through_a_pickle(ope
 # --- rate limits ---------------------------------------------------------------------------------------
 
 
+def no_sooner_than_the_limiter_allows(arrivals: list[float], began: float, interval: float) -> bool:
+    """Whether the k-th request (0-based) reached the server no sooner than ``k * interval`` after ``began``.
+
+    The rate limiter starts each request at least ``interval`` after the one before, and the
+    server records a request only after it was sent: a busy machine can bunch what the server
+    sees by delivering some late, but never make the k-th one arrive early. So this holds on any
+    machine however loaded, and fails whenever requests go out faster than the limit.
+    """
+    return all(t >= began + k * interval - 1e-6 for k, t in enumerate(sorted(arrivals)))
+
+
 @pytest.mark.slow
 def test_requests_per_minute_are_held_across_every_request_in_flight(openai_server):
-    df = pd.DataFrame({"text": [f"row {i}" for i in range(50)]})
-    started = time.monotonic()
-    out = df.modal.llm("Say {text}", rpm=600, max_containers=64, **FAST)
-    elapsed = time.monotonic() - started
+    df = pd.DataFrame({"text": [f"row {i}" for i in range(20)]})
+    began = time.monotonic()
+    out = df.modal.llm("Say {text}", rpm=600, max_containers=64, **FAST)  # every row in flight at once
     assert out["answer_error"].isna().all()
-    times = [r.t for r in openai_server.requests]
-    assert len(times) == 50
-    assert max_in_window(times, 1.0) <= 11  # 600 rpm: 10 a second, +1 for the window's edges
-    assert elapsed >= 4.5  # 50 requests, 0.1 s apart
+    arrivals = [r.t for r in openai_server.requests]
+    assert len(arrivals) == 20
+    assert no_sooner_than_the_limiter_allows(arrivals, began, 0.1)  # 600 rpm: one every 0.1 s
 
 
 @pytest.mark.slow
 def test_tokens_per_minute_are_held(openai_server):
-    # Each request books ~20 tokens and the server reports exactly 20 used: at 2,400 tpm, 2 a second.
-    df = pd.DataFrame({"text": [f"[[usage=15,5]] {i}" for i in range(6)]})
-    started = time.monotonic()
+    # Each request books 18 tokens before it is sent (5 for its prompt, 8 for the chat format, 5 of
+    # max_tokens), and the server reports 20 used: at 2,400 tpm, 40 tokens a second, each request
+    # holds the next one back 0.45 s at least.
+    df = pd.DataFrame({"text": [f"[[usage=15,5]] {i}" for i in range(5)]})
+    began = time.monotonic()
     out = df.modal.llm("Say {text}", tpm=2400, max_tokens=5, **FAST)
-    elapsed = time.monotonic() - started
-    assert out["answer_tokens_in"].tolist() == [15] * 6
-    times = sorted(r.t for r in openai_server.requests)
-    assert max_in_window(times, 1.0) <= 3
-    assert elapsed >= 2.0
-    assert min(b - a for a, b in zip(times, times[1:])) >= 0.35
+    assert out["answer_tokens_in"].tolist() == [15] * 5
+    assert no_sooner_than_the_limiter_allows([r.t for r in openai_server.requests], began, 0.45)
 
 
 def test_rate_limiter_spacing_on_a_fake_clock():
@@ -370,6 +377,59 @@ def test_rate_limiter_spacing_on_a_fake_clock():
     now[0] = 3.0
     limiter.pause(5.0)  # Retry-After holds everyone
     assert limiter.reserve(1) == 8.0
+
+
+def fake_time(oversleep: list[float]):
+    """A clock and a sleep for a RateLimiter: each sleep moves the clock, late by ``oversleep``'s next item."""
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds + (oversleep.pop(0) if oversleep else 0.0)
+        await asyncio.sleep(0)
+
+    return now, sleep
+
+
+def test_a_loop_that_wakes_late_doesnt_send_the_requests_that_were_due_all_at_once():
+    # A busy machine held the event loop up for a second while 20 requests waited at 600 rpm.
+    now, sleep = fake_time(oversleep=[1.0])
+    limiter = llm_row.RateLimiter(rpm=600, tpm=None, clock=lambda: now[0], sleep=sleep)
+    started: list[float] = []
+
+    async def request() -> None:
+        await limiter.acquire(10)
+        started.append(now[0])
+
+    async def run() -> None:
+        await asyncio.gather(*(request() for _ in range(20)))
+
+    asyncio.run(run())
+    assert started[:3] == pytest.approx([0.0, 1.1, 1.2])  # the one that overslept goes late, the next a slot after
+    assert min(b - a for a, b in zip(started, started[1:])) >= 0.1 - 1e-9
+    assert max_in_window(started, 1.0) <= 11  # the limiter's promise, on its own clock
+
+
+def test_a_request_waiting_for_its_slot_is_moved_by_what_the_one_before_used_and_by_retry_after():
+    now, sleep = fake_time(oversleep=[])
+    limiter = llm_row.RateLimiter(rpm=None, tpm=600, clock=lambda: now[0], sleep=sleep)  # 10 tokens a second
+    started: list[tuple[str, float]] = []
+
+    async def request(name: str, booked: int, used: int | None) -> None:
+        await limiter.acquire(booked)
+        started.append((name, now[0]))
+        if used is not None:
+            await asyncio.sleep(0)  # the answer comes while the next request waits
+            limiter.settle(booked, used)
+
+    async def run() -> None:
+        first = asyncio.ensure_future(request("a", 10, 20))  # booked 1 s of tokens, used 2 s
+        await asyncio.sleep(0)
+        await asyncio.gather(first, request("b", 10, None))
+        limiter.pause(5.0)  # a 429's Retry-After of 5 s, at 2 s: everyone waits until 7 s
+        await request("c", 1, None)
+
+    asyncio.run(run())
+    assert started == [("a", 0.0), ("b", 2.0), ("c", 7.0)]
 
 
 def test_retry_after_is_read_in_every_form():
@@ -440,10 +500,12 @@ def test_an_unreachable_endpoint_fails_every_row_with_a_connection_error(monkeyp
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_slow_request_meets_the_row_timeout(openai_server, processes):
-    df = pd.DataFrame({"text": ["[[latency=2]] slow", "fast"]})
-    out = df.modal.llm("Say {text}", timeout=0.5, processes=processes, **FAST)
-    assert out["answer_error"].iloc[0] == "TimeoutError: the row ran longer than timeout=0.5s"
-    assert out["answer"].iloc[1] == "Say fast"
+    # In a fresh process, start-up (importing the HTTP transport, making the client, starting the
+    # worker processes) happens before any row's clock starts: the fast row's 2 s are its request's.
+    df = pd.DataFrame({"text": ["[[latency=5]] slow", "fast"]})
+    out = df.modal.llm("Say {text}", timeout=2, processes=processes, **FAST)
+    assert out["answer_error"].tolist() == ["TimeoutError: the row ran longer than timeout=2s", None]
+    assert out["answer"].tolist()[1] == "Say fast"
 
 
 # --- budget --------------------------------------------------------------------------------------------
@@ -479,15 +541,21 @@ def test_the_budget_holds_with_many_requests_in_flight_and_a_rerun_pays_only_for
 
 def test_processes_send_the_requests_from_worker_processes_each_with_its_share_of_the_limits(openai_server,
                                                                                            capsys):
-    df = pd.DataFrame({"text": REVIEWS})
-    out = df.modal.llm(CLASSIFY, into="label", rpm=30, processes=3, max_containers=3, progress=True)
-    assert out["label"].tolist() == ["POSITIVE", "NEGATIVE", "NEUTRAL"]
+    openai_server.find_senders = True
+    df = pd.DataFrame({"text": [f"{review} ({i})" for i in range(2) for review in REVIEWS]})
+    began = time.monotonic()
+    out = df.modal.llm(CLASSIFY, into="label", rpm=120, processes=3, max_containers=6, progress=True)
+    assert out["label"].tolist() == ["POSITIVE", "NEGATIVE", "NEUTRAL"] * 2
     assert out["label_error"].isna().all() and out["label_cost_usd"].gt(0).all()
-    assert {r.authorization for r in openai_server.requests} == {f"Bearer {TEST_KEY}"}
-    # Each process may send 10 a minute, one every 6 s: from one process 30 a minute would space these
-    # three 2 s apart; from three, each sends its first at once.
-    arrivals = sorted(r.t for r in openai_server.requests)
-    assert arrivals[-1] - arrivals[0] < 1.5
+    requests = openai_server.requests
+    assert {r.authorization for r in requests} == {f"Bearer {TEST_KEY}"}
+    senders = {r.sender_pid for r in requests}
+    assert len(senders) == 3 and os.getpid() not in senders  # three worker processes, never the kernel
+    # Each process may send 40 a minute, one every 1.5 s (with all of rpm=120, one every 0.5 s):
+    # whatever the machine's load, no process's second request reaches the server sooner than 1.5 s in.
+    for pid in senders:
+        arrivals = sorted(r.t for r in requests if r.sender_pid == pid)
+        assert no_sooner_than_the_limiter_allows(arrivals, began, 1.5), pid
     # The bar adds up what the workers' rows used, as they come back.
     tokens = int(out["label_tokens_in"].sum() + out["label_tokens_out"].sum())
     assert f"{tokens:,} tokens" in capsys.readouterr().err

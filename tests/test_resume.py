@@ -216,6 +216,8 @@ import os, time, pandas as pd, modal_magic
 def slow(x):
     with open(os.environ["SIDE_CHANNEL"], "a") as f:
         f.write(f"{x}\\n")
+    while x >= 100 and os.path.exists(os.environ["HOLD"]):
+        time.sleep(0.01)  # the first kernel is killed while its rows wait here: mid-run, however loaded the machine
     time.sleep(0.02)
     return x * x
 out = pd.DataFrame({"x": range(200)}).modal.map(slow, column="x", backend="threads", max_containers=2,
@@ -229,12 +231,15 @@ def test_a_killed_kernel_resumes_where_it_stopped(tmp_path):
     from jupyter_client.manager import start_new_kernel
 
     side = tmp_path / "side"
-    env = {**os.environ, "SIDE_CHANNEL": str(side), "RESULT": str(tmp_path / "out.pkl")}
+    hold = tmp_path / "hold"
+    hold.touch()
+    # The same environment for both kernels: the function reads it, so it is part of what the cache keys.
+    env = {**os.environ, "SIDE_CHANNEL": str(side), "RESULT": str(tmp_path / "out.pkl"), "HOLD": str(hold)}
     km, kc = start_new_kernel(kernel_name="python3", env=env, extra_arguments=[])
     try:
         kc.execute(KERNEL_SCRIPT)
         deadline = time.monotonic() + 60
-        while len(runs(side)) < 80 and time.monotonic() < deadline:
+        while len(runs(side)) < 100 and time.monotonic() < deadline:  # rows 0-99 ran, the next ones wait
             time.sleep(0.05)
         os.kill(km.provisioner.process.pid, signal.SIGKILL)
     finally:
@@ -243,6 +248,7 @@ def test_a_killed_kernel_resumes_where_it_stopped(tmp_path):
     before_kill = runs(side)
     assert 80 <= len(before_kill) < 200, "killed mid-run"
     side.unlink()
+    hold.unlink()
     km, kc = start_new_kernel(kernel_name="python3", env=env, extra_arguments=[])
     try:
         reply = kc.execute_interactive(KERNEL_SCRIPT, timeout=120)

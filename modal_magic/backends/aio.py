@@ -32,6 +32,12 @@ class AsyncBackend(Backend):
         self._task = task
         self._size = task.options.local_concurrency()
         self._loop = LoopThread("modal_magic-asyncio")
+        if task.runtime.aopen is not None:
+            # Before any row starts, so that no row's timeout counts it (an LLM run's HTTP client).
+            try:
+                self._loop.call(task.runtime.aopen()).result()
+            except Exception as e:  # each row tries again itself, and fails with the reason if it must
+                logging.getLogger("modal_magic").warning("preparing the run failed: %s: %s", type(e).__name__, e)
 
     @property
     def capacity(self) -> int:

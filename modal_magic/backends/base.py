@@ -42,8 +42,8 @@ class Runtime:
     A plain map leaves it at its defaults. The LLM layer fills it in (see
     :func:`modal_magic.llm.llm_frame`): its row function's meter, how many worker processes send
     the requests, what those processes run instead of the function itself (the row with its API
-    key, which the cached, fingerprinted function never carries), and how to close the HTTP client
-    at the end of the run.
+    key, which the cached, fingerprinted function never carries), and how to open the HTTP client
+    before the first row and close it at the end of the run.
 
     Examples
     --------
@@ -57,6 +57,9 @@ class Runtime:
     worker_processes: int = 1
     #: makes what each worker process runs, when it isn't the function itself
     for_workers: Callable[[], Callable[..., Any]] | None = None
+    #: called (and awaited) once at the start of a run on the event loop that will run the rows,
+    #: before any row: start-up (an HTTP client) that no row's ``timeout`` should count
+    aopen: Callable[[], Awaitable[None]] | None = None
     #: called (and awaited) once at the end of a run on the event loop that ran the rows
     aclose: Callable[[], Awaitable[None]] | None = None
     #: makes the backend that runs the rows, when the layer that made the function picks it (an LLM

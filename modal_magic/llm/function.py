@@ -118,7 +118,7 @@ class LLMRowFunction:
         """What the backend needs for this function: its meter, worker processes, their row, the close hook."""
         state = _RUNTIMES[self]
         return Runtime(meter=state.meter, worker_processes=state.processes, for_workers=self.for_workers,
-                       aclose=self.aclose)
+                       aopen=self.aopen, aclose=self.aclose)
 
     def for_workers(self) -> WorkerRow:
         """What the worker processes run: the request, each one's share of ``rpm``/``tpm``, and the key.
@@ -144,6 +144,10 @@ class LLMRowFunction:
         if state.session is None:
             state.session = state.recipe.session()
         return state.session
+
+    async def aopen(self) -> None:
+        """The run is starting: make its client now, before any row's clock (the asyncio backend calls this)."""
+        self.session().open()
 
     async def aclose(self) -> None:
         """The run is over: close the client, on the loop that used it, and let the session go.

@@ -31,7 +31,10 @@ OpenAI's Batch API (``/v1/files``, ``/v1/batches``) is served too, answering eac
 batch the same way: see :mod:`tests.openai_server.batches`.
 
 Every request is recorded (arrival time on ``time.monotonic()``, the body, the answer's status) so a
-test can measure the request rate. Run it in a background thread with :class:`OpenAIServer`, or as a
+test can measure the request rate; with ``find_senders`` on, so is the process that sent it. An
+arrival time is always later than the moment the client let the request go, by however long a busy
+machine takes to deliver it: a test bounds it from below (the k-th request can't arrive before k
+rate-limiter slots have passed), never from above. Run it in a background thread with :class:`OpenAIServer`, or as a
 process (``python -m tests.openai_server --port 0 --latency 0.05`` prints its base URL), which is
 what the benchmark does so the server doesn't share the client's interpreter.
 """
@@ -71,6 +74,7 @@ class RequestRecord:
     tokens_in: int = 0
     tokens_out: int = 0
     connection: Any = None  # the client's (host, port): one per TCP connection, so tests can count them
+    sender_pid: int | None = None  # the process that sent it, with ``OpenAIServer.find_senders`` on
 
     def as_json(self) -> dict[str, Any]:
         return {"t": self.t, "content": self.content, "body": self.body, "status": self.status,
@@ -84,6 +88,7 @@ class _State:
     seen: Counter = field(default_factory=Counter)  # requests per exact user message, for ``times=``
     record: bool = True
     lock: threading.Lock = field(default_factory=threading.Lock)
+    find_senders: bool = False  # look up which process sent each request (psutil; this process and its children)
     batch: BatchState = field(default_factory=BatchState)  # /v1/files and /v1/batches
 
 
@@ -235,6 +240,21 @@ def _completion(body: dict[str, Any], markers: dict[str, str], in_failing_window
     }, {}
 
 
+def _sender_pid(host: str, port: int) -> int | None:
+    """The process (this one or one of its children) whose socket is the client end of a connection."""
+    import psutil
+
+    me = psutil.Process()
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            connections = process.net_connections(kind="tcp")
+        except psutil.Error:  # it ended meanwhile: it isn't the sender of a request still being answered
+            continue
+        if any(c.laddr and c.laddr.ip == host and c.laddr.port == port for c in connections):
+            return process.pid
+    return None
+
+
 def make_app(state: _State) -> web.Application:
     async def chat(request: web.Request) -> web.Response:
         arrived = time.monotonic()
@@ -249,6 +269,8 @@ def make_app(state: _State) -> web.Application:
         peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         record = RequestRecord(arrived, user, body, authorization=request.headers.get("Authorization", ""),
                                connection=tuple(peer) if peer else None)
+        if state.find_senders and peer:
+            record.sender_pid = _sender_pid(peer[0], peer[1])
         with state.lock:
             state.seen[user] += 1
             nth = state.seen[user]
@@ -339,6 +361,15 @@ class OpenAIServer:
         self._state.latency_s = value
 
     @property
+    def find_senders(self) -> bool:
+        """Record which process sent each request (``RequestRecord.sender_pid``); off by default (it costs a scan)."""
+        return self._state.find_senders
+
+    @find_senders.setter
+    def find_senders(self, value: bool) -> None:
+        self._state.find_senders = value
+
+    @property
     def requests(self) -> list[RequestRecord]:
         """Every request so far, in arrival order (a snapshot)."""
         with self._state.lock:
@@ -349,11 +380,12 @@ class OpenAIServer:
         return [r for r in self.requests if text in r.content]
 
     def reset(self) -> None:
-        """Forget the recorded requests and the per-message counters; latency back to 0."""
+        """Forget the recorded requests and the per-message counters; latency back to 0, senders not looked up."""
         with self._state.lock:
             self._state.records.clear()
             self._state.seen.clear()
         self._state.latency_s = 0.0
+        self._state.find_senders = False
         self._state.batch.reset()
 
     @property

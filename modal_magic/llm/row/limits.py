@@ -17,7 +17,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from .booking import Bookings
 from .failures import BudgetExceeded
@@ -132,12 +132,14 @@ def usd(amount: float) -> str:
 class RateLimiter:
     """Requests per minute and tokens per minute for every request on one event loop.
 
-    Each request reserves its place in time when it asks (no lock is needed: the loop runs one
-    coroutine at a time), then sleeps until then. Requests are spaced ``60 / rpm`` seconds apart,
-    and each request's tokens occupy ``tokens * 60 / tpm`` seconds of the token schedule, so over any
-    window of ``w`` seconds at most ``rpm * w / 60 + 1`` requests start, and at most
-    ``tpm * w / 60`` tokens plus one request's. A server's ``Retry-After`` (:meth:`pause`) holds
-    every request back, because a 429 means the shared limit is hit, not just one row's.
+    Requests take their turn in the order they ask (:meth:`acquire`), and each starts when the clock
+    has reached its slot: ``60 / rpm`` seconds after the previous request *started*, and after the
+    previous requests' tokens (``tokens * 60 / tpm`` seconds each) have run through the token
+    schedule. So over any window of ``w`` seconds at most ``rpm * w / 60 + 1`` requests start, and
+    at most ``tpm * w / 60`` tokens plus one request's, on the clock, however late the event loop
+    wakes: a loop held up for a second (a busy machine) sends the requests that were due one slot
+    apart afterwards, not all at once. A server's ``Retry-After`` (:meth:`pause`) holds every
+    request back, because a 429 means the shared limit is hit, not just one row's.
 
     Examples
     --------
@@ -146,14 +148,17 @@ class RateLimiter:
     [0.0, 0.1, 0.2]
     """
 
-    def __init__(self, rpm: float | None, tpm: float | None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, rpm: float | None, tpm: float | None, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
         self.request_interval = 60.0 / rpm if rpm else 0.0
         self.token_interval = 60.0 / tpm if tpm else 0.0
         self._clock = clock
+        self._sleep = sleep  # with ``clock``, what a test replaces to run on fake time
         self._next_request = -math.inf
         self._next_tokens = -math.inf
         self._paused_until = -math.inf
+        self._turn: asyncio.Lock | None = None  # one per event loop: a Lock belongs to the loop it waits on
+        self._turn_loop: Any = None
 
     def reserve(self, tokens: int) -> float:
         """Claim the next slot for a request of ``tokens``; return when (on the clock) it may start."""
@@ -164,12 +169,28 @@ class RateLimiter:
             self._next_tokens = start + tokens * self.token_interval
         return start
 
+    def _due(self) -> float:
+        """When the next request may start: the later of its request slot, the token schedule and a pause."""
+        return max(self._next_request, self._next_tokens, self._paused_until)
+
     async def acquire(self, tokens: int) -> None:
-        """Wait for this request's slot."""
-        start = self.reserve(tokens)
-        delay = start - self._clock()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        """Wait for this request's turn, then its slot; the slot is claimed when it is due, not before.
+
+        Claiming at the moment of starting (rather than booking every waiting request's slot up
+        front) is what keeps the spacing when the loop wakes late, and lets a :meth:`settle` or a
+        :meth:`pause` that happens meanwhile move the waiting request.
+        """
+        if not (self.request_interval or self.token_interval):
+            while (delay := self._paused_until - self._clock()) > 0:
+                await self._sleep(delay)
+            return
+        loop = asyncio.get_running_loop()
+        if self._turn is None or self._turn_loop is not loop:
+            self._turn, self._turn_loop = asyncio.Lock(), loop  # FIFO: requests start in the order they asked
+        async with self._turn:
+            while (delay := self._due() - self._clock()) > 0:
+                await self._sleep(delay)
+            self.reserve(tokens)
 
     def settle(self, reserved: int, used: int) -> None:
         """A request used ``used`` tokens where ``reserved`` were booked: move the token schedule."""

@@ -92,12 +92,26 @@ def is_missing(value: Any) -> bool:
 
 
 
-def _import_openai() -> None:
-    """Import the client library ahead of the first row (about 0.5 s): a row's timeout is for its request."""
+_WARM = False
+
+
+def warm_up() -> None:
+    """Do the client library's one-time start-up now, ahead of every row: a row's timeout is for its request.
+
+    Importing ``openai`` takes about 0.5 s, and making the first client imports its HTTP transport
+    (as long again, and seconds on a loaded machine); a throwaway client, never used, makes it
+    happen here, once per process.
+    """
+    global _WARM
+    if _WARM:
+        return
+    _WARM = True
     try:
-        import openai  # noqa: F401
+        import openai
     except ImportError:  # the first row says so, with the install command
         return
+    Session(Request(template="", fields=(), model="warm-up", into="answer"), Limits(), Meter(False),
+            api_key="warm-up", base_url="http://127.0.0.1:9/v1")._make_client()
 
 
 class Session:
@@ -110,7 +124,7 @@ class Session:
 
     def __init__(self, request: Request, limits: Limits, meter: Meter, *, api_key: str | None,
                  base_url: str | None, key_hint: str = "", idle_close_s: float = 0.0) -> None:
-        _import_openai()
+        warm_up()
         self.request = request
         self.limits = limits
         self.meter = meter
@@ -137,6 +151,16 @@ class Session:
 
     def __reduce__(self) -> Any:
         raise TypeError("a Session holds an API key and is never pickled; ship the Request instead")
+
+    def open(self) -> None:
+        """Make the client now, before any row's clock starts (where the rows run, before they run).
+
+        Making one takes a TLS context (tens of milliseconds, far more on a loaded machine), which
+        a row's ``timeout`` must not count. Without a key this does nothing: each row then fails
+        with :class:`AuthenticationError`, saying where to put one.
+        """
+        if self._client is None and self._api_key:
+            self._client = self._make_client()
 
     def _make_client(self) -> Any:
         import openai
@@ -268,13 +292,14 @@ class Session:
         attempt = 0
         while True:
             attempt += 1
+            # Before the rate limiter's slot, so the request goes out the moment the slot is due.
+            if self._client is None:
+                self._client = self._make_client()
             # Each try books its own worst case: a try that timed out may still have been billed.
             await self.budget.acquire(usd_booked, worst)
             billed = 0.0  # nothing goes out before the rate limiter's wait is over
             try:
                 await self.limiter.acquire(tokens_booked)
-                if self._client is None:
-                    self._client = self._make_client()
                 # From here the request may go out and be billed: cancelled now (a row timeout, Stop),
                 # it is settled at its worst case.
                 billed = usd_booked

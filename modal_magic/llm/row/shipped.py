@@ -12,7 +12,7 @@ from typing import Any
 
 from .ledger import SharedBudget
 from .limits import Limits, Meter, Request
-from .session import IDLE_CLOSE_S, Session, _import_openai
+from .session import IDLE_CLOSE_S, Session, warm_up
 
 __all__ = ["ContainerRow", "WorkerRow"]
 
@@ -25,6 +25,7 @@ class ContainerRow:
     """
 
     def __init__(self, request: Request, limits: Limits) -> None:
+        warm_up()  # as a container unpickles it: start-up, before any row's clock starts
         self.request = request
         self.limits = limits
         self._session: Session | None = None
@@ -68,13 +69,12 @@ class WorkerRow(ContainerRow):
     def __init__(self, request: Request, limits: Limits, api_key: str | None, base_url: str | None,
                  ledger: str | None = None) -> None:
         super().__init__(request, limits)
-        _import_openai()  # runs as the worker unpickles it: start-up, before any row's clock starts
         self._api_key = api_key
         self._base_url = base_url
         self._ledger = ledger
 
     def __reduce__(self) -> Any:
-        return (WorkerRow, (self.request, self.limits, self._api_key, self._base_url, self._ledger))
+        return (_arrive, (self.request, self.limits, self._api_key, self._base_url, self._ledger))
 
     def _new_session(self) -> Session:
         session = Session(self.request, self.limits, Meter(self.request.price is not None), api_key=self._api_key,
@@ -82,3 +82,17 @@ class WorkerRow(ContainerRow):
         if self._ledger is not None:
             session.budget = SharedBudget(self.limits.budget_usd, self._ledger)
         return session
+
+
+def _arrive(request: Request, limits: Limits, api_key: str | None, base_url: str | None,
+            ledger: str | None) -> WorkerRow:
+    """A :class:`WorkerRow` as its worker process unpickles it: with its session and client made already.
+
+    The worker unpickles the function when it is sent, before any of its rows starts, so the
+    client's start-up (a TLS context: seconds on a loaded machine) never counts against a row's
+    ``timeout``, nor delays the first request past its rate-limiter slot.
+    """
+    row = WorkerRow(request, limits, api_key, base_url, ledger)
+    row._session = row._new_session()
+    row._session.open()
+    return row
