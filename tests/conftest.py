@@ -50,3 +50,21 @@ def no_leaked_workers():
             t.join(timeout=10)
     stuck = [t.name for t in threading.enumerate() if t.name.startswith("modal_magic") and t.is_alive()]
     assert not stuck, f"threads left running: {stuck}"
+
+
+@pytest.fixture
+def loaded_shell():
+    """A fresh IPython shell with history off and modal_magic loaded (``%load_ext modal_magic``)."""
+    import atexit
+
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryManager.enabled = False
+    shell = InteractiveShell.instance(config=config)
+    shell.run_line_magic("load_ext", "modal_magic")
+    yield shell
+    # Its exit hook would reset the namespace and gc.collect() at interpreter exit, once per test.
+    atexit.unregister(shell.atexit_operations)
+    InteractiveShell.clear_instance()

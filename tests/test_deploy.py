@@ -154,19 +154,8 @@ def test_schedule_helpers_read_back_what_they_were_given():
 
 
 @pytest.fixture
-def ip():
-    import atexit
-
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    config = Config()
-    config.HistoryManager.enabled = False
-    shell = InteractiveShell.instance(config=config)
-    shell.run_line_magic("load_ext", "modal_magic")
-    yield shell
-    atexit.unregister(shell.atexit_operations)
-    InteractiveShell.clear_instance()
+def ip(loaded_shell):
+    return loaded_shell
 
 
 def test_the_magic_deploys_the_cells_function_and_says_how_to_call_it(modal_server, cache_dir, ip, capsys):

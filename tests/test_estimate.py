@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import atexit
 import math
 import time
 
 import pandas as pd
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
-from traitlets.config import Config
 
 import modal_magic
 from modal_magic import OptionsError, costs
@@ -18,14 +15,8 @@ from modal_magic.estimate import CONTAINER_START_S, SCALEDOWN_WINDOW_S, Estimate
 
 
 @pytest.fixture
-def ip():
-    config = Config()
-    config.HistoryManager.enabled = False
-    shell = InteractiveShell.instance(config=config)
-    shell.extension_manager.load_extension("modal_magic")
-    yield shell
-    atexit.unregister(shell.atexit_operations)
-    InteractiveShell.clear_instance()
+def ip(loaded_shell):
+    return loaded_shell
 
 
 @pytest.fixture

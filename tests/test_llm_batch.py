@@ -9,7 +9,6 @@ batch it was asked to create, so a test can count them across processes.
 from __future__ import annotations
 
 import _thread
-import atexit
 import json
 import os
 import signal
@@ -33,13 +32,8 @@ from modal_magic.errors import MapInterrupted, OptionsError
 from modal_magic.ipython import llm_magic
 from modal_magic.llm import batch as llm_batch
 from tests.openai_server.fixture import TEST_KEY, openai_env
+from tests.test_llm import CLASSIFY, REVIEWS, ip  # noqa: F401  (the same reviews, prompt and shell)
 
-CLASSIFY = "Classify this review as POSITIVE, NEGATIVE or NEUTRAL: {text}"
-REVIEWS = [
-    "This product is amazing, best purchase ever!",
-    "Terrible quality, broke after one day.",
-    "It arrived on time and works as described.",
-]
 QUIET = {"progress": False, "batch": True}
 
 
@@ -371,22 +365,6 @@ def test_mistakes_are_refused_before_anything_is_uploaded(openai_server, kwargs,
     with pytest.raises(OptionsError, match=message.replace("(", r"\(").replace(")", r"\)")):
         pd.DataFrame({"text": ["a"]}).modal.llm("Say {text}", **{"batch": True, "progress": False, **kwargs})
     assert openai_server.batches == [] and not openai_server.batch_state.files
-
-
-@pytest.fixture
-def ip():
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    config = Config()
-    config.HistoryManager.enabled = False
-    shell = InteractiveShell.instance(config=config)
-    shell.config.ModalMagic.progress = False
-    shell.run_line_magic("load_ext", "modal_magic")
-    shell.user_ns["reviews"] = pd.DataFrame({"text": REVIEWS})
-    yield shell
-    atexit.unregister(shell.atexit_operations)
-    InteractiveShell.clear_instance()
 
 
 def test_the_magics_batch_flag(openai_server, ip):

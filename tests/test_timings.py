@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import atexit
 import math
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
-from traitlets.config import Config
 
 import modal_magic
 from modal_magic import OptionsError
 
 
 @pytest.fixture
-def ip():
-    """A fresh shell with history off and the extension loaded."""
-    config = Config()
-    config.HistoryManager.enabled = False
-    shell = InteractiveShell.instance(config=config)
-    shell.extension_manager.load_extension("modal_magic")
-    yield shell
-    atexit.unregister(shell.atexit_operations)
-    InteractiveShell.clear_instance()
+def ip(loaded_shell):
+    return loaded_shell
 
 
 def nap(x):
