@@ -102,7 +102,7 @@ def progress_runs(nb: Any) -> list[ProgressRun]:
             title = re.search(r'<span class="modal-magic-title"[^>]*>(.*?)</span>', page)
             style = re.search(r'class="progress-bar progress-bar-(\w+)"', page)
             counts = html.unescape(_div(page, "modal-magic-counts"))
-            numbers = re.match(r"([\d,]+)/([\d,]+) rows", counts)
+            numbers = re.search(r"([\d,]+)/([\d,]+) rows", counts)  # after a status (live dollars), if any
             runs.append(ProgressRun(
                 title=html.unescape(title.group(1)) if title else "",
                 value=int(numbers.group(1).replace(",", "")) if numbers else 0,
