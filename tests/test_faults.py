@@ -118,7 +118,8 @@ def test_rows_in_flight_on_worker_processes_are_cancelled_by_stop(sigint_raises)
     started = time.monotonic()
     with pytest.raises(MapInterrupted) as info:
         in_two_processes(df, max_containers=2, progress=False)
-    assert time.monotonic() - started < 3.0
+    # Uninterrupted the run takes ~10 s; Stop after 0.8 s must end it well before (slack for a busy CI machine).
+    assert time.monotonic() - started < 6.0
     out = info.value.result
     done = out["where"].notna()
     assert 2 <= done.sum() < len(df) and (done ^ out["where_error"].notna()).all()
@@ -216,7 +217,7 @@ def test_interrupt_stops_fast_and_keeps_finished_rows(backend, sigint_raises):
     with pytest.raises(MapInterrupted, match=r"stopped after \d+ of 40 rows") as info:
         df.modal.map(slow, column="x", backend=backend, max_containers=2, batch_size=1, progress=False)
     stopped_in = time.monotonic() - started - 1.0
-    assert stopped_in < 2.0
+    assert stopped_in < 2.5  # the rows left would take 3 s more: Stop must not wait for them
     out = info.value.result
     assert out is modal_magic.last_result()
     assert len(out) == 40

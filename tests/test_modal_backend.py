@@ -192,7 +192,8 @@ def test_interrupt_stops_the_run_and_keeps_finished_rows(modal_server, keep_warm
     with pytest.raises(MapInterrupted) as info:
         df.modal.map(slow, column="x", backend="modal", batch_size=1, max_containers=2, progress=False,
                      keep_warm=keep_warm)
-    assert time.monotonic() - signalled[0] < 2.0, "stopped within two seconds"
+    # the 38 rows left would take ~6 s on 2 containers: Stop must end the run long before
+    assert time.monotonic() - signalled[0] < 3.5, "stopped within a few seconds"
     out = info.value.result
     done = out["slow"].notna()
     assert 1 <= done.sum() < 40
