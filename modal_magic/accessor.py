@@ -105,14 +105,14 @@ def _assigned_name(filename: str, lineno: int) -> str | None:
     return None
 
 
-def _now_or_background(options: MapOptions, title: str, run: Callable[[str], pd.DataFrame], call: str
+def _now_or_background(wait: bool, title: str, run: Callable[[str], pd.DataFrame], call: str
                        ) -> pd.DataFrame | MapJob:
     """Run at once, or with ``wait=False`` in the background as a :class:`~modal_magic.jobs.MapJob`.
 
     ``call`` is what the caller types to list the failed rows (see :func:`errors_call`); ``run``
     takes the one that fits: a background run's frame is the job's ``result()``.
     """
-    if options.wait:
+    if wait:
         return run(call)
     if call != LAST_RESULT_ERRORS:
         call = call.replace(".modal.errors()", ".result().modal.errors()")
@@ -215,7 +215,7 @@ class ModalFrameAccessor:
         if isinstance(column, list):
             raise TypeError("map() takes one column; use df.modal.starmap(fn, columns=[...]) to pass several")
         opts = MapOptions.create(**options)
-        return _now_or_background(opts, into or getattr(fn, "__name__", "map"), lambda call: map_frame(
+        return _now_or_background(opts.wait, into or getattr(fn, "__name__", "map"), lambda call: map_frame(
             self._frame, fn, columns=[column], star=False, into=into, options=opts, errors_call=call), errors_call())
 
     @_with_options(OPTIONS)
@@ -240,7 +240,7 @@ class ModalFrameAccessor:
         if isinstance(columns, str) or not isinstance(columns, Sequence) or not columns:
             raise TypeError("starmap() needs columns=[...]: a list of column names, one per argument")
         opts = MapOptions.create(**options)
-        return _now_or_background(opts, into or getattr(fn, "__name__", "starmap"), lambda call: map_frame(
+        return _now_or_background(opts.wait, into or getattr(fn, "__name__", "starmap"), lambda call: map_frame(
             self._frame, fn, columns=list(columns), star=True, into=into, options=opts, errors_call=call),
             errors_call())
 
@@ -355,7 +355,7 @@ class ModalFrameAccessor:
             raise unknown_option(unknown[0], (*LLM_OPTION_NAMES, *OPTION_NAMES))
         llm = LLMOptions.create(**{k: v for k, v in options.items() if k in LLM_OPTION_NAMES})
         opts = MapOptions.create(**{k: v for k, v in options.items() if k not in LLM_OPTION_NAMES})
-        return _now_or_background(opts, into, lambda call: llm_frame(
+        return _now_or_background(opts.wait, into, lambda call: llm_frame(
             self._frame, template, into=into, llm=llm, options=opts, errors_call=call), errors_call())
 
     @_with_options(OPTIONS, unchanged=True)
@@ -375,7 +375,7 @@ class ModalFrameAccessor:
         """
         # wait=False is taken here: the rerun itself runs in the foreground of the job's thread
         background = options.pop("wait", True) is False
-        return _now_or_background(MapOptions.create(wait=not background), into or "retry_failed",
+        return _now_or_background(not background, into or "retry_failed",
                                   lambda call: retry_failed(self._frame, into, fn=fn, errors_call=call, **options),
                                   errors_call())
 
@@ -416,7 +416,7 @@ class ModalSeriesAccessor:
         """
         name = self._series.name if self._series.name is not None else "value"
         opts = MapOptions.create(**options)
-        return _now_or_background(opts, into or getattr(fn, "__name__", "map"), lambda call: map_frame(
+        return _now_or_background(opts.wait, into or getattr(fn, "__name__", "map"), lambda call: map_frame(
             self._series.to_frame(name), fn, columns=[name], star=False, into=into, options=opts, errors_call=call),
             errors_call())
 

@@ -30,7 +30,7 @@ _CRON_HELP = ('a cron string has five fields, "MINUTE HOUR DAY-OF-MONTH MONTH DA
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
-def _value(text: str, field: str, low: int, high: int, names: tuple[str, ...]) -> int:
+def _value(text: str, low: int, high: int, names: tuple[str, ...]) -> int:
     lowered = text.lower()
     if lowered in names:
         return names.index(lowered) + low
@@ -42,7 +42,7 @@ def _value(text: str, field: str, low: int, high: int, names: tuple[str, ...]) -
     return number
 
 
-def _check_field(text: str, field: str, low: int, high: int, names: tuple[str, ...]) -> None:
+def _check_field(text: str, low: int, high: int, names: tuple[str, ...]) -> None:
     for part in text.split(","):
         span, slash, step = part.partition("/")
         if slash and (not step.isdigit() or int(step) == 0):
@@ -50,8 +50,8 @@ def _check_field(text: str, field: str, low: int, high: int, names: tuple[str, .
         if span == "*":
             continue
         first, dash, last = span.partition("-")
-        start = _value(first, field, low, high, names)
-        if dash and _value(last, field, low, high, names) < start:
+        start = _value(first, low, high, names)
+        if dash and _value(last, low, high, names) < start:
             raise ValueError(f"the range {span!r} runs backwards")
         if slash and not dash:
             raise ValueError(f"a step needs '*' or a range before it, as in '*/{step}' or '{first}-{high}/{step}'")
@@ -81,7 +81,7 @@ def check_cron(cron: str) -> str:
         raise OptionsError(f"schedule={cron!r} is not a valid cron string: it has {len(fields)} fields; {_CRON_HELP}")
     for text, (field, low, high, names) in zip(fields, _FIELDS):
         try:
-            _check_field(text, field, low, high, names)
+            _check_field(text, low, high, names)
         except ValueError as e:
             raise OptionsError(f"schedule={cron!r} is not a valid cron string: {field}: {e} ({_CRON_HELP})") from None
     return " ".join(fields)
