@@ -46,7 +46,7 @@ __all__ = ["CONTAINER_OPTIONS", "Deployment", "deploy", "deployments", "undeploy
 CONTAINER_OPTIONS = ("image", "pip", "apt", "python_version", "gpu", "cpu", "memory", "secrets", "env",
                      "volumes", "timeout", "retries", "max_containers")
 #: what modal_magic needs in a container to map there, pinned to this kernel's versions
-_RUNTIME_PACKAGES = ("pandas", "numpy", "cloudpickle", "psutil")
+_RUNTIME_PACKAGES = ("pandas", "numpy", "cloudpickle", "psutil", "xxhash")
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,62}")
 _RECORDS = "deployments.json"
 #: how long one deploy may take (image builds on Modal can take minutes)

@@ -145,7 +145,7 @@ def map_frame(
         check_picklable(fn, where="worker processes")
 
     args = _arguments(frame, columns, star)
-    stored = RunCache.open(task, args) if options.cache is not False and not deployed else None
+    stored = RunCache.open(task, args, frame) if options.cache is not False and not deployed else None
     spec = RunSpec(fn=fn, columns=tuple(columns), star=star, options=options, error_column=error_column,
                    runtime=runtime)
     words = runs.Wording(errors_call, magic)
@@ -153,7 +153,7 @@ def map_frame(
         outcomes = _execute(task, args, frame.index, into, words, stored)
     except _Stopped as stopped:
         outcomes = stopped.outcomes
-        out = _join(frame, outcomes, into, spec)
+        out = _join(frame, outcomes, into, spec, stored)
         if stopped.raised is not None:  # on_error="raise": the frame so far is last_result()
             raise stopped.raised
         raise MapInterrupted(
@@ -161,10 +161,10 @@ def map_frame(
             "kept in modal_magic.last_result() (the rest have a Cancelled error)",
             out,
         ) from None
-    return _join(frame, outcomes, into, spec)
+    return _join(frame, outcomes, into, spec, stored)
 
 
-def _join(frame: pd.DataFrame, outcomes: Outcomes, into: str, spec: RunSpec) -> pd.DataFrame:
+def _join(frame: pd.DataFrame, outcomes: Outcomes, into: str, spec: RunSpec, stored: RunCache | None) -> pd.DataFrame:
     options = spec.options
     columns: dict[str, pd.Series] = {}
     if options.expand:
@@ -189,6 +189,8 @@ def _join(frame: pd.DataFrame, outcomes: Outcomes, into: str, spec: RunSpec) -> 
     run_id = runs.remember(dataclasses.replace(spec, result_columns=result_columns), retryable=bool(outcomes.errors))
     out.attrs[RunSpec.ATTRS_KEY] = {**frame.attrs.get(RunSpec.ATTRS_KEY, {}), into: run_id}
     runs.set_last_result(out)
+    if stored is not None:  # `df = df.modal.map(...)` re-runs on the frame returned: keep the keys for it too
+        stored.keep_keys_with(out)
     return out
 
 
