@@ -48,21 +48,37 @@ KeyHasher = Callable[[list[Any]], "tuple[np.ndarray, np.ndarray]"]
 
 
 class _Entry:
-    __slots__ = ("fingerprint", "rows", "ids", "packed", "bad", "known", "anchors")
+    __slots__ = ("fingerprint", "rows", "packed", "bad", "known", "anchors", "_ids", "_immutable")
 
-    def __init__(self, fingerprint: str, rows: list[Any], ids: np.ndarray, packed: np.ndarray,
-                 bad: np.ndarray, known: np.ndarray) -> None:
+    def __init__(self, fingerprint: str, rows: list[Any], packed: np.ndarray, bad: np.ndarray,
+                 known: np.ndarray, *, ids: np.ndarray | None = None, immutable: bool | None = None) -> None:
         self.fingerprint = fingerprint
         self.rows = rows  # strong references: no other object can take one of these ids meanwhile
-        self.ids = ids
         self.packed = packed
         self.bad = bad
         self.known = known
         self.anchors: list[weakref.ref[Any]] = []  # the frames it lives no longer than
+        # Worked out by the next run that uses it, so a first run doesn't pay for them
+        self._ids = ids
+        self._immutable = immutable
+
+    def ids(self) -> np.ndarray:
+        if self._ids is None:
+            self._ids = _ids(self.rows)
+        return self._ids
+
+    def immutable(self) -> bool:
+        if self._immutable is None:
+            self._immutable = _all_immutable(self.rows)
+        return self._immutable
 
 
 def _ids(rows: Sequence[Any]) -> np.ndarray:
     return np.fromiter(map(id, rows), dtype=np.uintp, count=len(rows))
+
+
+def _all_immutable(rows: Sequence[Any]) -> bool:
+    return set(map(type, rows)) <= _IMMUTABLE
 
 
 class KeyMemo:
@@ -79,12 +95,13 @@ class KeyMemo:
         """
         with self._lock:
             entry = self._entry
-        if entry is None or entry.fingerprint != fingerprint or len(entry.rows) != len(rows):
+        if (entry is None or entry.fingerprint != fingerprint or len(entry.rows) != len(rows)
+                or not entry.immutable()):
             packed, bad = hash_rows(rows)
             self.remember(fingerprint, rows, packed, bad, anchors=anchors)
             return packed, bad
         ids = _ids(rows)
-        same = (ids == entry.ids) & entry.known
+        same = (ids == entry.ids()) & entry.known
         if same.all():
             for frame in anchors:
                 self.anchor(frame)
@@ -93,25 +110,21 @@ class KeyMemo:
         fresh = np.flatnonzero(~same).tolist()
         fresh_rows = [rows[i] for i in fresh]
         packed[fresh], bad[fresh] = hash_rows(fresh_rows)
-        self._keep(_Entry(fingerprint, rows, ids, packed.copy(), bad.copy(), np.ones(len(rows), dtype=bool)),
-                   fresh_rows, anchors)
+        self._keep(_Entry(fingerprint, rows, packed.copy(), bad.copy(), np.ones(len(rows), dtype=bool), ids=ids,
+                          immutable=_all_immutable(fresh_rows)), anchors)
         return packed, bad
 
     def remember(self, fingerprint: str, rows: list[Any], packed: np.ndarray, bad: np.ndarray,
                  known: np.ndarray | None = None, *, anchors: Sequence[Any]) -> None:
         """Keep ``rows``' keys (``known`` marks the rows keyed; all by default) until every anchor is gone.
 
-        Nothing is kept for rows of a mutable type. With no anchors, it is kept until the next run
-        replaces it.
+        They serve a later run only if every row is of an immutable type (checked then). With no
+        anchors, they are kept until the next run replaces them.
         """
         known = np.ones(len(rows), dtype=bool) if known is None else known
-        self._keep(_Entry(fingerprint, rows, _ids(rows), packed, bad, known), rows, anchors)
+        self._keep(_Entry(fingerprint, rows, packed, bad, known), anchors)
 
-    def _keep(self, entry: _Entry, checked: list[Any], anchors: Sequence[Any]) -> None:
-        """Make ``entry`` the memo if the rows not yet known immutable (``checked``) are; else forget."""
-        if not set(map(type, checked)) <= _IMMUTABLE:
-            self.forget()
-            return
+    def _keep(self, entry: _Entry, anchors: Sequence[Any]) -> None:
         with self._lock:
             self._entry = entry
         for frame in anchors:
