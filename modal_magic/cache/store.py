@@ -330,21 +330,17 @@ class RowCache:
             if not stored:  # a function never cached before: no need to index the keys
                 return np.empty(0, dtype=np.intp), []
             stored.sort()
+            broken += [chunk_id for chunk_id, n, _, keys_blob in stored if len(keys_blob) != KEY_BYTES * n]
+            chunks = [(chunk_id, keys_blob) for chunk_id, n, _, keys_blob in stored if len(keys_blob) == KEY_BYTES * n]
+            atimes = {chunk_id: atime for chunk_id, _, atime, _ in stored}
             matcher: KeyMatcher | InOrder
-            if InOrder.fits(keys, [blob for _, _, _, blob in stored]):  # a re-run of the frame this function ran on
-                matcher = InOrder([(chunk_id, blob) for chunk_id, _, _, blob in stored])
-                atimes = {chunk_id: atime for chunk_id, _, atime, _ in stored}
-            else:
+            if InOrder.fits(keys, [blob for _, blob in chunks]):  # a re-run of the frame this function ran on
+                matcher = InOrder(chunks)
+                wanted = dict(chunks)
+            else:  # Pass 1, keys only: which chunk holds the newest copy of each key asked for.
                 matcher = KeyMatcher(keys)
-                atimes = {}
-                # Pass 1, keys only: which chunk holds the newest copy of each key asked for.
-                for chunk_id, n, atime, keys_blob in stored:
-                    if len(keys_blob) != KEY_BYTES * n:
-                        broken.append(chunk_id)
-                    elif matcher.probe(chunk_id, keys_blob):
-                        atimes[chunk_id] = atime
+                wanted = dict(matcher.match(chunks))
             # Pass 2: load, verify and unpickle the chunks that hold hits.
-            wanted = dict(matcher.needed())
             ids = list(wanted)
             for start in range(0, len(ids), _IN_CHUNK):
                 batch = ids[start : start + _IN_CHUNK]
