@@ -110,14 +110,15 @@ def dollars(usd: float) -> str:
 
     Examples
     --------
-    >>> dollars(12.3456), dollars(0.0123456), dollars(0)
-    ('$12.35', '$0.01235', '$0')
+    >>> dollars(12.3456), dollars(0.0123456), dollars(0.5), dollars(0.00001605), dollars(0)
+    ('$12.35', '$0.01235', '$0.5', '$0.00001605', '$0')
     """
     if usd == 0:
         return "$0"
     if usd >= 1:
         return f"${usd:,.2f}"
-    return f"${usd:.4g}"
+    decimals = 3 - math.floor(math.log10(usd))  # four significant figures, never an exponent
+    return "$" + f"{usd:.{decimals}f}".rstrip("0")
 
 
 def input_timeout_s(timeout: float | None, retries: int, batch_rows: int) -> int:
