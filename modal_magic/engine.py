@@ -54,6 +54,14 @@ INLINE_CHUNK = 50_000
 #: orders batches waiting to be sent again that are due at the same moment
 _TIEBREAK = itertools.count()
 
+def _hands_out_its_objects(column: pd.Series) -> bool:
+    """Whether ``tolist()`` gives the objects the column holds, the same ones each call (object
+    dtype, Python-backed strings), rather than new ones (numbers, Arrow-backed strings): only then
+    can a re-run's rows be recognised by identity (:mod:`~modal_magic.cache.key_memo`)."""
+    dtype = column.dtype
+    return dtype == object or (isinstance(dtype, pd.StringDtype) and dtype.storage == "python")
+
+
 def _arguments(frame: pd.DataFrame, columns: list[str], star: bool) -> list[Any]:
     if not star:
         return frame[columns[0]].tolist()
@@ -145,7 +153,7 @@ def map_frame(
         check_picklable(fn, where="worker processes")
 
     args = _arguments(frame, columns, star)
-    stored = RunCache.open(task, args, frame) if options.cache is not False and not deployed else None
+    stored = RunCache.open(task, args, frame if not star and _hands_out_its_objects(frame[columns[0]]) else None) if options.cache is not False and not deployed else None
     spec = RunSpec(fn=fn, columns=tuple(columns), star=star, options=options, error_column=error_column,
                    runtime=runtime)
     words = runs.Wording(errors_call, magic)

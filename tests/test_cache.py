@@ -582,3 +582,17 @@ def test_remembered_keys_go_when_the_frames_they_came_from_do():
     del df, out
     gc.collect()
     assert KEY_MEMO.current is None, "the memo kept a deleted frame's rows alive"
+
+
+def test_nothing_is_remembered_for_columns_that_hand_out_new_objects_each_time():
+    # int64 (and Arrow-backed strings) make new objects on every tolist(): a memo of them would
+    # never be used and would keep a copy of the column alive.
+    from modal_magic.cache.key_memo import KEY_MEMO
+
+    KEY_MEMO.forget()
+    df = pd.DataFrame({"x": range(1000, 1200)})
+    slow = lambda x: (time.sleep(0.0001), x + 1)[1]  # noqa: E731
+    df.modal.map(slow, column="x", backend="threads", progress=False)
+    out = df.modal.map(slow, column="x", backend="threads", progress=False)
+    assert modal_magic.last_run().cached == 200 and out["result"].iloc[-1] == 1200
+    assert KEY_MEMO.current is None

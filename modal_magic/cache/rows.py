@@ -59,7 +59,10 @@ class RunCache:
         self.args = args
         self.star = star
         self.refresh = refresh
-        self.frame = frame  # the frame mapped: the rows' keys are remembered while it lives
+        # The frame mapped, when its rows are its column's own objects: their keys are remembered
+        # while it lives (see key_memo); None, and nothing is remembered
+        self.frame = frame
+        self._remembered = False  # whether this run's keys are the memo's now
         self._keyed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (packed, bad, known) of a first run
         self.problems: list[tuple[bytes, str]] = []
         self._keys: tuple[np.ndarray, np.ndarray] | None = None  # every row's, once needed
@@ -85,21 +88,20 @@ class RunCache:
         """The positions of the rows the cache holds, and their values."""
         if self.refresh or not self.args or not self.cache.holds_part(self.hasher.part):
             return np.empty(0, dtype=np.intp), []
-        if self.star:
+        if self.frame is None:
             self._keys = self.hasher.key_array(self.args, self.star)
         else:  # re-running a cell: the same objects keep the keys they had (see key_memo)
-            self._keys = KEY_MEMO.keys(self.hasher.fingerprint, self.args, self._hash_rows, anchors=self._anchors())
+            self._keys = KEY_MEMO.keys(self.hasher.fingerprint, self.args, self._hash_rows, anchors=[self.frame])
+            self._remembered = True
         return self.cache.lookup(*self._keys)
 
     def _hash_rows(self, rows: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         return self.hasher.key_array(rows, self.star)
 
-    def _anchors(self) -> list[Any]:
-        return [self.frame] if self.frame is not None else []
-
     def keep_keys_with(self, frame: Any) -> None:
         """Remember this run's keys while ``frame`` (the frame it returned) lives, too."""
-        KEY_MEMO.anchor(frame)
+        if self._remembered:
+            KEY_MEMO.anchor(frame)
 
     def save(self, positions: Sequence[int], values: list[Any], failed: list[int], work_s: float) -> None:
         per_row = work_s / max(1, len(positions))
@@ -154,7 +156,7 @@ class RunCache:
 
     def _note_keyed(self, where: np.ndarray, packed: np.ndarray, bad: np.ndarray) -> None:
         """Keep a first run's keys by position, for the memo at the end of the run."""
-        if self.star:
+        if self.frame is None:
             return
         if self._keyed is None:
             n = len(self.args)
@@ -163,7 +165,8 @@ class RunCache:
 
     def report(self) -> None:
         if self._keyed is not None:  # a first run: what it keyed serves the next run of the cell
-            KEY_MEMO.remember(self.hasher.fingerprint, self.args, *self._keyed, anchors=self._anchors())
+            KEY_MEMO.remember(self.hasher.fingerprint, self.args, *self._keyed, anchors=[self.frame])
+            self._remembered = True
             self._keyed = None
         if self.problems:
             warnings.warn(
