@@ -28,6 +28,7 @@ from .backends import Backend, BackendFailed, Batch, BatchResult, Runtime, Task,
 from .backends.row_runner import backoff_s, run_rows
 from .cache.rows import RunCache
 from .checks import check_function, check_picklable, default_into
+from .costs import billed, container_rate
 from .errors import ColumnNotFound, MapInterrupted, RowError, RowFailed
 from .options import MapOptions, OptionsError
 from .batching import BatchSizer
@@ -203,7 +204,7 @@ class _Stopped(Exception):
 
 def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: runs.Wording,
              stored: RunCache | None) -> Outcomes:
-    n = len(args)
+    n, opts = len(args), task.options
     outcomes = Outcomes(n, expand=task.options.expand, seconds=np.full(n, np.nan) if task.options.timings else None)
     started = time.monotonic()
     run_control = control.current()  # a background run (wait=False): watched and stopped from outside
@@ -260,7 +261,12 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: run
             stored.flush()
             stored.report()
         backend.finish()
+    bill = None
+    if outcomes.compute_usd is not None:  # its containers' time, the keep_warm idle tail projected while they're up
+        bill = billed(container_rate(opts.gpu, cpu=opts.cpu, memory=opts.memory), backend.container_seconds)
+        outcomes.compute_usd = bill() if bill() is not None else outcomes.compute_usd
     _finish(progress, "failed" if outcomes.errors else "success", outcomes, index, started, words, logs)
+    runs.bill_last_run(bill)  # last_run() re-reads it: exact once the containers have stopped
     return outcomes
 
 

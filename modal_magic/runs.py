@@ -77,7 +77,7 @@ _counter = itertools.count(1)
 _specs: OrderedDict[str, RunSpec] = OrderedDict()  # full specs, function included: few
 _records: OrderedDict[str, RunSpec] = OrderedDict()  # the same without the function: many
 _lock = threading.Lock()
-_last: dict[str, Any] = {"result": None, "summary": None}
+_last: dict[str, Any] = {"result": None, "summary": None, "bill": None}
 
 
 def remember(spec: RunSpec, *, retryable: bool) -> str:
@@ -152,8 +152,14 @@ def last_result() -> pd.DataFrame | None:
 
 
 def last_run() -> RunSummary | None:
-    """The summary (rows, failures by type, time) of the most recent run."""
-    return _last["summary"]
+    """The summary (rows, failures by type, time) of the most recent run.
+
+    For a Modal run, ``compute_usd`` is re-read each time: it includes the keep_warm idle time
+    after the run, projected while the containers are still up and exact once they have stopped.
+    """
+    summary, bill = _last["summary"], _last.get("bill")
+    usd = bill() if bill is not None and summary is not None else None
+    return summary if usd is None else replace(summary, compute_usd=usd)
 
 
 def set_last_result(frame: pd.DataFrame | None) -> None:
@@ -164,6 +170,12 @@ def set_last_result(frame: pd.DataFrame | None) -> None:
 def set_last_run(summary: RunSummary) -> None:
     """Record the summary :func:`last_run` returns."""
     _last["summary"] = summary
+    _last["bill"] = None
+
+
+def bill_last_run(bill: Callable[[], float | None] | None) -> None:
+    """The last run's compute dollars as they stand when :func:`last_run` is called (``None``: fixed)."""
+    _last["bill"] = bill
 
 
 def runs_error_column(frame: pd.DataFrame, into: str) -> str:

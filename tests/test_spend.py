@@ -1,7 +1,9 @@
 """What a Modal map costs: ``budget_usd`` caps it (batches book their worst case), ``last_run()`` says it.
 
 Against the local Modal test server, with the rates overridden so that one CPU core costs $0.001 a
-second and memory nothing: dollars are then container-seconds / 1000 for ``cpu=1``.
+second and memory nothing: dollars are then container-seconds / 1000 for ``cpu=1``. The runs that
+compare dollars with the cap set ``keep_warm=0``: their containers stop with the run, so no idle
+tail comes on top (container lifetimes are checked in tests/test_container_costs.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def test_spending_stops_before_the_budget_and_the_rest_is_refused(modal_server, 
     # batch books $0.01; each row then costs about $0.0003, so after 7 rows $0.0021 + $0.01 > $0.012
     df = pd.DataFrame({"x": [0.3] * 12})
     out = df.modal.map(nap, column="x", backend="modal", cpu=1.0, timeout=1.0, budget_usd=0.012,
-                       timings=True, progress=False)
+                       timings=True, progress=False, keep_warm=0)
     assert len(out) == 12
     ran = out["nap_error"].isna()
     refused = out.loc[~ran, "nap_error"]
@@ -53,10 +55,10 @@ def test_spending_stops_before_the_budget_and_the_rest_is_refused(modal_server, 
     assert spent <= 0.012
     # and nothing was sent once spent + a batch's worst case would pass it
     assert spent + 0.01 > 0.012
-    # the dollars reported are the batches' measured container time at the rate
+    # the dollars reported are the containers' time (start-up and idle included), so at least the
+    # batches' measured time, and still within the cap
     reported = modal_magic.last_run().compute_usd
-    assert reported == pytest.approx(spent, rel=0.05)
-    assert reported <= 0.012
+    assert spent <= reported <= 0.012
 
 
 def test_finished_rows_are_cached_so_a_bigger_budget_pays_only_for_the_rest(modal_server, round_rates):
@@ -83,11 +85,13 @@ def test_a_budget_that_cannot_take_one_batch_sends_nothing(modal_server, round_r
 
 def test_summary_line_shows_modal_compute_dollars(modal_server, round_rates, capsys):
     df = pd.DataFrame({"x": [0.1, 0.1]})
-    df.modal.map(nap, column="x", backend="modal", cpu=1.0, progress=True)
+    df.modal.map(nap, column="x", backend="modal", cpu=1.0, max_containers=1, progress=True)
     summary = modal_magic.last_run()
-    assert summary.compute_usd == pytest.approx(0.0002, rel=0.5)
+    # one container: well under a second of start-up and rows, then the default keep_warm=300 s of
+    # idle before it scales down, which Modal bills too (projected: it is still up)
+    assert 0.300 < summary.compute_usd < 0.302
     text = capsys.readouterr().err + capsys.readouterr().out
-    assert re.search(r"≈ \$0\.000\d+ Modal compute \(estimate\)", text), text
+    assert re.search(r"≈ \$0\.30\d+ Modal compute \(estimate\)", text), text
     assert re.search(r"nap: ≈ \$0\.000\d+ Modal compute so far \(estimate\) \| 2/2 rows", text), text
 
 
