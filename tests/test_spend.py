@@ -3,7 +3,7 @@
 Against the local Modal test server, with the rates overridden so that one CPU core costs $0.001 a
 second and memory nothing: dollars are then container-seconds / 1000 for ``cpu=1``. The runs that
 compare dollars with the cap set ``keep_warm=0``: their containers stop with the run, so no idle
-tail comes on top (container lifetimes are checked in tests/test_container_costs.py).
+tail comes on top (container lifetimes are checked in tests/test_container_time.py).
 """
 
 from __future__ import annotations
@@ -142,3 +142,37 @@ def test_the_llm_budget_and_the_map_budget_share_one_rule():
 
 def test_budget_exceeded_is_the_public_error():
     assert modal_magic.BudgetExceeded is BudgetExceeded
+
+
+def stamp(x):
+    """Sleeps ``x`` seconds and says when it ran, so the test can see the batches that overlapped."""
+    start = time.time()
+    time.sleep(x)
+    return (start, time.time())
+
+
+def test_with_several_batches_in_flight_what_is_spent_never_passes_the_budget(modal_server, round_rates):
+    # Each one-row batch books $0.01 (10 s, Modal's shortest timeout, at $0.001/s), so $0.03 lets three
+    # be in flight. Spent is the two containers' time so far (start-up and idle included; a batch in
+    # flight is counted in it and in its booking, erring on the safe side): two stay in flight until
+    # $0.01 is spent, and once $0.02 is no further batch fits, as $0.02 + its $0.01 would pass $0.03.
+    modal_server.container_start_delay_s = 0.3
+    df = pd.DataFrame({"x": [0.4 + i / 10_000 for i in range(60)]})  # distinct rows: one cache entry each
+    options = dict(backend="modal", cpu=1.0, timeout=1.0, max_containers=2, batch_size=1, keep_warm=0,
+                   progress=False)
+    out = df.modal.map(stamp, column="x", budget_usd=0.03, **options)
+    ran = out["stamp_error"].isna()
+    spans = sorted(out.loc[ran, "stamp"])
+    assert 10 <= len(spans) < 60, out["stamp_error"].tolist()
+    overlapping = sum(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+    assert overlapping >= len(spans) // 3, f"batches ran two at a time: {spans}"
+    refused = out.loc[~ran, "stamp_error"]
+    assert {e.type_name for e in refused} == {"BudgetExceeded"}
+    assert refused.iloc[0].message.startswith("budget_usd=0.03: $0.02")  # spent when the next couldn't fit
+    # what the run's containers cost, start to stop (keep_warm=0: they stop with the run), is within it
+    spent = modal_magic.last_run().compute_usd
+    assert len(spans) * 0.4 * RATE <= spent <= 0.03
+    # the finished rows are kept and cached: running them again runs nothing
+    again = df[ran].modal.map(stamp, column="x", budget_usd=0.03, **options)
+    assert again["stamp"].tolist() == out.loc[ran, "stamp"].tolist()
+    assert (modal_magic.last_run().cached, modal_magic.last_run().ran) == (len(spans), 0)
