@@ -195,8 +195,9 @@ def acquire(options: MapOptions, run: Hashable | None = None) -> tuple[WarmSessi
     """The live session for ``options``' spec, else a new one; and what the run's bar should say.
 
     The message says whether containers are warm, starting for the first time, or new, and why.
-    ``run`` (the backend of the run, say) is who the session's container time is billed to from now
-    until :func:`release` with the same ``run`` (see :func:`run_seconds`).
+    ``run`` (the run's backend: any object a weak reference can point to) is who the session's
+    container time is billed to from now until :func:`release` with the same ``run``
+    (see :func:`run_seconds`).
     """
     spec = spec_of(options)
     key = _key(spec)
@@ -274,7 +275,8 @@ def run_seconds(run: Hashable) -> float | None:
 
     Examples
     --------
-    >>> run_seconds(object()) is None  # a run that used no session
+    >>> class Run: ...
+    >>> run_seconds(Run()) is None  # a run that used no session
     True
     """
     used = _RUN_SESSIONS.get(run, [])
