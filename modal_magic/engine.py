@@ -264,20 +264,21 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: run
     bill = None
     if outcomes.compute_usd is not None:  # its containers' time, the keep_warm idle tail projected while they're up
         bill = billed(container_rate(opts.gpu, cpu=opts.cpu, memory=opts.memory), backend.container_seconds)
-        outcomes.compute_usd = bill() if bill() is not None else outcomes.compute_usd
-    _finish(progress, "failed" if outcomes.errors else "success", outcomes, index, started, words, logs)
-    runs.bill_last_run(bill)  # last_run() re-reads it: exact once the containers have stopped
+        usd = bill()
+        outcomes.compute_usd = usd if usd is not None else outcomes.compute_usd
+    _finish(progress, "failed" if outcomes.errors else "success", outcomes, index, started, words, logs, bill=bill)
     return outcomes
 
 
 def _finish(progress: Progress, state: str, outcomes: Outcomes, index: pd.Index, started: float,
-            words: runs.Wording, logs: list[str], *, stopped: bool = False, raised: bool = False) -> None:
+            words: runs.Wording, logs: list[str], *, stopped: bool = False, raised: bool = False,
+            bill: Callable[[], float | None] | None = None) -> None:
     """Count the run once, from its outcomes: the bar's summary and ``last_run()`` are this one record."""
     summary = runs.summarize(outcomes.n, outcomes.errors, outcomes.cancelled, outcomes.cached, index,
                              time.monotonic() - started, words, logs, stopped=stopped, raised=raised)
     if outcomes.compute_usd is not None:
         summary = dataclasses.replace(summary, compute_usd=outcomes.compute_usd)
-    runs.set_last_run(summary)
+    runs.set_last_run(summary, bill=bill)  # last_run() re-reads the bill: exact once the containers stopped
     progress.close(state, summary)  # type: ignore[arg-type]
 
 

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from .options import MapOptions
 
 __all__ = ["LAST_RESULT_ERRORS", "Wording", "summarize", "columns_made", "RunSpec", "MAX_RUNS", "MAX_RECORDS", "RunExpired", "remember", "spec_for", "runs_columns", "last_result",
-           "last_run", "set_last_result", "set_last_run", "runs_error_column"]
+           "last_run", "set_last_result", "set_last_run", "recorded_run", "amend_last_run", "runs_error_column"]
 
 #: how many runs with failed rows keep their function for ``retry_failed()``; older ones drop it
 MAX_RUNS = 8
@@ -167,15 +167,21 @@ def set_last_result(frame: pd.DataFrame | None) -> None:
     _last["result"] = frame
 
 
-def set_last_run(summary: RunSummary) -> None:
-    """Record the summary :func:`last_run` returns."""
+def set_last_run(summary: RunSummary, bill: Callable[[], float | None] | None = None) -> None:
+    """Record the summary :func:`last_run` returns; ``bill`` gives its compute dollars as they stand
+    when :func:`last_run` is called (``None``: the summary's figure is final)."""
+    _last["summary"], _last["bill"] = summary, bill
+
+
+def recorded_run() -> RunSummary | None:
+    """The last run's summary as recorded (the same object until the next run records one), its
+    compute dollars as they stood when it ended."""
+    return _last["summary"]
+
+
+def amend_last_run(summary: RunSummary) -> None:
+    """Replace the last run's summary with an amended copy (its compute dollars still re-read)."""
     _last["summary"] = summary
-    _last["bill"] = None
-
-
-def bill_last_run(bill: Callable[[], float | None] | None) -> None:
-    """The last run's compute dollars as they stand when :func:`last_run` is called (``None``: fixed)."""
-    _last["bill"] = bill
 
 
 def runs_error_column(frame: pd.DataFrame, into: str) -> str:

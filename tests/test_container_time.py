@@ -29,6 +29,15 @@ class FakeTime:
         return self.t
 
 
+def one_container(keep_warm: float) -> tuple[FakeTime, ContainerClock]:
+    """A clock at 0 s where run "a" has begun and container ta-1 is loading."""
+    now = FakeTime()
+    clock = ContainerClock(keep_warm=keep_warm, now=now)
+    clock.begin("a")
+    clock.task_state("ta-1", LOADING)
+    return now, clock
+
+
 def test_a_run_pays_from_container_start_to_scale_down_projected_then_exact():
     now = FakeTime()
     clock = ContainerClock(keep_warm=60, now=now)
@@ -51,10 +60,7 @@ def test_a_run_pays_from_container_start_to_scale_down_projected_then_exact():
 
 
 def test_overlapping_runs_split_a_second_and_the_idle_tail_is_the_last_runs():
-    now = FakeTime()
-    clock = ContainerClock(keep_warm=30, now=now)
-    clock.begin("a")
-    clock.task_state("ta-1", LOADING)
+    now, clock = one_container(keep_warm=30)
     clock.task_state("ta-2", LOADING)
     now.t = 10.0
     clock.begin("b")  # b shares the session with a from here
@@ -73,10 +79,7 @@ def test_overlapping_runs_split_a_second_and_the_idle_tail_is_the_last_runs():
 
 
 def test_a_new_run_ends_the_previous_runs_idle_tail():
-    now = FakeTime()
-    clock = ContainerClock(keep_warm=300, now=now)
-    clock.begin("a")
-    clock.task_state("ta-1", LOADING)
+    now, clock = one_container(keep_warm=300)
     now.t = 10.0
     clock.end("a")
     now.t = 50.0
@@ -89,10 +92,7 @@ def test_a_new_run_ends_the_previous_runs_idle_tail():
 
 
 def test_states_of_a_stopped_container_or_after_the_app_stopped_bill_nothing():
-    now = FakeTime()
-    clock = ContainerClock(keep_warm=60, now=now)
-    clock.begin("a")
-    clock.task_state("ta-1", LOADING)
+    now, clock = one_container(keep_warm=60)
     now.t = 4.0
     clock.task_state("ta-1", COMPLETED)
     now.t = 6.0
