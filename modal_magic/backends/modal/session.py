@@ -316,7 +316,8 @@ def _restore_output_if_unused() -> None:
 
 
 def sessions() -> list[dict[str, Any]]:
-    """The warm Modal sessions of this kernel: app id, spec, containers, runs, idle seconds, keep_warm."""
+    """The warm Modal sessions of this kernel: app id, spec, containers, runs, idle seconds, keep_warm,
+    container-seconds and estimated dollars so far (idle included)."""
     with _lock:
         return [s.describe() for s in _SESSIONS.values() if s.alive]
 
