@@ -1070,9 +1070,11 @@ class ModalTestServer:
         for record in list(self.task_states):
             if function_name is not None and record["function_name"] != function_name:
                 continue
-            span = spans.setdefault(record["task_id"], [record["time"], None])
             if record["state"] == "completed":
-                span[1] = record["time"]
+                if record["task_id"] in spans:  # (a container of an earlier test, stopped after reset(): not listed)
+                    spans[record["task_id"]][1] = record["time"]
+            else:
+                spans.setdefault(record["task_id"], [record["time"], None])
         return [tuple(span) for span in spans.values()]
 
     def _on_log(self, fn: _Fn, task_id: str, line: str) -> None:
