@@ -37,35 +37,35 @@ def nap(x):
 
 def test_spending_stops_before_the_budget_and_the_rest_is_refused(modal_server, round_rates):
     # timeout=1 s: each one-row input may run (and be billed) 10 s, Modal's shortest timeout, so each
-    # batch books $0.01; each row then costs about $0.0003, so after 7 rows $0.0021 + $0.01 > $0.012
+    # batch books $0.01; each row then costs about $0.0003 of its container's time, so after at most
+    # 7 rows (fewer where the containers' start-up and idle time count too) $0.002 + $0.01 > $0.012
     df = pd.DataFrame({"x": [0.3] * 12})
     out = df.modal.map(nap, column="x", backend="modal", cpu=1.0, timeout=1.0, budget_usd=0.012,
                        timings=True, progress=False, keep_warm=0)
     assert len(out) == 12
     ran = out["nap_error"].isna()
     refused = out.loc[~ran, "nap_error"]
-    assert ran.sum() == 7, out["nap_error"].tolist()
+    assert 3 <= ran.sum() <= 7, out["nap_error"].tolist()
     assert {e.type_name for e in refused} == {"BudgetExceeded"}
     message = refused.iloc[0].message
-    assert message.startswith("budget_usd=0.012: $0.002")
+    assert re.match(r"budget_usd=0\.012: \$0\.00[23]\d* spent", message), message
     assert ("the next batch (1 row) could cost up to $0.01 (10 container-seconds: timeout=1s per row, "
             "Modal's shortest is 10 s; at $3.60/h for 1 CPU + 0.125 GiB)") in message
-    # what ran cost at most the budget: the measured seconds of the rows that ran, at the rate
-    spent = out.loc[ran, "nap_seconds"].sum() * RATE
-    assert spent <= 0.012
-    # and nothing was sent once spent + a batch's worst case would pass it
-    assert spent + 0.01 > 0.012
-    # the dollars reported are the containers' time (start-up and idle included), so at least the
-    # batches' measured time, and still within the cap
+    # the dollars reported are the containers' time, start to stop (keep_warm=0: they stop with the
+    # run), so at least the rows' measured time; within the cap, and nothing was sent once what was
+    # spent + a batch's worst case would pass it
+    rows = out.loc[ran, "nap_seconds"].sum() * RATE
     reported = modal_magic.last_run().compute_usd
-    assert spent <= reported <= 0.012
+    assert rows <= reported <= 0.012
+    assert reported + 0.01 > 0.012
 
 
 def test_finished_rows_are_cached_so_a_bigger_budget_pays_only_for_the_rest(modal_server, round_rates):
     df = pd.DataFrame({"x": [0.3 + i / 10_000 for i in range(6)]})  # distinct: equal rows share a cache entry
     first = df.modal.map(nap, column="x", backend="modal", cpu=1.0, timeout=1.0, budget_usd=0.011, progress=False)
     done = int(first["nap_error"].isna().sum())
-    assert done == 4  # 3 rows spend $0.0009, a 4th books $0.01 and takes it to $0.0012: no 5th fits
+    # about 3 rows' container time spends $0.001, a 4th books $0.01 and takes it past: no 5th fits
+    assert 2 <= done <= 4, first["nap_error"].tolist()
     second = df.modal.map(nap, column="x", backend="modal", cpu=1.0, timeout=1.0, budget_usd=1.0, progress=False)
     assert second["nap"].tolist() == df["x"].tolist()
     assert modal_magic.last_run().cached == done
