@@ -112,6 +112,11 @@ RATE = 0.01 + 2 * 0.001 + 2 * 0.0005  # gpu="T4", cpu=2, memory=2048 MiB: $0.013
 COLD_START_S = 1.0
 KEEP_WARM_S = 2
 ROW_S = 0.25
+#: container-seconds a figure may exceed the hand-computed one by: the worker's own start, the inputs'
+#: round trips and the log stream's latency (under 0.1 s on a quiet machine; room for a loaded one)
+OVER_S = 0.8
+#: ... and fall short of it by (the client hears of a start a little after it happened)
+UNDER_S = 0.1
 
 
 @pytest.fixture
@@ -147,17 +152,16 @@ def test_dollars_match_the_hand_computed_container_lifetime(modal_server, worksp
     out = run(4)
     assert out["nap"].tolist() == [ROW_S] * 4
     # By hand: one container, 1 s cold start + 4 rows × 0.25 s + 2 s idle before it scales down
-    # = 4.0 s at $0.013/s = $0.052. Allowed on top: the worker's own start and the inputs' round
-    # trips (well under 0.6 s in all here); never less than the hand figure's parts.
+    # = 4.0 s at $0.013/s = $0.052, within OVER_S / UNDER_S container-seconds.
     by_hand = (COLD_START_S + 4 * ROW_S + KEEP_WARM_S) * RATE
     projected = modal_magic.last_run().compute_usd  # the container is still up: its tail projected
-    assert by_hand - 0.1 * RATE <= projected <= by_hand + 0.6 * RATE
+    assert by_hand - UNDER_S * RATE <= projected <= by_hand + OVER_S * RATE
     lifetimes = wait_until_stopped(modal_server)
     assert len(lifetimes) == 1
     exact = modal_magic.last_run().compute_usd  # once it stopped: what it lived, as Modal reported it
-    assert by_hand - 0.1 * RATE <= exact <= by_hand + 0.6 * RATE
+    assert by_hand - UNDER_S * RATE <= exact <= by_hand + OVER_S * RATE
     (start, stop), = lifetimes
-    assert exact == pytest.approx((stop - start) * RATE, abs=0.1 * RATE)  # the server's own record
+    assert exact == pytest.approx((stop - start) * RATE, abs=0.25 * RATE)  # the server's own record
 
 
 def test_the_summary_line_labels_the_figure_an_estimate(modal_server, workspace_rates, capsys):
@@ -177,14 +181,14 @@ def test_two_cells_on_one_warm_session_share_its_containers_time(modal_server, w
     assert len(lifetimes) == 1, "the second cell ran on the first one's warm container"
     (start, stop), = lifetimes
     # the first run, as it ended: cold start + 2 rows + keep_warm projected (the container was up)
-    assert first_projected == pytest.approx((COLD_START_S + 2 * ROW_S + KEEP_WARM_S) * RATE, abs=0.6 * RATE)
+    assert first_projected == pytest.approx((COLD_START_S + 2 * ROW_S + KEEP_WARM_S) * RATE, abs=OVER_S * RATE)
     # the second run: no cold start, 2 rows, then the idle tail until the container stopped
     second_usd = modal_magic.last_run().compute_usd
-    assert second_usd == pytest.approx((2 * ROW_S + KEEP_WARM_S) * RATE, abs=0.6 * RATE)
+    assert second_usd == pytest.approx((2 * ROW_S + KEEP_WARM_S) * RATE, abs=OVER_S * RATE)
     # every second of the container's life is billed to one run: what is not the second's is the
     # first's, its cold start, rows and 0.5 s of idle until the second cell started
     assert (stop - start) * RATE - second_usd == pytest.approx((COLD_START_S + 2 * ROW_S + 0.5) * RATE,
-                                                                abs=0.6 * RATE)
+                                                                abs=OVER_S * RATE)
 
 
 def test_sessions_show_the_dollars_so_far_idle_included(modal_server, workspace_rates):

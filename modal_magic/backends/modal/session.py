@@ -234,7 +234,8 @@ def acquire(options: MapOptions, run: Hashable | None = None) -> tuple[WarmSessi
     session.runs_total += 1
     if run is not None:
         session.clock.begin(run)
-        _RUN_SESSIONS.setdefault(run, []).append(session)
+        with _lock:
+            _RUN_SESSIONS.setdefault(run, []).append(session)
     return session, news
 
 
@@ -279,7 +280,8 @@ def run_seconds(run: Hashable) -> float | None:
     >>> run_seconds(Run()) is None  # a run that used no session
     True
     """
-    used = _RUN_SESSIONS.get(run, [])
+    with _lock:
+        used = list(_RUN_SESSIONS.get(run, []))
     if not any(session.clock.containers_seen for session in used):
         return None
     return sum(session.clock.run_seconds(run) for session in used)
