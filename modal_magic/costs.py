@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .gpu import parse_gpu
 
 __all__ = ["AS_OF", "DEFAULT_CPU_CORES", "DEFAULT_MEMORY_MIB", "MODAL_DEFAULT_TIMEOUT_S", "MODAL_RATES", "ContainerRate",
-           "container_rate", "dollars", "input_timeout_s"]
+           "billed", "container_rate", "dollars", "input_timeout_s"]
 
 #: when :data:`MODAL_RATES` was read from modal.com/pricing
 AS_OF = "2026-06"
@@ -103,6 +103,23 @@ def container_rate(gpu: Any, *, cpu: float | None, memory: int | None) -> Contai
     usd = gpu_usd + cores * MODAL_RATES["cpu_core"] + gib * MODAL_RATES["memory_gib"]
     parts = [p for p in (gpu_words, f"{cores:g} CPU", f"{gib:g} GiB") if p]
     return ContainerRate(usd, " + ".join(parts), at_most)
+
+
+def billed(rate: ContainerRate, container_seconds: Callable[[], float | None]) -> Callable[[], float | None]:
+    """The dollars of ``container_seconds()`` at ``rate``, read afresh at each call (``None`` while
+    that is ``None``): a finished run's keep_warm tail is projected while its containers are up and
+    exact once they have stopped.
+
+    Examples
+    --------
+    >>> bill = billed(container_rate(None, cpu=1.0, memory=0), lambda: 100.0)
+    >>> round(bill(), 6)
+    0.00131
+    """
+    def usd() -> float | None:
+        seconds = container_seconds()
+        return None if seconds is None else rate.cost(seconds)
+    return usd
 
 
 def dollars(usd: float) -> str:

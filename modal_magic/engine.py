@@ -28,6 +28,7 @@ from .backends import Backend, BackendFailed, Batch, BatchResult, Runtime, Task,
 from .backends.row_runner import backoff_s, run_rows
 from .cache.rows import RunCache
 from .checks import check_function, check_picklable, default_into
+from .costs import billed, container_rate
 from .errors import ColumnNotFound, MapInterrupted, RowError, RowFailed
 from .options import MapOptions, OptionsError
 from .batching import BatchSizer
@@ -213,7 +214,7 @@ class _Stopped(Exception):
 
 def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: runs.Wording,
              stored: RunCache | None) -> Outcomes:
-    n = len(args)
+    n, opts = len(args), task.options
     outcomes = Outcomes(n, expand=task.options.expand, seconds=np.full(n, np.nan) if task.options.timings else None)
     started = time.monotonic()
     run_control = control.current()  # a background run (wait=False): watched and stopped from outside
@@ -270,18 +271,24 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: run
             stored.flush()
             stored.report()
         backend.finish()
-    _finish(progress, "failed" if outcomes.errors else "success", outcomes, index, started, words, logs)
+    bill = None
+    if outcomes.compute_usd is not None:  # its containers' time, the keep_warm idle tail projected while they're up
+        bill = billed(container_rate(opts.gpu, cpu=opts.cpu, memory=opts.memory), backend.container_seconds)
+        usd = bill()
+        outcomes.compute_usd = usd if usd is not None else outcomes.compute_usd
+    _finish(progress, "failed" if outcomes.errors else "success", outcomes, index, started, words, logs, bill=bill)
     return outcomes
 
 
 def _finish(progress: Progress, state: str, outcomes: Outcomes, index: pd.Index, started: float,
-            words: runs.Wording, logs: list[str], *, stopped: bool = False, raised: bool = False) -> None:
+            words: runs.Wording, logs: list[str], *, stopped: bool = False, raised: bool = False,
+            bill: Callable[[], float | None] | None = None) -> None:
     """Count the run once, from its outcomes: the bar's summary and ``last_run()`` are this one record."""
     summary = runs.summarize(outcomes.n, outcomes.errors, outcomes.cancelled, outcomes.cached, index,
                              time.monotonic() - started, words, logs, stopped=stopped, raised=raised)
     if outcomes.compute_usd is not None:
         summary = dataclasses.replace(summary, compute_usd=outcomes.compute_usd)
-    runs.set_last_run(summary)
+    runs.set_last_run(summary, bill=bill)  # last_run() re-reads the bill: exact once the containers stopped
     progress.close(state, summary)  # type: ignore[arg-type]
 
 

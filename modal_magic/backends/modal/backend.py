@@ -109,7 +109,7 @@ class ModalBackend(Backend):
         check_credentials()
         check_reachable()
         self._payload, self._token = pack_runner(task)
-        self._session, news = sessions.acquire(opts)
+        self._session, news = sessions.acquire(opts, run=self)
         self._news.append(news)
         self._start_map()
 
@@ -125,9 +125,9 @@ class ModalBackend(Backend):
     def _restart(self) -> None:
         """The warm app was gone: start a new session and send it every batch still out."""
         assert self._session is not None
-        sessions.release(self._session, broken=True)
+        sessions.release(self._session, broken=True, run=self)
         self._session = None
-        self._session, _ = sessions.acquire(self._options)
+        self._session, _ = sessions.acquire(self._options, run=self)
         self._news.append(f"new containers: the warm Modal app had stopped; started {self._session.app_id}")
         self._restarted = True
         self._start_map()
@@ -161,6 +161,9 @@ class ModalBackend(Backend):
 
     def containers(self) -> int | None:
         return self._session.containers if self._session is not None else None
+
+    def container_seconds(self) -> float | None:
+        return sessions.run_seconds(self)  # start to scale-down, this run's share (see container_time)
 
     def drain_logs(self) -> list[str]:
         news, self._news = self._news, []
@@ -230,4 +233,4 @@ class ModalBackend(Backend):
             except concurrent.futures.TimeoutError:  # the call didn't end by itself: don't trust the session
                 self._map.cancel()
                 broken = True
-        sessions.release(session, broken=broken or session.failure is not None)
+        sessions.release(session, broken=broken or session.failure is not None, run=self)
