@@ -596,3 +596,66 @@ def test_nothing_is_remembered_for_columns_that_hand_out_new_objects_each_time()
     out = df.modal.map(slow, column="x", backend="threads", progress=False)
     assert modal_magic.last_run().cached == 200 and out["result"].iloc[-1] == 1200
     assert KEY_MEMO.current is None
+
+
+# --- a re-run of the last lookup, or of a run that stored every row, matches nothing (match.Found) --
+
+
+def _counting_matchers(monkeypatch) -> list[int]:
+    from modal_magic.cache import match
+
+    made: list[int] = []
+    real = match.KeyMatcher.__init__
+
+    def counting(self, keys):
+        made.append(len(keys))
+        real(self, keys)
+
+    monkeypatch.setattr(match.KeyMatcher, "__init__", counting)
+    return made
+
+
+def test_a_rerun_of_a_run_that_stored_every_row_reads_them_where_they_were(monkeypatch):
+    made = _counting_matchers(monkeypatch)
+    df = pd.DataFrame({"x": [f"row {i % 40}" for i in range(400)]})  # repeated inputs too
+    first = df.modal.map(lambda s: (time.sleep(0.0001), [s])[1], column="x", backend="threads", progress=False)
+    again = df.modal.map(lambda s: (time.sleep(0.0001), [s])[1], column="x", backend="threads", progress=False)
+    assert modal_magic.last_run().cached == 400 and made == [], "the re-run matched keys it didn't need to"
+    assert again["result"].tolist() == first["result"].tolist()
+    assert again["result"].iloc[0] is not again["result"].iloc[40], "equal rows share one list"
+
+
+def test_what_was_found_is_not_reused_once_the_stored_chunks_change(monkeypatch):
+    made = _counting_matchers(monkeypatch)
+
+    def stamp(s):  # a new value each run: which run's copy a lookup returns shows
+        time.sleep(0.0001)
+        return f"{s}:{time.perf_counter_ns()}"
+
+    df = pd.DataFrame({"x": [f"v{i}" for i in range(300)]})
+    df.modal.map(stamp, column="x", backend="sequential", progress=False)
+    newer = df.modal.map(stamp, column="x", backend="sequential", progress=False, cache="refresh")
+    assert made == []
+    out = df.modal.map(stamp, column="x", backend="sequential", progress=False)
+    assert out["stamp"].tolist() == newer["stamp"].tolist(), "an older copy won over the refresh's"
+    # another frame of the same function adds a chunk: the next lookup matches keys again
+    pd.DataFrame({"x": ["other"]}).modal.map(stamp, column="x", backend="sequential", progress=False)
+    out = df.modal.map(stamp, column="x", backend="sequential", progress=False)
+    assert out["stamp"].tolist() == newer["stamp"].tolist() and made == [1, 300], made
+
+
+def test_a_damaged_chunk_under_a_remembered_lookup_makes_only_its_rows_run_again(monkeypatch):
+    from modal_magic.cache.default import default_cache
+
+    df = pd.DataFrame({"x": [f"d{i}" for i in range(3000)]})
+    slowish = lambda s: (time.sleep(0.00002), s + "!")[1]  # noqa: E731
+    monkeypatch.setattr(store_module, "MAX_CHUNK_ROWS", 1000)
+    df.modal.map(slowish, column="x", backend="sequential", progress=False)
+    df.modal.map(slowish, column="x", backend="sequential", progress=False)  # served by what was remembered
+    assert default_cache()._found is not None
+    with sqlite3.connect(default_cache().path) as db:
+        chunk_id = db.execute("SELECT min(id) FROM chunks").fetchone()[0]
+        db.execute("UPDATE chunks SET value = ? WHERE id = ?", (pickle.dumps(["forged"] * 1000), chunk_id))
+    out = df.modal.map(slowish, column="x", backend="sequential", progress=False)
+    assert "forged" not in set(out["result"]) and out["result"].iloc[-1] == "d2999!"
+    assert modal_magic.last_run().cached == 2000

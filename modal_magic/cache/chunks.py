@@ -93,7 +93,7 @@ def unpack(fmt: int, n: int, mac: bytes, keys_blob: bytes, value_blob: bytes,
 
 
 #: values that can be handed to several rows as one object: nothing can change them in place
-_IMMUTABLE = frozenset({int, float, bool, str, bytes, complex, type(None)})
+IMMUTABLE = frozenset({int, float, bool, str, bytes, complex, type(None)})
 
 
 def own_copy(value: Any) -> Any:
@@ -108,6 +108,6 @@ def own_copy(value: Any) -> Any:
     (True, False, True)
     """
     kind = type(value)
-    if kind in _IMMUTABLE or (kind is tuple and all(type(item) in _IMMUTABLE for item in value)):
+    if kind in IMMUTABLE or (kind is tuple and all(type(item) in IMMUTABLE for item in value)):
         return value
     return pickle.loads(dumps(value))

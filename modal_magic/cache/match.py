@@ -29,11 +29,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import xxhash
 
-from .chunks import own_copy
+from .chunks import IMMUTABLE, own_copy
 from .keys import KEY_BYTES
 
-__all__ = ["InOrder", "KeyMatcher"]
+__all__ = ["Found", "InOrder", "KeyMatcher"]
 
 
 def _low_half(keys: np.ndarray) -> np.ndarray:
@@ -66,6 +67,12 @@ class KeyMatcher:
         self._repeat = np.zeros(len(keys), dtype=bool)
         self._repeat[1:] = self._codes[1:] <= np.maximum.accumulate(self._codes)[:-1]
         self._first_row = np.flatnonzero(~self._repeat)  # the first row of each code, in code order
+        # A row that shares its last 8 bytes with an earlier asked key but not its first 8 (a chance
+        # of 2**-64) would be matched through that key: it is never a hit.
+        self._ambiguous = self._high != self._high[self._first_row[self._codes]]
+        self._needed: list[tuple[int, bytes]] = []
+        #: where this lookup's hits were, once assembled from every chunk it needed (see Found)
+        self.found: Found | None = None
         self._owner = np.full(len(uniques), -1, dtype=np.int64)  # offset among the stored keys, per code
         self._chunks: list[tuple[int, bytes]] = []
         self._starts = np.zeros(0, dtype=np.int64)
@@ -87,7 +94,8 @@ class KeyMatcher:
         np.maximum.at(self._owner, found[where], where)  # offsets grow with age: the newest copy wins
         owned = self._owner[self._owner >= 0]
         which = np.unique(np.searchsorted(self._starts, owned, side="right") - 1)
-        return [chunks[i] for i in which.tolist()]
+        self._needed = [chunks[i] for i in which.tolist()]
+        return self._needed
 
     def assemble(self, loaded: dict[int, list[Any]]) -> tuple[np.ndarray, list[Any]]:
         """The asked rows that are hits and their values, given the loaded chunks' values by chunk id.
@@ -100,9 +108,7 @@ class KeyMatcher:
         offsets = owned[rows]
         chunk = np.searchsorted(self._starts, offsets, side="right") - 1
         usable = np.fromiter((chunk_id in loaded for chunk_id, _ in self._chunks), dtype=bool, count=len(self._chunks))
-        # A row that shares its last 8 bytes with another asked key but not its first 8 (a chance
-        # of 2**-64) was matched through that key: it is a miss.
-        keep = usable[chunk] & (_high_half(self._stored[offsets]) == self._high[rows])
+        keep = usable[chunk] & ~self._ambiguous[rows]
         if not keep.all():
             rows, offsets, chunk = rows[keep], offsets[keep], chunk[keep]
         # The loaded chunks' values, one list in chunk order; each row's place in it
@@ -114,14 +120,69 @@ class KeyMatcher:
                 flat_start[i] = len(flat)
                 flat.extend(values)
         places = offsets - self._starts[chunk] + flat_start[chunk]
-        if len(places) == len(flat) and (places == np.arange(len(flat))).all():
-            values = flat  # the chunks are the rows asked for, in order
-        else:
-            values = list(map(flat.__getitem__, places.tolist()))
-        # Rows with equal keys were handed the same object: all but the first get their own copy.
-        for i in np.flatnonzero(self._repeat[rows]).tolist():
+        copies = np.flatnonzero(self._repeat[rows])
+        if all(chunk_id in loaded for chunk_id, _ in self._needed):
+            self.found = Found([chunk_id for chunk_id, _ in self._needed],
+                               [len(blob) // KEY_BYTES for _, blob in self._needed], rows, places, copies, len(self.keys))
+        return rows, _gather(flat, places, copies)
+
+
+def _gather(flat: list[Any], places: np.ndarray, copies: np.ndarray) -> list[Any]:
+    """``flat[place]`` for each place; the values at ``copies`` (rows repeating an earlier row's key,
+    handed the same object) each become their own copy."""
+    if len(places) == len(flat) and (places == np.arange(len(flat))).all():
+        values = flat  # the chunks are the rows asked for, in order
+    else:
+        values = list(map(flat.__getitem__, places.tolist()))
+    if len(copies) and not {type(values[i]) for i in copies.tolist()} <= IMMUTABLE:
+        for i in copies.tolist():
             values[i] = own_copy(values[i])
-        return rows, values
+    return values
+
+
+class Found:
+    """Where a lookup's hits were, so that the same lookup again needs no matching.
+
+    Re-running a cell asks for the same keys, of the same chunks: as long as both are exactly as
+    they were (:meth:`key_of`, compared by digest, with the chunk ids), every row's newest copy is
+    where it was, and only the chunks that hold hits are read (and checked) again.
+    """
+
+    def __init__(self, needed: list[int], sizes: list[int], rows: np.ndarray | None, places: np.ndarray,
+                 copies: np.ndarray, asked: int) -> None:
+        self.key: tuple[Any, ...] = ()  # set by the store, from what was asked and stored
+        self._needed_ids = needed  # the chunks holding hits, and their rows
+        self._sizes = sizes
+        self._rows = None if rows is None or len(rows) == asked else rows  # None: every asked row
+        self._asked = asked
+        self._places = places.astype(np.int32) if len(places) and places.max() < 2**31 else places
+        self._copies = copies
+
+    @staticmethod
+    def key_of(asked: np.ndarray, chunks: list[tuple[int, bytes]]) -> tuple[Any, ...]:
+        """What must be unchanged for a Found to serve: the asked keys and every stored chunk of theirs."""
+        return (xxhash.xxh3_128_digest(memoryview(np.ascontiguousarray(asked)).cast("B")),
+                tuple(chunk_id for chunk_id, _ in chunks),
+                xxhash.xxh3_128_digest(b"".join(blob for _, blob in chunks)))
+
+    def needed(self, chunks: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        """The chunks holding hits, as ``(chunk id, keys blob)`` from the function's ``chunks``."""
+        blobs = dict(chunks)
+        return [(chunk_id, blobs[chunk_id]) for chunk_id in self._needed_ids]
+
+    def assemble(self, loaded: dict[int, list[Any]]) -> tuple[np.ndarray, list[Any]]:
+        """As :meth:`KeyMatcher.assemble`: a chunk that failed its check leaves its rows misses."""
+        rows = np.arange(self._asked) if self._rows is None else self._rows
+        flat: list[Any] = []
+        for chunk_id, size in zip(self._needed_ids, self._sizes):
+            flat.extend(loaded.get(chunk_id) or [None] * size)
+        if all(chunk_id in loaded for chunk_id in self._needed_ids):
+            return rows, _gather(flat, self._places, self._copies)
+        starts = np.concatenate([[0], np.cumsum(self._sizes)[:-1]])
+        ok = np.fromiter((chunk_id in loaded for chunk_id in self._needed_ids), dtype=bool, count=len(self._sizes))
+        keep = ok[np.searchsorted(starts, self._places, side="right") - 1]
+        copies = np.flatnonzero(np.isin(np.arange(len(rows)), self._copies)[keep])
+        return rows[keep], _gather(flat, self._places[keep], copies)
 
 
 class InOrder:

@@ -64,6 +64,8 @@ class RunCache:
         self.frame = frame
         self._remembered = False  # whether this run's keys are the memo's now
         self._keyed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (packed, bad, known) of a first run
+        # where a first run's rows went: (positions stored, flush by flush; (chunk id, rows) written)
+        self._layout: tuple[list[np.ndarray], list[tuple[int, int]]] | None = ([], [])
         self.problems: list[tuple[bytes, str]] = []
         self._keys: tuple[np.ndarray, np.ndarray] | None = None  # every row's, once needed
         self._buffer: list[tuple[Sequence[int], list[Any], float]] = []  # (positions, values, per row s)
@@ -149,22 +151,52 @@ class RunCache:
                 values = [value for value, skip in zip(values, bad.tolist()) if not skip]
                 packed = packed[~bad]
             if len(values):
-                self.problems.extend(self.cache.put_packed(packed, values))
+                written: list[tuple[int, int]] = []
+                self.problems.extend(self.cache.put_packed(packed, values, written=written))
+                self._note_written(where[~bad] if bad.any() else where, written, len(values))
         self._buffer = []
         self._buffered_rows = 0
         self._buffered_work_s = 0.0
 
     def _note_keyed(self, where: np.ndarray, packed: np.ndarray, bad: np.ndarray) -> None:
-        """Keep a first run's keys by position, for the memo at the end of the run."""
-        if self.frame is None:
-            return
+        """Keep a first run's keys by position, for the memo and the cache's record of where they went."""
         if self._keyed is None:
             n = len(self.args)
             self._keyed = (np.empty((n, KEY_BYTES), dtype=np.uint8), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))
         self._keyed[0][where], self._keyed[1][where], self._keyed[2][where] = packed, bad, True
 
+    def _note_written(self, positions: np.ndarray, written: list[tuple[int, int]], stored: int) -> None:
+        """Follow where this run's rows went, while every row it stored is accounted for."""
+        if self._layout is None:
+            return
+        if sum(n for _, n in written) != stored or self._keys is not None:  # a re-run reads instead
+            self._layout = None
+            return
+        self._layout[0].append(positions)
+        self._layout[1].extend(written)
+
+    def _remember_layout(self) -> None:
+        """A run that stored every row tells the cache where: re-running it then matches nothing."""
+        layout, self._layout = self._layout, None
+        if layout is None or self._keyed is None or not layout[0]:
+            return
+        positions = np.concatenate(layout[0])
+        n = len(self.args)
+        if len(positions) != n or not self._keyed[2].all() or self._keyed[1].any():
+            return
+        places = np.empty(n, dtype=np.int64)
+        places[positions] = np.arange(n)
+        seen = np.zeros(n, dtype=bool)
+        seen[positions] = True
+        if seen.all():  # each row stored once
+            try:
+                self.cache.stored_all(self._keyed[0], layout[1], places)
+            except sqlite3.Error:  # only a shortcut for the next lookup: that lookup matches keys instead
+                pass
+
     def report(self) -> None:
-        if self._keyed is not None:  # a first run: what it keyed serves the next run of the cell
+        self._remember_layout()
+        if self._keyed is not None and self.frame is not None:  # a first run: its keys serve the next run of the cell
             KEY_MEMO.remember(self.hasher.fingerprint, self.args, *self._keyed, anchors=[self.frame])
             self._remembered = True
             self._keyed = None

@@ -47,7 +47,7 @@ from .chunks import CHUNK_FORMAT, chunk_mac, dumps, join_keys, part_number, unpa
 from .database import DB_NAME, move_aside, open_database, rollback, write_failure
 from .keys import KEY_BYTES, row_keys
 from .location import CacheWarning, default_cache_dir, load_key
-from .match import InOrder, KeyMatcher
+from .match import Found, InOrder, KeyMatcher
 
 __all__ = ["RowCache", "DB_NAME"]
 
@@ -99,6 +99,7 @@ class RowCache:
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         self.read_only = False
+        self._found: Found | None = None  # where the last lookup's hits were: a re-run of it matches nothing
         with self._lock:
             self._db()
             try:
@@ -225,10 +226,13 @@ class RowCache:
         packed, _ = _pack_keys(keys)
         return self.put_packed(packed, values)
 
-    def put_packed(self, packed: np.ndarray, values: Sequence[Any]) -> list[tuple[bytes, str]]:
+    def put_packed(self, packed: np.ndarray, values: Sequence[Any], *,
+                   written: list[tuple[int, int]] | None = None) -> list[tuple[bytes, str]]:
         """:meth:`put_many` for keys in one ``(n, KEY_BYTES)`` uint8 array (every row with a key).
 
-        See :meth:`lookup` for an example.
+        ``written`` (a list) gets ``(chunk id, rows)`` of the chunks made, in the order of
+        ``values``, when every value was stored in that order (else nothing). See :meth:`lookup`
+        for an example.
         """
         values = values if isinstance(values, list) else list(values)
         if len(packed) != len(values):
@@ -262,8 +266,8 @@ class RowCache:
                 db = self._db()
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    db.executemany("INSERT INTO chunks (part, atime, fmt, n, checksum, keys, value) "
-                                   "VALUES (?, ?, ?, ?, ?, ?, ?)", records)
+                    ids = [db.execute("INSERT INTO chunks (part, atime, fmt, n, checksum, keys, value) "
+                                      "VALUES (?, ?, ?, ?, ?, ?, ?)", record).lastrowid for record in records]
                     db.execute("COMMIT")
                 except BaseException:
                     rollback(db)
@@ -274,12 +278,27 @@ class RowCache:
             reason = write_failure(e, self.path)
             return rejected + [(key, reason) for key in packed.view(f"V{KEY_BYTES}").ravel().tolist()
                                if key not in stored]
+        if written is not None and not rejected and len(groups) == 1:
+            written.extend(zip(ids, (record[3] for record in records)))
         try:
             with self._lock:
                 self._evict_if_needed()
         except sqlite3.Error as e:  # the rows are stored; only the trimming failed
             warnings.warn(f"modal_magic couldn't trim its cache at {self.path}: {e}", CacheWarning, stacklevel=2)
         return rejected
+
+    def stored_all(self, keys: np.ndarray, written: list[tuple[int, int]], places: np.ndarray) -> None:
+        """A run stored every row of ``keys``, row ``i`` at ``places[i]`` of the chunks ``written``:
+        remember it as a lookup's :class:`Found`, so re-running it matches nothing."""
+        part = int(np.ascontiguousarray(keys[:1, :4]).view(">u4")[0, 0])
+        with self._lock:
+            stored = sorted(self._db().execute("SELECT id, n, keys FROM chunks WHERE part = ?", (part,)).fetchall())
+            chunks = [(chunk_id, blob) for chunk_id, n, blob in stored if len(blob) == KEY_BYTES * n]
+            ours = [chunk_id for chunk_id, _ in written]
+            # Only while these chunks are the function's newest: another writer's later copy would win a lookup
+            if chunks and set(ours) <= {chunk_id for chunk_id, _ in chunks} and chunks[-1][0] == max(ours):
+                self._found = Found(ours, [n for _, n in written], None, places, np.zeros(0, dtype=np.intp), len(keys))
+                self._found.key = Found.key_of(keys, chunks)
 
     def clear(self) -> None:
         """Delete every cached result and give the space back to the file system."""
@@ -333,8 +352,12 @@ class RowCache:
             broken += [chunk_id for chunk_id, n, _, keys_blob in stored if len(keys_blob) != KEY_BYTES * n]
             chunks = [(chunk_id, keys_blob) for chunk_id, n, _, keys_blob in stored if len(keys_blob) == KEY_BYTES * n]
             atimes = {chunk_id: atime for chunk_id, _, atime, _ in stored}
-            matcher: KeyMatcher | InOrder
-            if InOrder.fits(keys, [blob for _, blob in chunks]):  # a re-run of the frame this function ran on
+            matcher: KeyMatcher | InOrder | Found
+            key = Found.key_of(keys, chunks)
+            if self._found is not None and self._found.key == key:  # the last lookup again: a re-run
+                matcher = self._found
+                wanted = dict(matcher.needed(chunks))
+            elif InOrder.fits(keys, [blob for _, blob in chunks]):  # stored in the order asked
                 matcher = InOrder(chunks)
                 wanted = dict(chunks)
             else:  # Pass 1, keys only: which chunk holds the newest copy of each key asked for.
@@ -358,7 +381,12 @@ class RowCache:
             db.execute("COMMIT")
         # A row whose newest chunk is broken stays a miss, even if an older chunk holds it: it reruns.
         self._touch_and_drop(stale_atime, broken, now)
-        return matcher.assemble(loaded)
+        rows, values = matcher.assemble(loaded)
+        if isinstance(matcher, KeyMatcher):
+            self._found = matcher.found
+            if self._found is not None:
+                self._found.key = key
+        return rows, values
 
     def _touch_and_drop(self, touch: list[int], drop: list[int], now: int) -> None:
         """Best effort: refresh last-access times and delete broken chunks; skipped when busy or read-only."""
