@@ -51,9 +51,12 @@ class RunCache:
     #: look this slow
     COSTLY_ROW_S = 0.01
 
-    def __init__(self, cache: Any, hasher: RowKeyHasher, args: list[Any], star: bool, refresh: bool) -> None:
+    def __init__(self, cache: Any, hasher: RowKeyHasher, args: list[Any], star: bool, refresh: bool,
+                 fingerprint: str = "") -> None:
         self.cache = cache
         self.hasher = hasher
+        #: the function's fingerprint with its result options: what a recorded Modal call is found by
+        self.fingerprint = fingerprint
         self.args = args
         self.star = star
         self.refresh = refresh
@@ -75,7 +78,7 @@ class RunCache:
                       "read from or written to it) until that is fixed", stacklevel=5)
             return None
         fingerprint = function_fingerprint(task.fn, star=task.star, result_options=result_options(task.options))
-        return cls(cache, RowKeyHasher(fingerprint), args, task.star, task.options.cache == "refresh")
+        return cls(cache, RowKeyHasher(fingerprint), args, task.star, task.options.cache == "refresh", fingerprint)
 
     def hits(self) -> tuple[np.ndarray, list[Any]]:
         """The positions of the rows the cache holds, and their values."""
@@ -83,6 +86,16 @@ class RunCache:
             return np.empty(0, dtype=np.intp), []
         self._keys = self.hasher.key_array(self.args, self.star)
         return self.cache.lookup(*self._keys)
+
+    def row_keys(self, positions: Sequence[int]) -> list[bytes | None]:
+        """The keys of the rows at ``positions`` (``None`` for a row that can't be hashed faithfully)."""
+        if self._keys is not None:
+            where = np.asarray(positions, dtype=np.intp)
+            keys: list[bytes | None] = self._keys[0][where].view(f"V{self._keys[0].shape[1]}").ravel().tolist()
+            for i in np.flatnonzero(self._keys[1][where]).tolist():
+                keys[i] = None
+            return [None if k is None else bytes(k) for k in keys]
+        return self.hasher.keys([self.args[int(p)] for p in positions], self.star)
 
     def save(self, positions: Sequence[int], values: list[Any], failed: list[int], work_s: float) -> None:
         per_row = work_s / max(1, len(positions))
