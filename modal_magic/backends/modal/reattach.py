@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["Adopted", "RecordedJob", "adopt", "collect", "collect_job", "job_key", "narrow", "open_records",
            "recorded_jobs", "stop_app"]
 
+#: seconds one poll for a call's output waits before asking again (Modal's own long poll is 55 s)
+POLL_S = 50.0
 #: runs of this process still collecting their calls: a re-run beside them doesn't take their calls over
 LIVE_RUNS: set[str] = set()
 
@@ -120,14 +122,17 @@ async def collect(call: Any) -> tuple[str, Any]:
     """Wait for a spawned call: ``("done", output)``, ``("expired", None)`` or ``("lost", exception)``."""
     from modal.exception import OutputExpiredError
 
-    try:
-        return "done", await call.get.aio()
-    except asyncio.CancelledError:
-        raise
-    except OutputExpiredError:
-        return "expired", None
-    except Exception as e:  # lost with its container, timed out, cancelled, or its app is gone
-        return "lost", e
+    while True:
+        try:  # never get() without a timeout: on a call whose outputs expired it would poll forever
+            return "done", await call.get.aio(timeout=POLL_S)
+        except asyncio.CancelledError:
+            raise
+        except OutputExpiredError:  # no output, and no input left running
+            return "expired", None
+        except Exception as e:
+            if type(e) is TimeoutError:  # still running (FunctionTimeoutError, a subclass, is an outcome)
+                continue
+            return "lost", e  # lost with its container, timed out, cancelled, or its app is gone
 
 
 def call_from_id(call_id: str) -> Any:
