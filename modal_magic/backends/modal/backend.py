@@ -81,6 +81,7 @@ class _Out:
     future: concurrent.futures.Future[Any] | None = None
     rows: list[int] | None = None  # adopted: which of the call's rows are this batch's
     adopted_from: str | None = None  # adopted: the app it runs on
+    owner: str | None = None  # adopted: the kernel that spawned it
 
 
 class ModalBackend(Backend):
@@ -157,7 +158,7 @@ class ModalBackend(Backend):
         adopted = reattach.adopt(self._records, rows, todo)
         for taken in adopted:
             out = self._out[taken.batch.id] = _Out(taken.batch, call_id=taken.record.call_id, rows=taken.rows,
-                                                   adopted_from=taken.record.app_id)
+                                                   adopted_from=taken.record.app_id, owner=taken.record.owner)
             self._orphans.setdefault(taken.record.app_id, taken.record.owner)
             self._watch(out, reattach.call_from_id(taken.record.call_id))
         if adopted:
@@ -177,7 +178,7 @@ class ModalBackend(Backend):
     def _send(self, out: _Out, with_payload: bool) -> None:
         assert self._session is not None and self._session.loop is not None
         out.sends += 1
-        out.rows = out.adopted_from = out.call_id = None
+        out.rows = out.adopted_from = out.call_id = out.owner = None
         item = (self._token, self._payload if with_payload else None, out.batch.id, out.batch.args)
         out.future = self._session.loop.call(self._spawn(self._session, out, out.sends, item))
 
@@ -291,7 +292,9 @@ class ModalBackend(Backend):
         for out in outs:
             if out.future is not None:
                 out.future.cancel()
-        calls = [out.call_id for out in outs if out.call_id is not None]
+        # this run's calls, and those it adopted from a dead kernel; a live kernel's are its own to stop
+        calls = [out.call_id for out in outs if out.call_id is not None
+                 and (out.owner is None or reattach.owner_gone(out.owner))]
         if session is not None and session.loop is not None and calls:
             try:
                 session.loop.call(_cancel_calls(calls)).result(timeout=10)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ...options import MapOptions
 
 __all__ = ["Adopted", "RecordedJob", "adopt", "collect", "collect_job", "job_key", "narrow", "open_records",
-           "recorded_jobs", "stop_app"]
+           "owner_gone", "recorded_jobs", "stop_app"]
 
 #: seconds one poll for a call's output waits before asking again (Modal's own long poll is 55 s)
 POLL_S = 50.0
