@@ -227,6 +227,7 @@ class _Call:
         self.num_finished = 0
         self.closed = False
         self.cleared = False
+        self.expired = False  # its outputs are gone (expire_outputs): a poll answers at once, empty
         self._changed = asyncio.Event()
 
     def notify(self):
@@ -1296,7 +1297,7 @@ class ModalTestServer:
                 # Don't let a client that is still polling spin or hang: its app (or the server) is gone.
                 raise GRPCError(Status.NOT_FOUND, f"Function call {call.id} was terminated (its app stopped)")
             remaining = deadline - loop.time()
-            if outputs or remaining <= 0:
+            if outputs or remaining <= 0 or call.expired:
                 break
             try:
                 await asyncio.wait_for(call._changed.wait(), remaining)
@@ -1494,6 +1495,7 @@ class ModalTestServer:
             for call in self._calls.values():
                 if call.inputs and call.num_unfinished == 0 and (call.entries or call.latest):
                     call.entries, call.latest = [], {}
+                    call.expired = True
                     expired.append(call.id)
             return expired
 

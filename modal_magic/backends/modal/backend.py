@@ -197,7 +197,7 @@ class ModalBackend(Backend):
                                       function=self._function, keys=self._rows.row_keys(out.batch.positions))
             except Exception as e:  # a cache that can't be written: the run goes on, unrecorded
                 self._news.append(f"couldn't record Modal call {call.object_id} in the cache: {e}")
-        kind, output = await reattach.collect(call)
+        kind, output = await reattach.collect(call, fresh=True)
         self._outbox.put((kind, out.batch.id, send, output))
 
     def _watch(self, out: _Out, call: Any) -> None:

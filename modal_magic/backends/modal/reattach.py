@@ -118,19 +118,26 @@ def narrow(batch: Batch, output: tuple[int, Any], rows: list[int] | None) -> Bat
     return BatchResult(batch, values, errors, full.elapsed_s, row_seconds=seconds)  # type: ignore[arg-type]
 
 
-async def collect(call: Any) -> tuple[str, Any]:
-    """Wait for a spawned call: ``("done", output)``, ``("expired", None)`` or ``("lost", exception)``."""
+async def collect(call: Any, *, fresh: bool = False) -> tuple[str, Any]:
+    """Wait for a spawned call: ``("done", output)``, ``("expired", None)`` or ``("lost", exception)``.
+
+    ``fresh``: just spawned by this run, so its outputs can't have expired.
+    """
     from modal.exception import OutputExpiredError
 
+    # Never get() without a timeout: on a call whose outputs expired it would poll forever. And the
+    # client keeps polling an expired call until its timeout, so the first look doesn't wait.
+    wait = POLL_S if fresh else 0.0
     while True:
-        try:  # never get() without a timeout: on a call whose outputs expired it would poll forever
-            return "done", await call.get.aio(timeout=POLL_S)
+        try:
+            return "done", await call.get.aio(timeout=wait)
         except asyncio.CancelledError:
             raise
         except OutputExpiredError:  # no output, and no input left running
             return "expired", None
         except Exception as e:
             if type(e) is TimeoutError:  # still running (FunctionTimeoutError, a subclass, is an outcome)
+                wait = POLL_S
                 continue
             return "lost", e  # lost with its container, timed out, cancelled, or its app is gone
 
