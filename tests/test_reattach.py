@@ -168,3 +168,33 @@ def test_without_the_cache_nothing_is_recorded(modal_server, rows_module):
     out = pd.DataFrame({"x": range(4)}).modal.map(slow, column="x", backend="modal", cache=False, progress=False)
     assert out["slow"].tolist() == [0, 10, 20, 30]
     assert CallRecords(os.environ["MODAL_MAGIC_CACHE_DIR"]).all() == []
+
+
+def test_a_kernel_that_exits_with_a_background_run_out_leaves_it_to_the_next(modal_server, rows_module):
+    """A normal exit (a kernel restart) stops idle apps, but not one whose background run is still out."""
+    from reattach_rows import slow
+
+    script = ("import sys, time\n"
+              f"sys.path.insert(0, {str(rows_module)!r})\n"
+              "import pandas as pd, modal_magic\n"
+              "from reattach_rows import slow\n"
+              f"job = pd.DataFrame({{'x': range({ROWS})}}).modal.map(slow, column='x', backend='modal', "
+              f"batch_size={BATCH}, max_containers=2, progress=False, wait=False)\n"
+              "while job.summary.succeeded < 4:\n"
+              "    time.sleep(0.05)\n"
+              "time.sleep(0.2)\n"
+              "print(job.summary.succeeded)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    recorded = CallRecords(os.environ["MODAL_MAGIC_CACHE_DIR"]).all()
+    assert recorded, "the exiting kernel's calls are still recorded"
+    # Its calls ran to the end (none was cancelled); then the detached app, with nothing left, stopped.
+    assert wait_until(lambda: all(c.num_unfinished == 0 for c in modal_server._calls.values()))
+    statuses = {o.result.status for c in modal_server._calls.values() for o in c.latest.values()}
+    assert statuses == {1}, statuses  # GENERIC_STATUS_SUCCESS
+    spawned, executions = len(modal_server.function_calls), modal_server.executions
+    out = pd.DataFrame({"x": range(ROWS)}).modal.map(slow, column="x", backend="modal", batch_size=BATCH,
+                                                     max_containers=2, progress=False)
+    assert out["slow"].tolist() == [x * 10 for x in range(ROWS)]
+    assert modal_server.executions - executions <= ROWS // BATCH - spawned + 1
+    assert wait_until(lambda: modal_server.apps[0]["stopped"])

@@ -28,6 +28,7 @@ import hashlib
 import math
 import os
 import queue
+import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
@@ -235,6 +236,9 @@ class ModalBackend(Backend):
         return news + sessions.SINK.drain()
 
     def results(self, timeout: float | None) -> list[BatchResult]:
+        if sessions.exiting():  # the kernel exits: calls failing with its client stay recorded for the next
+            time.sleep(timeout or 0)
+            return []
         self._forget_handed()  # the engine has cached what the last call handed it
         out: list[BatchResult] = []
         for kind, batch_id, send, payload in drain(self._outbox, timeout):

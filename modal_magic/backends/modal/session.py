@@ -31,7 +31,7 @@ from ..base import LoopThread
 from . import container
 from .setup import LineSink, capturing_output, function_kwargs, setup_error, spec_changes, spec_of
 
-__all__ = ["RUNNER_NAME", "SINK", "WarmSession", "acquire", "release", "sessions", "shutdown_sessions"]
+__all__ = ["RUNNER_NAME", "SINK", "WarmSession", "acquire", "exiting", "release", "sessions", "shutdown_sessions"]
 
 #: Modal's output while sessions live (image builds, container logs), drained by the runs' bars
 SINK = LineSink()
@@ -43,6 +43,7 @@ _SESSIONS: dict[str, WarmSession] = {}
 _last_spec: list[dict[str, Any]] = []  # the spec of the session used last, to say what changed
 _previous_output: list[Any] = []  # Modal's output manager before the first session replaced it
 _atexit_registered: list[bool] = []
+_exiting = threading.Event()  # the kernel exits: runs still out leave their calls recorded for the next
 
 
 class WarmSession:
@@ -281,12 +282,19 @@ def sessions() -> list[dict[str, Any]]:
         return [s.describe() for s in _SESSIONS.values() if s.alive]
 
 
+def exiting() -> bool:
+    """Whether the kernel is exiting: a run still out must leave its calls as recorded, not collect them."""
+    return _exiting.is_set()
+
+
 def shutdown_sessions(*, leave_running: bool = False) -> int:
     """Stop every warm session (their apps and containers); return how many were stopped.
 
     ``leave_running=True`` (a kernel that exits) leaves the app of a session with a run in flight
     running for its spawned batches, which a later kernel collects; the others stop.
     """
+    if leave_running:
+        _exiting.set()
     with _lock:
         live = list(_SESSIONS.values())
         _SESSIONS.clear()
