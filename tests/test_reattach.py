@@ -198,3 +198,27 @@ def test_a_kernel_that_exits_with_a_background_run_out_leaves_it_to_the_next(mod
     assert out["slow"].tolist() == [x * 10 for x in range(ROWS)]
     assert modal_server.executions - executions <= ROWS // BATCH - spawned + 1
     assert wait_until(lambda: modal_server.apps[0]["stopped"])
+
+
+def test_a_record_whose_rows_are_already_cached_is_forgotten(modal_server, rows_module):
+    """A kernel killed between caching a call's rows and deleting its record leaves a record of
+    nothing to collect: the next run of those rows drops it instead of listing it forever."""
+    from reattach_rows import slow
+
+    from modal_magic.backends.modal.reattach import job_key
+    from modal_magic.cache.keys import RowKeyHasher
+    from modal_magic.cache.rows import result_options
+    from modal_magic.fingerprint import function_fingerprint
+    from modal_magic.options import MapOptions
+
+    run = dict(column="x", backend="modal", batch_size=BATCH, max_containers=2, progress=False)
+    pd.DataFrame({"x": range(4)}).modal.map(slow, **run)
+    fingerprint = function_fingerprint(slow, star=False, result_options=result_options(MapOptions.create(**{
+        k: v for k, v in run.items() if k != "column"})))
+    records = CallRecords(os.environ["MODAL_MAGIC_CACHE_DIR"])
+    records.spawned("fc-gone", job=job_key(fingerprint), run="dead-1", app_id="ap-gone", function="slow",
+                    keys=RowKeyHasher(fingerprint).keys([0, 1], star=False), owner="elsewhere:1")
+    assert [j.id for j in modal_magic.jobs()] == ["dead-1"]
+    out = pd.DataFrame({"x": range(5)}).modal.map(slow, **run)
+    assert out["slow"].tolist() == [0, 10, 20, 30, 40] and modal_magic.last_run().cached == 4
+    assert records.all() == [] and modal_magic.jobs() == []

@@ -101,7 +101,17 @@ def adopt(records: CallRecords, rows: RunCache, todo: Sequence[int]) -> list[Ado
         if taken:
             batch = Batch(-number, taken, [rows.args[p] for p in taken])
             adopted.append(Adopted(batch, record, indices))
+    _forget_cached(records, rows, [r for r in found if r not in {a.record for a in adopted}])
     return adopted
+
+
+def _forget_cached(records: CallRecords, rows: RunCache, unadopted: list[CallRecord]) -> None:
+    """Forget records whose rows are all in this frame but none left to run: the cache has them (a
+    kernel died between caching a call's rows and deleting its record)."""
+    if not unadopted:
+        return
+    present = set(rows.row_keys(range(len(rows.args))))
+    records.forget([r.call_id for r in unadopted if all(k is None or k in present for k in r.keys)])
 
 
 def narrow(batch: Batch, output: tuple[int, Any], rows: list[int] | None) -> BatchResult:
