@@ -108,6 +108,7 @@ class CallRecords:
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA synchronous = NORMAL")  # as the row cache: a killed process loses nothing committed
             db.executescript(_SCHEMA)
             self._db = db
         return self._db

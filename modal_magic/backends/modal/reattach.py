@@ -153,6 +153,7 @@ async def collect(call: Any, *, fresh: bool = False) -> tuple[str, Any]:
 
 
 def call_from_id(call_id: str) -> Any:
+    """A handle on a spawned call, by its id (collected with :func:`collect`)."""
     import modal
 
     return modal.FunctionCall.from_id(call_id)
