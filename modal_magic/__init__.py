@@ -111,7 +111,9 @@ def sessions() -> list[dict[str, Any]]:
 
     Each line: ``app_id``, ``spec`` (what made its containers: image, GPU, secrets...),
     ``containers`` (running at the last update), ``runs`` (served so far), ``running`` (now),
-    ``idle_s`` and ``keep_warm_s`` (the session and its containers stop after that much idle time).
+    ``idle_s`` and ``keep_warm_s`` (the session and its containers stop after that much idle time),
+    ``container_s`` and ``compute_usd``: its containers' time so far, start-up and idle included,
+    and its estimated dollars at ``modal_magic.costs.MODAL_RATES`` (the runs' figures add up to it).
 
     Examples
     --------

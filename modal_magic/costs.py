@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .gpu import parse_gpu
 
 __all__ = ["AS_OF", "DEFAULT_CPU_CORES", "DEFAULT_MEMORY_MIB", "MODAL_DEFAULT_TIMEOUT_S", "MODAL_RATES", "ContainerRate",
-           "container_rate", "dollars", "input_timeout_s"]
+           "billed", "container_rate", "dollars", "input_timeout_s"]
 
 #: when :data:`MODAL_RATES` was read from modal.com/pricing
 AS_OF = "2026-06"
@@ -105,19 +105,37 @@ def container_rate(gpu: Any, *, cpu: float | None, memory: int | None) -> Contai
     return ContainerRate(usd, " + ".join(parts), at_most)
 
 
+def billed(rate: ContainerRate, container_seconds: Callable[[], float | None]) -> Callable[[], float | None]:
+    """The dollars of ``container_seconds()`` at ``rate``, read afresh at each call (``None`` while
+    that is ``None``): a finished run's keep_warm tail is projected while its containers are up and
+    exact once they have stopped.
+
+    Examples
+    --------
+    >>> bill = billed(container_rate(None, cpu=1.0, memory=0), lambda: 100.0)
+    >>> round(bill(), 6)
+    0.00131
+    """
+    def usd() -> float | None:
+        seconds = container_seconds()
+        return None if seconds is None else rate.cost(seconds)
+    return usd
+
+
 def dollars(usd: float) -> str:
     """A dollar figure for a bar or a summary: cents above a dollar, four significant figures below.
 
     Examples
     --------
-    >>> dollars(12.3456), dollars(0.0123456), dollars(0)
-    ('$12.35', '$0.01235', '$0')
+    >>> dollars(12.3456), dollars(0.0123456), dollars(0.5), dollars(0.00001605), dollars(0)
+    ('$12.35', '$0.01235', '$0.5', '$0.00001605', '$0')
     """
     if usd == 0:
         return "$0"
     if usd >= 1:
         return f"${usd:,.2f}"
-    return f"${usd:.4g}"
+    decimals = 3 - math.floor(math.log10(usd))  # four significant figures, never an exponent
+    return "$" + f"{usd:.{decimals}f}".rstrip("0")
 
 
 def input_timeout_s(timeout: float | None, retries: int, batch_rows: int) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import importlib.metadata
 import inspect
 import json
 import math
@@ -46,7 +47,7 @@ __all__ = ["CONTAINER_OPTIONS", "Deployment", "deploy", "deployments", "undeploy
 CONTAINER_OPTIONS = ("image", "pip", "apt", "python_version", "gpu", "cpu", "memory", "secrets", "env",
                      "volumes", "timeout", "retries", "max_containers")
 #: what modal_magic needs in a container to map there, pinned to this kernel's versions
-_RUNTIME_PACKAGES = ("pandas", "numpy", "cloudpickle", "psutil")
+_RUNTIME_PACKAGES = ("pandas", "numpy", "cloudpickle", "psutil", "xxhash")
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,62}")
 _RECORDS = "deployments.json"
 #: how long one deploy may take (image builds on Modal can take minutes)
@@ -116,12 +117,8 @@ def _container_options(options: dict[str, Any]) -> MapOptions:
 
 def _runtime_pins(options: MapOptions) -> list[str]:
     asked = {re.split(r"[<>=!~\[ ;]", p, maxsplit=1)[0].lower() for p in options.pip}
-    pins = []
-    for package in _RUNTIME_PACKAGES:
-        if package not in asked:
-            module = __import__(package)
-            pins.append(f"{package}=={module.__version__}")
-    return pins
+    return [f"{package}=={importlib.metadata.version(package)}" for package in _RUNTIME_PACKAGES
+            if package not in asked]
 
 
 def deploy_image(options: MapOptions) -> Any:

@@ -28,6 +28,7 @@ from .backends import Backend, BackendFailed, Batch, BatchResult, Runtime, Task,
 from .backends.row_runner import backoff_s, run_rows
 from .cache.rows import RunCache
 from .checks import check_function, check_picklable, default_into
+from .costs import billed, container_rate
 from .errors import ColumnNotFound, MapInterrupted, RowError, RowFailed
 from .options import MapOptions, OptionsError
 from .batching import BatchSizer
@@ -53,6 +54,14 @@ INLINE_TOTAL_S = 0.25
 INLINE_CHUNK = 50_000
 #: orders batches waiting to be sent again that are due at the same moment
 _TIEBREAK = itertools.count()
+
+def _hands_out_its_objects(column: pd.Series) -> bool:
+    """Whether ``tolist()`` gives the objects the column holds, the same ones each call (object
+    dtype, Python-backed strings), rather than new ones (numbers, Arrow-backed strings): only then
+    can a re-run's rows be recognised by identity (:mod:`~modal_magic.cache.key_memo`)."""
+    dtype = column.dtype
+    return dtype == object or (isinstance(dtype, pd.StringDtype) and dtype.storage == "python")
+
 
 def _arguments(frame: pd.DataFrame, columns: list[str], star: bool) -> list[Any]:
     if not star:
@@ -145,7 +154,7 @@ def map_frame(
         check_picklable(fn, where="worker processes")
 
     args = _arguments(frame, columns, star)
-    stored = RunCache.open(task, args) if options.cache is not False and not deployed else None
+    stored = RunCache.open(task, args, frame if not star and _hands_out_its_objects(frame[columns[0]]) else None) if options.cache is not False and not deployed else None
     spec = RunSpec(fn=fn, columns=tuple(columns), star=star, options=options, error_column=error_column,
                    runtime=runtime)
     words = runs.Wording(errors_call, magic)
@@ -153,7 +162,7 @@ def map_frame(
         outcomes = _execute(task, args, frame.index, into, words, stored)
     except _Stopped as stopped:
         outcomes = stopped.outcomes
-        out = _join(frame, outcomes, into, spec)
+        out = _join(frame, outcomes, into, spec, stored)
         if stopped.raised is not None:  # on_error="raise": the frame so far is last_result()
             raise stopped.raised
         raise MapInterrupted(
@@ -161,10 +170,10 @@ def map_frame(
             "kept in modal_magic.last_result() (the rest have a Cancelled error)",
             out,
         ) from None
-    return _join(frame, outcomes, into, spec)
+    return _join(frame, outcomes, into, spec, stored)
 
 
-def _join(frame: pd.DataFrame, outcomes: Outcomes, into: str, spec: RunSpec) -> pd.DataFrame:
+def _join(frame: pd.DataFrame, outcomes: Outcomes, into: str, spec: RunSpec, stored: RunCache | None) -> pd.DataFrame:
     options = spec.options
     columns: dict[str, pd.Series] = {}
     if options.expand:
@@ -189,6 +198,8 @@ def _join(frame: pd.DataFrame, outcomes: Outcomes, into: str, spec: RunSpec) -> 
     run_id = runs.remember(dataclasses.replace(spec, result_columns=result_columns), retryable=bool(outcomes.errors))
     out.attrs[RunSpec.ATTRS_KEY] = {**frame.attrs.get(RunSpec.ATTRS_KEY, {}), into: run_id}
     runs.set_last_result(out)
+    if stored is not None:  # `df = df.modal.map(...)` re-runs on the frame returned: keep the keys for it too
+        stored.keep_keys_with(out)
     return out
 
 
@@ -203,7 +214,7 @@ class _Stopped(Exception):
 
 def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: runs.Wording,
              stored: RunCache | None) -> Outcomes:
-    n = len(args)
+    n, opts = len(args), task.options
     outcomes = Outcomes(n, expand=task.options.expand, seconds=np.full(n, np.nan) if task.options.timings else None)
     started = time.monotonic()
     run_control = control.current()  # a background run (wait=False): watched and stopped from outside
@@ -260,18 +271,24 @@ def _execute(task: Task, args: list[Any], index: pd.Index, into: str, words: run
             stored.flush()
             stored.report()
         backend.finish()
-    _finish(progress, "failed" if outcomes.errors else "success", outcomes, index, started, words, logs)
+    bill = None
+    if outcomes.compute_usd is not None:  # its containers' time, the keep_warm idle tail projected while they're up
+        bill = billed(container_rate(opts.gpu, cpu=opts.cpu, memory=opts.memory), backend.container_seconds)
+        usd = bill()
+        outcomes.compute_usd = usd if usd is not None else outcomes.compute_usd
+    _finish(progress, "failed" if outcomes.errors else "success", outcomes, index, started, words, logs, bill=bill)
     return outcomes
 
 
 def _finish(progress: Progress, state: str, outcomes: Outcomes, index: pd.Index, started: float,
-            words: runs.Wording, logs: list[str], *, stopped: bool = False, raised: bool = False) -> None:
+            words: runs.Wording, logs: list[str], *, stopped: bool = False, raised: bool = False,
+            bill: Callable[[], float | None] | None = None) -> None:
     """Count the run once, from its outcomes: the bar's summary and ``last_run()`` are this one record."""
     summary = runs.summarize(outcomes.n, outcomes.errors, outcomes.cancelled, outcomes.cached, index,
                              time.monotonic() - started, words, logs, stopped=stopped, raised=raised)
     if outcomes.compute_usd is not None:
         summary = dataclasses.replace(summary, compute_usd=outcomes.compute_usd)
-    runs.set_last_run(summary)
+    runs.set_last_run(summary, bill=bill)  # last_run() re-reads the bill: exact once the containers stopped
     progress.close(state, summary)  # type: ignore[arg-type]
 
 
@@ -281,11 +298,8 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
     opts = task.options
     adopted = backend.reattach(todo, stored) if stored is not None else []
     if adopted:  # rows an earlier run (maybe another kernel) already submitted: collected, not sent again
-        left = np.zeros(len(args), dtype=bool)
-        left[np.asarray(todo, dtype=np.intp)] = True
-        for batch in adopted:
-            left[np.asarray(batch.positions, dtype=np.intp)] = False
-        todo = np.flatnonzero(left)
+        taken = np.concatenate([np.asarray(batch.positions, dtype=np.intp) for batch in adopted])
+        todo = np.setdiff1d(np.asarray(todo, dtype=np.intp), taken)
     n = len(todo)
     # A run may have a meter (``.tokens``, ``.cost_usd``) that the bar shows as it runs; it sees
     # every batch that comes back (an LLM run on Modal adds up the rows' usage from them).

@@ -32,7 +32,8 @@ __all__ = ["CONTAINER_START_S", "DEFAULT_SAMPLE", "SCALEDOWN_WINDOW_S", "Estimat
 #: seconds a Modal container is assumed to take from start to its first row (a small image; a large
 #: model's loading is part of the first rows' time, which the sample measures)
 CONTAINER_START_S = 2.0
-#: seconds a Modal container stays up, billed, after its last input (Modal's default ``scaledown_window``)
+#: seconds a Modal container stays up, billed, after its last input where nothing sets it (Modal's default
+#: ``scaledown_window``); a map's containers stay ``keep_warm`` seconds, which the estimate counts instead
 SCALEDOWN_WINDOW_S = 60.0
 #: bootstrap resamples of the sample's row times for the intervals
 BOOTSTRAP_ROUNDS = 2000
@@ -136,6 +137,7 @@ class Estimate:
     errors: int
     errors_by_type: dict[str, int] = field(default_factory=dict)
     result: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+    idle_s: float = SCALEDOWN_WINDOW_S  # each container's billed idle before scale-down (the run's keep_warm)
 
     def __repr__(self) -> str:
         lines = [f"Estimate for {self.rows:,} rows on backend={self.backend!r}, from a sample of {self.sampled} "
@@ -162,8 +164,8 @@ class Estimate:
                          f"{costs.dollars(high)}) for ≈ {self.container_seconds[1]:,.0f} container-seconds")
             lines.append(f"    at {costs.dollars(self.rate.usd_per_second * 3600)}/h per container "
                          f"({self.rate.resources}; Modal's list prices as of {costs.AS_OF}), including each "
-                         f"container's ≈{CONTAINER_START_S:g} s start and {SCALEDOWN_WINDOW_S:g} s idle "
-                         "before scale-down")
+                         f"container's ≈{CONTAINER_START_S:g} s start and {self.idle_s:g} s idle "
+                         "before scale-down (keep_warm)")
         shown = ", ".join(_short(v) for v in self.values) or "none succeeded"
         lines.append(f"  sample returned: {shown}")
         if self.errors:
@@ -234,7 +236,7 @@ def estimate_frame(frame: pd.DataFrame, fn: Callable[..., Any], *, columns: Sequ
         start = CONTAINER_START_S if options.is_modal else 0.0
         wall = tuple(n * m / parallel + start for m in means)
         if rate is not None:
-            overhead = parallel * (CONTAINER_START_S + SCALEDOWN_WINDOW_S)
+            overhead = parallel * (CONTAINER_START_S + options.keep_warm)  # the idle Modal bills after the run
             container_s = tuple(n * m + overhead for m in means)
             usd = tuple(rate.cost(s) for s in container_s)
         else:
@@ -248,6 +250,7 @@ def estimate_frame(frame: pd.DataFrame, fn: Callable[..., Any], *, columns: Sequ
         rows=n, sampled=len(sub), timed=len(times), median_s=median, p10_s=p10, p90_s=p90, mean_s=mean,
         parallelism=parallel, wall_s=wall, container_seconds=container_s, usd=usd, rate=rate,  # type: ignore[arg-type]
         backend=options.backend, values=values, errors=int(errors.sum()), errors_by_type=by_type, result=out,
+        idle_s=float(options.keep_warm),
     )
 
 

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from .options import MapOptions
 
 __all__ = ["LAST_RESULT_ERRORS", "Wording", "summarize", "columns_made", "RunSpec", "MAX_RUNS", "MAX_RECORDS", "RunExpired", "remember", "spec_for", "runs_columns", "last_result",
-           "last_run", "set_last_result", "set_last_run", "runs_error_column"]
+           "last_run", "set_last_result", "set_last_run", "recorded_run", "amend_last_run", "runs_error_column"]
 
 #: how many runs with failed rows keep their function for ``retry_failed()``; older ones drop it
 MAX_RUNS = 8
@@ -77,7 +77,7 @@ _counter = itertools.count(1)
 _specs: OrderedDict[str, RunSpec] = OrderedDict()  # full specs, function included: few
 _records: OrderedDict[str, RunSpec] = OrderedDict()  # the same without the function: many
 _lock = threading.Lock()
-_last: dict[str, Any] = {"result": None, "summary": None}
+_last: dict[str, Any] = {"result": None, "summary": None, "bill": None}
 
 
 def remember(spec: RunSpec, *, retryable: bool) -> str:
@@ -152,8 +152,14 @@ def last_result() -> pd.DataFrame | None:
 
 
 def last_run() -> RunSummary | None:
-    """The summary (rows, failures by type, time) of the most recent run."""
-    return _last["summary"]
+    """The summary (rows, failures by type, time) of the most recent run.
+
+    For a Modal run, ``compute_usd`` is re-read each time: it includes the keep_warm idle time
+    after the run, projected while the containers are still up and exact once they have stopped.
+    """
+    summary, bill = _last["summary"], _last.get("bill")
+    usd = bill() if bill is not None and summary is not None else None
+    return summary if usd is None else replace(summary, compute_usd=usd)
 
 
 def set_last_result(frame: pd.DataFrame | None) -> None:
@@ -161,8 +167,20 @@ def set_last_result(frame: pd.DataFrame | None) -> None:
     _last["result"] = frame
 
 
-def set_last_run(summary: RunSummary) -> None:
-    """Record the summary :func:`last_run` returns."""
+def set_last_run(summary: RunSummary, bill: Callable[[], float | None] | None = None) -> None:
+    """Record the summary :func:`last_run` returns; ``bill`` gives its compute dollars as they stand
+    when :func:`last_run` is called (``None``: the summary's figure is final)."""
+    _last["summary"], _last["bill"] = summary, bill
+
+
+def recorded_run() -> RunSummary | None:
+    """The last run's summary as recorded (the same object until the next run records one), its
+    compute dollars as they stood when it ended."""
+    return _last["summary"]
+
+
+def amend_last_run(summary: RunSummary) -> None:
+    """Replace the last run's summary with an amended copy (its compute dollars still re-read)."""
     _last["summary"] = summary
 
 

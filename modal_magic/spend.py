@@ -7,16 +7,18 @@ worst case is the most container time Modal can bill for it, its input's timeout
 when ``timeout`` is unset) times Modal's own tries of a lost input, at the container's rate
 (:func:`modal_magic.costs.container_rate`). When it comes back the batch is settled with the time
 it measured in its container × the rate; a batch lost with its container is settled at its worst
-case (it may have been billed that long). So the batches' container time never costs more than the
-budget. Start-up and the idle time before a container scales down are not counted (they don't
-depend on how many batches are sent); the estimate (:mod:`modal_magic.estimate`) shows them.
+case (it may have been billed that long). What is spent is the larger of that and the run's
+containers' time so far as Modal bills it, start-up and idle containers included
+(:meth:`~modal_magic.backends.base.Backend.container_seconds`, fed to :meth:`MapBudget.cost_usd`
+as results arrive). The idle tail after the run (``keep_warm``) comes on top: it doesn't depend on
+how many batches are sent, and ``keep_warm=0`` stops the containers with the run.
 """
 
 from __future__ import annotations
 
 from .backends import Batch, BatchResult
 from .costs import ContainerRate, container_rate, dollars, input_timeout_s
-from .llm.row.booking import Bookings, Verdict
+from .llm.row.booking import Bookings, Verdict, verdict
 from .llm.row.failures import BudgetExceeded
 from .options import MapOptions
 
@@ -39,18 +41,22 @@ class MapBudget:
         self.rate: ContainerRate = container_rate(options.gpu, cpu=options.cpu, memory=options.memory)
         self.bookings = Bookings(options.budget_usd)
         self._booked: dict[int, float] = {}
+        self._containers_usd = 0.0  # the run's containers' time so far × the rate (0 where not counted)
         self.stopped: str | None = None
 
     @property
     def spent_usd(self) -> float:
-        """Dollars of container time the batches that came back measured (lost ones at their worst case)."""
-        return self.bookings.spent_usd
+        """Dollars spent so far: the container time the batches that came back measured (lost ones at
+        their worst case), or the run's containers' billed time where that is more."""
+        return max(self.bookings.spent_usd, self._containers_usd)
 
     def cost_usd(self, container_seconds: float | None = None) -> float:
         """The run's estimated compute dollars: ``container_seconds`` × the rate where the backend
         counts its containers' lifetimes (:meth:`~modal_magic.backends.base.Backend.container_seconds`),
-        else what the batches measured (:attr:`spent_usd`)."""
-        return self.rate.cost(container_seconds) if container_seconds is not None else self.spent_usd
+        else what the batches measured. What it returns is also what the budget counts as spent."""
+        if container_seconds is not None:
+            self._containers_usd = self.rate.cost(container_seconds)
+        return self.spent_usd
 
     @staticmethod
     def status(compute_usd: float) -> str:
@@ -74,7 +80,9 @@ class MapBudget:
         """``"book"`` (send it), ``"wait"`` (for batches in flight to settle) or ``"refuse"``."""
         if self.stopped is not None:
             return "refuse"
-        return self.bookings.check(self.worst_usd(batch))
+        if self.bookings.limit_usd is None:
+            return "book"
+        return verdict(self.bookings.limit_usd, self.spent_usd, self.bookings.in_flight_usd, self.worst_usd(batch))
 
     def book(self, batch: Batch) -> None:
         """``batch`` is being sent (after :meth:`check` said ``"book"``)."""

@@ -514,3 +514,85 @@ def test_a_run_of_mostly_cheap_rows_stores_only_rows_far_too_slow_for_noise(cach
     rows, values = cache.lookup(*hasher.key_array(args, star=False))
     assert rows.tolist() == [i for i in range(2000) if i != 5] + [2999]
     assert values[:6] == ["v0", "v1", "v2", "v3", "v4", "v6"]
+
+
+# --- keys remembered within the kernel (cache/key_memo.py) ------------------------------------------
+
+
+def _counting_key_array(monkeypatch) -> list[int]:
+    hashed: list[int] = []
+    real = cache_module.RowKeyHasher.key_array
+
+    def counting(self, rows, star):
+        hashed.append(len(rows))
+        return real(self, rows, star)
+
+    monkeypatch.setattr(cache_module.RowKeyHasher, "key_array", counting)
+    return hashed
+
+
+def _slowish(text):
+    time.sleep(0.0001)
+    return text.upper()
+
+
+def test_rerunning_a_cell_hashes_only_the_rows_whose_objects_changed(monkeypatch):
+    hashed = _counting_key_array(monkeypatch)
+    df = pd.DataFrame({"x": [f"row {i}" for i in range(300)]})
+    df.modal.map(_slowish, column="x", backend="threads", progress=False)
+    first = sum(hashed)
+    assert first == 300, "the first run keys the rows it stores"
+    out = df.modal.map(_slowish, column="x", backend="threads", progress=False)
+    assert sum(hashed) == first and modal_magic.last_run().cached == 300, "the same objects are not hashed again"
+    # A value replaced twice: the second object may be given the address the first one had, were
+    # the first one freed; the memo holds it, so that can't happen and row 7 is seen as changed.
+    df.loc[7, "x"] = "new " + "a" * 50
+    df.loc[7, "x"] = "new " + "b" * 50
+    out = df.modal.map(_slowish, column="x", backend="threads", progress=False)
+    assert sum(hashed) == first + 1, "only the changed row is hashed"
+    assert out.loc[7, "_slowish"] == "NEW " + "B" * 50 and out.loc[8, "_slowish"] == "ROW 8"
+    assert modal_magic.last_run().cached == 299
+
+
+def test_keys_are_not_remembered_for_rows_that_can_change_in_place(monkeypatch):
+    df = pd.DataFrame({"x": [[1, 2], [3]]})
+    total = lambda row: (time.sleep(0.001), sum(row))[1]  # noqa: E731
+    assert df.modal.map(total, column="x", backend="threads", progress=False)["result"].tolist() == [3, 3]
+    df.loc[0, "x"].append(10)  # the same list object, now another value
+    assert df.modal.map(total, column="x", backend="threads", progress=False)["result"].tolist() == [13, 3]
+    assert modal_magic.last_run().cached == 1
+
+
+def test_remembered_keys_belong_to_one_function(monkeypatch):
+    df = pd.DataFrame({"x": [f"r{i}" for i in range(50)]})
+    df.modal.map(_slowish, column="x", backend="threads", progress=False)
+    out = df.modal.map(lambda s: (time.sleep(0.0001), s * 2)[1], column="x", backend="threads", progress=False)
+    assert out["result"].iloc[3] == "r3r3" and modal_magic.last_run().cached == 0
+
+
+def test_remembered_keys_go_when_the_frames_they_came_from_do():
+    import gc
+
+    from modal_magic.cache.key_memo import KEY_MEMO
+
+    df = pd.DataFrame({"x": [f"text {i}" for i in range(100)]})
+    out = df.modal.map(_slowish, column="x", backend="threads", progress=False)
+    assert KEY_MEMO.current is not None and KEY_MEMO.current.rows[5] is df["x"].iloc[5]
+    modal_magic.runs.set_last_result(None)
+    del df, out
+    gc.collect()
+    assert KEY_MEMO.current is None, "the memo kept a deleted frame's rows alive"
+
+
+def test_nothing_is_remembered_for_columns_that_hand_out_new_objects_each_time():
+    # int64 (and Arrow-backed strings) make new objects on every tolist(): a memo of them would
+    # never be used and would keep a copy of the column alive.
+    from modal_magic.cache.key_memo import KEY_MEMO
+
+    KEY_MEMO.forget()
+    df = pd.DataFrame({"x": range(1000, 1200)})
+    slow = lambda x: (time.sleep(0.0001), x + 1)[1]  # noqa: E731
+    df.modal.map(slow, column="x", backend="threads", progress=False)
+    out = df.modal.map(slow, column="x", backend="threads", progress=False)
+    assert modal_magic.last_run().cached == 200 and out["result"].iloc[-1] == 1200
+    assert KEY_MEMO.current is None

@@ -11,7 +11,7 @@ from IPython.core.error import UsageError
 
 import modal_magic
 from modal_magic import OptionsError, costs
-from modal_magic.estimate import CONTAINER_START_S, SCALEDOWN_WINDOW_S, Estimate, spread_positions
+from modal_magic.estimate import CONTAINER_START_S, Estimate, spread_positions
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ def test_modal_estimate_projects_dollars_from_the_measured_seconds(modal_server,
     seconds = est.result["slept_seconds"]
     assert seconds.notna().all() and (seconds >= 0.05).all()
     mean = seconds.mean()
-    container_s = 1000 * mean + 5 * (CONTAINER_START_S + SCALEDOWN_WINDOW_S)
+    container_s = 1000 * mean + 5 * (CONTAINER_START_S + 300)  # each container's start, and keep_warm's idle
     assert est.container_seconds[1] == pytest.approx(container_s)
     assert est.usd[1] == pytest.approx(container_s * 0.001)
     assert est.usd[0] <= est.usd[1] <= est.usd[2]
@@ -136,6 +136,7 @@ def test_modal_estimate_projects_dollars_from_the_measured_seconds(modal_server,
     assert "cost (estimate): ≈ $" in text
     assert f"1 CPU + 0.125 GiB; Modal's list prices as of {costs.AS_OF}" in text
     assert "at 5 containers" in text
+    assert "≈2 s start and 300 s idle before scale-down (keep_warm)" in text
 
 
 def test_gpu_fallbacks_are_priced_at_most(modal_server):

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 import modal_magic
 import modal_magic.llm.row as llm_row
-from modal_magic import llm
+from modal_magic import costs, llm
 from modal_magic.ipython import llm_magic
 from modal_magic.fingerprint import function_fingerprint
 from modal_magic.options import MapOptions, OptionsError
@@ -134,7 +134,7 @@ def test_the_progress_bar_shows_tokens_and_cost(openai_server, capsys):
     tokens = int(out["label_tokens_in"].sum() + out["label_tokens_out"].sum())
     err = capsys.readouterr().err
     assert f"{tokens:,} tokens" in err
-    assert f"${out['label_cost_usd'].sum():.4f}" in err
+    assert costs.dollars(out['label_cost_usd'].sum()) in err
 
 
 def test_rerunning_pays_nothing_and_a_new_key_or_budget_keeps_the_cache(openai_server, monkeypatch):

@@ -354,3 +354,38 @@ def test_spawned_calls_on_a_detached_app_outlive_the_client(modal_server):
         time.sleep(0.05)
     assert modal_server.apps[0]["stopped"], "a detached app with no work left stops"
     assert modal_server.live_worker_pids() == []
+
+
+def test_containers_report_their_lifecycle_to_the_client_as_modal_does(modal_server):
+    """Each container's task states reach the client's output manager through the app's log stream:
+    assigned, loading (its cold start), idle (up), completed (scaled down after scaledown_window)."""
+    from modal._output.manager import OutputManager
+    from modal._output.rich import RichOutputManager
+    from modal_proto import api_pb2
+
+    seen = []
+
+    class Recording(RichOutputManager):
+        def update_task_state(self, task_id, state):
+            seen.append((task_id, state))
+
+    previous = OutputManager.get()
+    OutputManager._set(Recording())
+    modal_server.container_start_delay_s = 0.5
+    app = modal.App("test-lifecycle")
+
+    @app.function(serialized=True, scaledown_window=2, max_containers=1)
+    def double(x):
+        return 2 * x
+
+    try:
+        with app.run():
+            assert double.remote(4) == 8
+            time.sleep(4)  # idle past its scaledown_window (and slack for a loaded machine): the container stops
+    finally:
+        OutputManager._set(previous)
+    assert [state for _, state in seen] == [api_pb2.TASK_STATE_WORKER_ASSIGNED, api_pb2.TASK_STATE_LOADING_IMAGE,
+                                            api_pb2.TASK_STATE_IDLE, api_pb2.TASK_STATE_COMPLETED]
+    assert len({task_id for task_id, _ in seen}) == 1
+    (start, stop), = modal_server.container_lifetimes()
+    assert 2.5 <= stop - start < 4.5  # 0.5 s cold start, the call, 2 s idle before scale-down; not the app's end

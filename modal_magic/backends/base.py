@@ -185,7 +185,9 @@ class Backend(ABC):
         return None
 
     def container_seconds(self) -> float | None:
-        """Container-seconds this run has been billed for so far, start to scale-down, where known.
+        """Container-seconds this run has been billed for so far, start to scale-down, where known;
+        once the run has ended, the idle time its containers still have before scaling down is
+        included, projected (the engine reads it again then, and ``last_run()`` whenever it is asked).
 
         ``None`` (the default) means the backend doesn't track its containers' lifetimes; a Modal
         run's compute dollars are then estimated from the time its batches measured.

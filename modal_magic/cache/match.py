@@ -1,24 +1,26 @@
-"""Which stored chunk holds each key asked for: one hash table of the asked keys, probed by each chunk.
+"""Which stored chunk holds each key asked for: one hash table of the asked keys, probed by every
+stored key in one vectorised call.
 
 A cached re-run of a million rows asks for a million keys at once, against chunks of thousands of
 keys each. Doing that with a Python dict (one ``bytes`` object per key, one lookup per stored key)
 cost about 3 µs a row, more than computing a cheap row again. Here the asked keys stay one
 ``(n, KEY_BYTES)`` uint8 array: their last 8 bytes go into a pandas hash table (random bits: the key
-is a hash), each chunk's keys probe it in one vectorised call, and the first 8 bytes are compared
-for the rows that matched, so a hit is always a match of the whole key. Chunks are probed oldest
-first and a newer chunk's copy of a key replaces an older one's, so the newest result wins (a
-``cache="refresh"`` run, a retry).
+is a hash), the keys of all the function's chunks probe it at once, and the first 8 bytes are
+compared for the rows that matched, so a hit is always a match of the whole key. Chunks are taken
+oldest first and a newer chunk's copy of a key wins over an older one's, so the newest result wins
+(a ``cache="refresh"`` run, a retry). When the stored keys are exactly the asked ones, in order (a
+re-run of the frame the function last ran on, stored in order), :class:`InOrder` skips all of that.
 
 Examples
 --------
 >>> import numpy as np
 >>> asked = np.arange(3 * KEY_BYTES, dtype=np.uint8).reshape(3, KEY_BYTES)
 >>> matcher = KeyMatcher(asked)
->>> matcher.probe(7, asked[[2, 0]].tobytes())
-True
->>> rows, values = matcher.assemble({7: ["two", "zero"]})
+>>> [chunk_id for chunk_id, _ in matcher.match([(5, asked[[1]].tobytes()), (7, asked[[2, 0]].tobytes())])]
+[5, 7]
+>>> rows, values = matcher.assemble({5: ["one"], 7: ["two", "zero"]})
 >>> rows.tolist(), values
-([0, 2], ['zero', 'two'])
+([0, 1, 2], ['zero', 'one', 'two'])
 """
 
 from __future__ import annotations
@@ -31,12 +33,17 @@ import pandas as pd
 from .chunks import own_copy
 from .keys import KEY_BYTES
 
-__all__ = ["KeyMatcher"]
+__all__ = ["InOrder", "KeyMatcher"]
 
 
 def _low_half(keys: np.ndarray) -> np.ndarray:
     """Each key's last 8 bytes as one uint64 (of the row's hash, so well spread)."""
     return np.ascontiguousarray(keys[:, KEY_BYTES - 8 :]).view("<u8").ravel()
+
+
+def _high_half(keys: np.ndarray) -> np.ndarray:
+    """Each key's first 8 bytes as one uint64: one comparison a key instead of eight."""
+    return np.ascontiguousarray(keys[:, : KEY_BYTES - 8]).view("<u8").ravel()
 
 
 class KeyMatcher:
@@ -51,40 +58,36 @@ class KeyMatcher:
 
     def __init__(self, keys: np.ndarray) -> None:
         self.keys = keys
+        self._high = _high_half(keys)
         self._codes, uniques = pd.factorize(_low_half(keys))
         self._table = pd.Index(uniques)
-        self._owner = np.full(len(uniques), -1, dtype=np.int64)  # offset among probed chunks' keys
         # factorize numbers keys in order of first appearance, so a row repeats an earlier key's
         # half exactly when its code is no greater than the largest code before it
         self._repeat = np.zeros(len(keys), dtype=bool)
         self._repeat[1:] = self._codes[1:] <= np.maximum.accumulate(self._codes)[:-1]
         self._first_row = np.flatnonzero(~self._repeat)  # the first row of each code, in code order
-        self._chunks: list[tuple[int, bytes]] = []  # (chunk id, keys blob) of the chunks that hold hits
-        self._starts: list[int] = []
-        self._total = 0
+        self._owner = np.full(len(uniques), -1, dtype=np.int64)  # offset among the stored keys, per code
+        self._chunks: list[tuple[int, bytes]] = []
+        self._starts = np.zeros(0, dtype=np.int64)
+        self._stored = np.zeros((0, KEY_BYTES), dtype=np.uint8)
 
-    def probe(self, chunk_id: int, keys_blob: bytes) -> bool:
-        """Note which asked keys this chunk holds; call oldest chunk first. Whether it holds any."""
-        stored = np.frombuffer(keys_blob, dtype=np.uint8).reshape(-1, KEY_BYTES)
-        found = self._table.get_indexer(_low_half(stored))
+    def match(self, chunks: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        """Note which asked keys the chunks (``(chunk id, keys blob)``, oldest first) hold; return
+        the chunks that hold the newest copy of some asked key."""
+        if not chunks:
+            return []
+        self._chunks = chunks
+        sizes = np.fromiter((len(blob) // KEY_BYTES for _, blob in chunks), dtype=np.int64, count=len(chunks))
+        self._starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self._stored = np.frombuffer(b"".join(blob for _, blob in chunks), dtype=np.uint8).reshape(-1, KEY_BYTES)
+        found = self._table.get_indexer(_low_half(self._stored))
         where = np.flatnonzero(found >= 0)
-        if len(where):  # the table matched the last 8 bytes; an owner must match the first 8 too
-            head = KEY_BYTES - 8
-            same = (stored[where, :head] == self.keys[self._first_row[found[where]], :head]).all(axis=1)
-            where = where[same]
-        if not len(where):
-            return False
-        self._owner[found[where]] = self._total + where
-        self._chunks.append((chunk_id, keys_blob))
-        self._starts.append(self._total)
-        self._total += len(stored)
-        return True
-
-    def needed(self) -> list[tuple[int, bytes]]:
-        """``(chunk id, keys blob)`` of the chunks that hold the newest copy of some asked key."""
+        # the table matched the last 8 bytes; an owner must match the first 8 too
+        where = where[_high_half(self._stored[where]) == self._high[self._first_row[found[where]]]]
+        np.maximum.at(self._owner, found[where], where)  # offsets grow with age: the newest copy wins
         owned = self._owner[self._owner >= 0]
         which = np.unique(np.searchsorted(self._starts, owned, side="right") - 1)
-        return [self._chunks[i] for i in which.tolist()]
+        return [chunks[i] for i in which.tolist()]
 
     def assemble(self, loaded: dict[int, list[Any]]) -> tuple[np.ndarray, list[Any]]:
         """The asked rows that are hits and their values, given the loaded chunks' values by chunk id.
@@ -92,32 +95,61 @@ class KeyMatcher:
         A row whose newest chunk isn't in ``loaded`` (it failed its check) is a miss, even if an
         older chunk holds it: it runs again.
         """
-        if not self._chunks:
-            return np.empty(0, dtype=np.intp), []
-        owned = self._owner[self._codes]
+        owned = self._owner[self._codes] if len(self._codes) else np.zeros(0, dtype=np.int64)
         rows = np.flatnonzero(owned >= 0)
         offsets = owned[rows]
-        flat: list[Any] = []
-        usable = np.zeros(self._total, dtype=bool)
-        for start, (chunk_id, keys_blob) in zip(self._starts, self._chunks):
-            values = loaded.get(chunk_id)
-            n = len(keys_blob) // KEY_BYTES
-            if values is None:
-                flat.extend([None] * n)
-            else:
-                flat.extend(values)
-                usable[start : start + n] = True
-        stored_keys = np.frombuffer(b"".join(blob for _, blob in self._chunks), dtype=np.uint8).reshape(-1, KEY_BYTES)
+        chunk = np.searchsorted(self._starts, offsets, side="right") - 1
+        usable = np.fromiter((chunk_id in loaded for chunk_id, _ in self._chunks), dtype=bool, count=len(self._chunks))
         # A row that shares its last 8 bytes with another asked key but not its first 8 (a chance
         # of 2**-64) was matched through that key: it is a miss.
-        keep = usable[offsets] & (stored_keys[offsets, : KEY_BYTES - 8] == self.keys[rows, : KEY_BYTES - 8]).all(axis=1)
+        keep = usable[chunk] & (_high_half(self._stored[offsets]) == self._high[rows])
         if not keep.all():
-            rows, offsets = rows[keep], offsets[keep]
-        if len(offsets) == len(flat) and (offsets == np.arange(len(flat))).all():
-            values = flat  # the usual re-run: the chunks are the rows asked for, in order
+            rows, offsets, chunk = rows[keep], offsets[keep], chunk[keep]
+        # The loaded chunks' values, one list in chunk order; each row's place in it
+        flat: list[Any] = []
+        flat_start = np.zeros(len(self._chunks), dtype=np.int64)
+        for i, (chunk_id, _) in enumerate(self._chunks):
+            values = loaded.get(chunk_id)
+            if values is not None:
+                flat_start[i] = len(flat)
+                flat.extend(values)
+        places = offsets - self._starts[chunk] + flat_start[chunk]
+        if len(places) == len(flat) and (places == np.arange(len(flat))).all():
+            values = flat  # the chunks are the rows asked for, in order
         else:
-            values = list(map(flat.__getitem__, offsets.tolist()))
+            values = list(map(flat.__getitem__, places.tolist()))
         # Rows with equal keys were handed the same object: all but the first get their own copy.
         for i in np.flatnonzero(self._repeat[rows]).tolist():
             values[i] = own_copy(values[i])
         return rows, values
+
+
+class InOrder:
+    """The stored chunks of a function are, oldest first, exactly the rows asked for: row ``i``'s
+    value is the ``i``-th stored one.
+
+    The usual re-run of a cell (the frame this function last ran on, every row stored by that run)
+    takes this path: one comparison of the keys as bytes instead of hashing and probing them.
+    """
+
+    def __init__(self, chunks: list[tuple[int, bytes]]) -> None:
+        self._chunks = chunks
+
+    @staticmethod
+    def fits(keys: np.ndarray, blobs: list[bytes]) -> bool:
+        """Whether the chunks' keys, in order, are ``keys``."""
+        return sum(map(len, blobs)) == keys.nbytes and b"".join(blobs) == keys.tobytes()
+
+    def assemble(self, loaded: dict[int, list[Any]]) -> tuple[np.ndarray, list[Any]]:
+        """The rows of the chunks that loaded (one that failed its check leaves its rows misses), and their values."""
+        rows: list[np.ndarray] = []
+        values: list[Any] = []
+        start = 0
+        for chunk_id, keys_blob in self._chunks:
+            n = len(keys_blob) // KEY_BYTES
+            chunk_values = loaded.get(chunk_id)
+            if chunk_values is not None:
+                rows.append(np.arange(start, start + n))
+                values.extend(chunk_values)
+            start += n
+        return (np.concatenate(rows) if rows else np.empty(0, dtype=np.intp)), values

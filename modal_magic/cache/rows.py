@@ -16,7 +16,8 @@ import numpy as np
 from ..fingerprint import function_fingerprint
 from .database import warn_once
 from .default import default_cache
-from .keys import RowKeyHasher
+from .key_memo import KEY_MEMO
+from .keys import KEY_BYTES, RowKeyHasher
 
 if TYPE_CHECKING:
     from ..backends.base import Task
@@ -52,14 +53,17 @@ class RunCache:
     COSTLY_ROW_S = 0.01
 
     def __init__(self, cache: Any, hasher: RowKeyHasher, args: list[Any], star: bool, refresh: bool,
-                 fingerprint: str = "") -> None:
+                 frame: Any = None) -> None:
         self.cache = cache
         self.hasher = hasher
-        #: the function's fingerprint with its result options: what a recorded Modal call is found by
-        self.fingerprint = fingerprint
         self.args = args
         self.star = star
         self.refresh = refresh
+        # The frame mapped, when its rows are its column's own objects: their keys are remembered
+        # while it lives (see key_memo); None, and nothing is remembered
+        self.frame = frame
+        self._remembered = False  # whether this run's keys are the memo's now
+        self._keyed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (packed, bad, known) of a first run
         self.problems: list[tuple[bytes, str]] = []
         self._keys: tuple[np.ndarray, np.ndarray] | None = None  # every row's, once needed
         self._buffer: list[tuple[Sequence[int], list[Any], float]] = []  # (positions, values, per row s)
@@ -69,7 +73,7 @@ class RunCache:
         self._costly_rows = 0
 
     @classmethod
-    def open(cls, task: Task, args: list[Any]) -> RunCache | None:
+    def open(cls, task: Task, args: list[Any], frame: Any = None) -> RunCache | None:
         try:
             cache = default_cache()
         except (OSError, ValueError, sqlite3.Error) as e:
@@ -78,13 +82,17 @@ class RunCache:
                       "read from or written to it) until that is fixed", stacklevel=5)
             return None
         fingerprint = function_fingerprint(task.fn, star=task.star, result_options=result_options(task.options))
-        return cls(cache, RowKeyHasher(fingerprint), args, task.star, task.options.cache == "refresh", fingerprint)
+        return cls(cache, RowKeyHasher(fingerprint), args, task.star, task.options.cache == "refresh", frame)
 
     def hits(self) -> tuple[np.ndarray, list[Any]]:
         """The positions of the rows the cache holds, and their values."""
         if self.refresh or not self.args or not self.cache.holds_part(self.hasher.part):
             return np.empty(0, dtype=np.intp), []
-        self._keys = self.hasher.key_array(self.args, self.star)
+        if self.frame is None:
+            self._keys = self.hasher.key_array(self.args, self.star)
+        else:  # re-running a cell: the same objects keep the keys they had (see key_memo)
+            self._keys = KEY_MEMO.keys(self.hasher.fingerprint, self.args, self._hash_rows, anchors=[self.frame])
+            self._remembered = True
         return self.cache.lookup(*self._keys)
 
     def row_keys(self, positions: Sequence[int]) -> list[bytes | None]:
@@ -96,6 +104,14 @@ class RunCache:
                 keys[i] = None
             return [None if k is None else bytes(k) for k in keys]
         return self.hasher.keys([self.args[int(p)] for p in positions], self.star)
+
+    def _hash_rows(self, rows: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        return self.hasher.key_array(rows, self.star)
+
+    def keep_keys_with(self, frame: Any) -> None:
+        """Remember this run's keys while ``frame`` (the frame it returned) lives, too."""
+        if self._remembered:
+            KEY_MEMO.anchor(frame)
 
     def save(self, positions: Sequence[int], values: list[Any], failed: list[int], work_s: float) -> None:
         per_row = work_s / max(1, len(positions))
@@ -126,9 +142,9 @@ class RunCache:
                 if mostly_costly or (entry[2] >= self.COSTLY_ROW_S and len(entry[1]) > 1)]
         if kept:
             values = [value for _, batch_values, _ in kept for value in batch_values]
+            where = np.concatenate([np.arange(p.start, p.stop) if isinstance(p, range) else np.asarray(p, dtype=np.intp)
+                                    for p, _, _ in kept])
             if self._keys is not None:
-                where = np.concatenate([np.arange(p.start, p.stop) if isinstance(p, range) else np.asarray(p, dtype=np.intp)
-                                        for p, _, _ in kept])
                 packed, bad = self._keys[0][where], self._keys[1][where]
             else:
                 rows: list[Any] = []
@@ -138,6 +154,7 @@ class RunCache:
                     else:
                         rows.extend(self.args[p] for p in positions)
                 packed, bad = self.hasher.key_array(rows, self.star)
+                self._note_keyed(where, packed, bad)
             if bad.any():  # inputs that can't be hashed faithfully aren't cached
                 values = [value for value, skip in zip(values, bad.tolist()) if not skip]
                 packed = packed[~bad]
@@ -147,7 +164,20 @@ class RunCache:
         self._buffered_rows = 0
         self._buffered_work_s = 0.0
 
+    def _note_keyed(self, where: np.ndarray, packed: np.ndarray, bad: np.ndarray) -> None:
+        """Keep a first run's keys by position, for the memo at the end of the run."""
+        if self.frame is None:
+            return
+        if self._keyed is None:
+            n = len(self.args)
+            self._keyed = (np.empty((n, KEY_BYTES), dtype=np.uint8), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))
+        self._keyed[0][where], self._keyed[1][where], self._keyed[2][where] = packed, bad, True
+
     def report(self) -> None:
+        if self._keyed is not None:  # a first run: what it keyed serves the next run of the cell
+            KEY_MEMO.remember(self.hasher.fingerprint, self.args, *self._keyed, anchors=[self.frame])
+            self._remembered = True
+            self._keyed = None
         if self.problems:
             warnings.warn(
                 f"{len(self.problems)} result(s) were not cached ({self.problems[0][1]}); "

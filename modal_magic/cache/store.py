@@ -47,7 +47,7 @@ from .chunks import CHUNK_FORMAT, chunk_mac, dumps, join_keys, part_number, unpa
 from .database import DB_NAME, move_aside, open_database, rollback, write_failure
 from .keys import KEY_BYTES, row_keys
 from .location import CacheWarning, default_cache_dir, load_key
-from .match import KeyMatcher
+from .match import InOrder, KeyMatcher
 
 __all__ = ["RowCache", "DB_NAME"]
 
@@ -329,16 +329,18 @@ class RowCache:
                 stored += db.execute("SELECT id, n, atime, keys FROM chunks WHERE part = ?", (part,)).fetchall()
             if not stored:  # a function never cached before: no need to index the keys
                 return np.empty(0, dtype=np.intp), []
-            matcher = KeyMatcher(keys)
-            atimes = {}
-            # Pass 1, keys only: which chunk holds the newest copy of each key asked for.
-            for chunk_id, n, atime, keys_blob in sorted(stored):
-                if len(keys_blob) != KEY_BYTES * n:
-                    broken.append(chunk_id)
-                elif matcher.probe(chunk_id, keys_blob):
-                    atimes[chunk_id] = atime
+            stored.sort()
+            broken += [chunk_id for chunk_id, n, _, keys_blob in stored if len(keys_blob) != KEY_BYTES * n]
+            chunks = [(chunk_id, keys_blob) for chunk_id, n, _, keys_blob in stored if len(keys_blob) == KEY_BYTES * n]
+            atimes = {chunk_id: atime for chunk_id, _, atime, _ in stored}
+            matcher: KeyMatcher | InOrder
+            if InOrder.fits(keys, [blob for _, blob in chunks]):  # a re-run of the frame this function ran on
+                matcher = InOrder(chunks)
+                wanted = dict(chunks)
+            else:  # Pass 1, keys only: which chunk holds the newest copy of each key asked for.
+                matcher = KeyMatcher(keys)
+                wanted = dict(matcher.match(chunks))
             # Pass 2: load, verify and unpickle the chunks that hold hits.
-            wanted = dict(matcher.needed())
             ids = list(wanted)
             for start in range(0, len(ids), _IN_CHUNK):
                 batch = ids[start : start + _IN_CHUNK]

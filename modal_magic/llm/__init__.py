@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import pandas as pd
 
 from ..engine import map_frame
-from ..runs import last_run, set_last_run
+from ..runs import amend_last_run, recorded_run
 from ..errors import OptionsError
 from .function import _RUNTIMES, LLMRowFunction  # noqa: F401  (_RUNTIMES: tests look inside a run's session)
 from .keys import MissingAPIKey, resolve_api_key, resolve_base_url
@@ -172,7 +172,7 @@ def llm_frame(
     row = LLMRowFunction(request, session, container_limits, on_modal=on_modal, processes=processes,
                          worker_limits=worker_limits)
 
-    before = last_run()
+    before = recorded_run()
     if llm.batch:
         return _batch_frame(frame, row, request, llm, options, key=key, url=url, fields=fields, into=into,
                             columns=columns, errors_call=errors_call, before=before)
@@ -244,10 +244,10 @@ def _record_usage(before: RunSummary | None, meter: Meter) -> None:
     The engine knows nothing of tokens; the run's summary is a frozen record it keeps for the last
     run, so the LLM layer fills in what it measured, only if this run made a summary at all.
     """
-    summary = last_run()
+    summary = recorded_run()
     if summary is None or summary is before:
         return
-    set_last_run(dataclasses.replace(summary, tokens=meter.tokens, cost_usd=meter.cost_usd))
+    amend_last_run(dataclasses.replace(summary, tokens=meter.tokens, cost_usd=meter.cost_usd))
 
 
 def _map_shipped(frame: pd.DataFrame, row: LLMRowFunction, fields: tuple[str, ...], into: str,

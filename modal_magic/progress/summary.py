@@ -110,7 +110,7 @@ def usage_text(tokens: int | None, cost_usd: float | None) -> str:
     if tokens is not None:
         parts.append(f"{tokens:,} tokens")
     if cost_usd is not None:
-        parts.append(f"${cost_usd:,.4f}" if cost_usd < 1 else f"${cost_usd:,.2f}")
+        parts.append(dollars(cost_usd))  # the same format as compute dollars on the same line
     return ", ".join(parts)
 
 

@@ -44,6 +44,13 @@ MAX_CRASHES_PER_INPUT = 3
 IMAGE_BUILDER_VERSION = "2025.06"
 MAX_INPUTS_OUTSTANDING = 1000
 LONG_POLL_CAP_SECS = 55.0
+# container lifecycle as workers.FunctionRuntime names it -> the task state Modal streams in AppGetLogs
+_TASK_STATES = {
+    "assigned": api_pb2.TASK_STATE_WORKER_ASSIGNED,
+    "loading": api_pb2.TASK_STATE_LOADING_IMAGE,
+    "idle": api_pb2.TASK_STATE_IDLE,  # Modal reports a running container as IDLE (it no longer sends ACTIVE)
+    "completed": api_pb2.TASK_STATE_COMPLETED,
+}
 
 GR = api_pb2.GenericResult
 # High-volume RPCs (or ones carrying payloads) whose request protos are counted but not kept.
@@ -396,6 +403,8 @@ class _Servicer(api_grpc.ModalClientBase):
                 cursor = len(app.logs)
                 for (fid, task_id), group in itertools.groupby(new, key=lambda e: (e[0], e[1])):
                     items = [
+                        # a container's state change (an int) travels as Modal sends it: a log item with task_state
+                        api_pb2.TaskLogs(task_state=line, timestamp=time.time()) if isinstance(line, int) else
                         api_pb2.TaskLogs(
                             data=line, file_descriptor=api_pb2.FILE_DESCRIPTOR_STDOUT, timestamp=time.time()
                         )
@@ -660,6 +669,9 @@ class ModalTestServer:
       retries_received     int, FunctionRetryInputs items (client-driven retries)
       outputs_sent         int, outputs produced (retried inputs produce several)
       workers_started      int, worker processes ("containers") bound to functions, replacements included
+      task_states          list[dict], each container's lifecycle as streamed to the client in AppGetLogs
+                           (``TaskLogs.task_state``: WORKER_ASSIGNED, LOADING_IMAGE, IDLE, COMPLETED);
+                           container_lifetimes(function_name) gives (start, stop) per container
       container_start_delay_s   settable: seconds each new container waits before its first input (a cold
                            start); containers idle past their function's scaledown_window stop
       expire_outputs()     expire the outputs of every finished call (get() then raises OutputExpiredError)
@@ -733,6 +745,9 @@ class ModalTestServer:
         self.retries_received = 0
         self.outputs_sent = 0
         self.workers_started = 0
+        # each container's lifecycle: {"function_name", "task_id", "state", "time" (monotonic)}; states
+        # "assigned", "loading" (cold start), "idle" (up), "completed" (stopped), as streamed to the client
+        self.task_states: list[dict] = []
         self.heartbeats = 0
         self.secret_lookups: list[str] = []
         self.apps_published: list[dict] = []
@@ -1030,6 +1045,7 @@ class ModalTestServer:
                 on_outcome=self._on_outcome,
                 on_log=lambda task_id, line, fn=fn: self._on_log(fn, task_id, line),
                 on_worker_started=self._on_worker_started,
+                on_task_state=lambda task_id, state, fn=fn: self._on_task_state(fn, task_id, state),
                 spares=self._spares,
                 start_delay_s=self.container_start_delay_s,
                 idle_timeout_s=float(fn.record.get("scaledown_window") or 0) if fn.record else 0.0,
@@ -1038,6 +1054,32 @@ class ModalTestServer:
 
     def _on_worker_started(self, task_id: str) -> None:
         self.workers_started += 1
+
+    def _on_task_state(self, fn: _Fn, task_id: str, state: str) -> None:
+        self.task_states.append({"function_name": fn.name, "task_id": task_id, "state": state,
+                                 "time": time.monotonic()})
+        app = self._apps.get(fn.app_id)
+        if app is not None:  # the client's log stream reports it as Modal does (TaskLogs.task_state)
+            app.logs.append((fn.id, task_id, _TASK_STATES[state]))
+            app.notify_logs()
+
+    def container_lifetimes(self, function_name: str | None = None) -> list[tuple[float, float | None]]:
+        """(start, stop) in ``time.monotonic()`` seconds of each container, stop ``None`` while it runs.
+
+        A container starts when a worker is assigned to it (its cold start counts, as Modal bills it)
+        and stops when it is reported completed (crash, timeout, scale-down after ``scaledown_window``,
+        or its app stopping).
+        """
+        spans: dict[str, list] = {}
+        for record in list(self.task_states):
+            if function_name is not None and record["function_name"] != function_name:
+                continue
+            if record["state"] == "completed":
+                if record["task_id"] in spans:  # (a container of an earlier test, stopped after reset(): not listed)
+                    spans[record["task_id"]][1] = record["time"]
+            else:
+                spans.setdefault(record["task_id"], [record["time"], None])
+        return [tuple(span) for span in spans.values()]
 
     def _on_log(self, fn: _Fn, task_id: str, line: str) -> None:
         line_stripped = line.rstrip("\n")

@@ -82,6 +82,7 @@ class Worker:
         self._log_task = asyncio.get_running_loop().create_task(self._pump_logs())
         self.busy_since: float | None = None  # loop time when the currently running input started
         self.timed_out = False
+        self.state = ""  # the container's last reported task state (FunctionRuntime._task_state)
 
     @classmethod
     async def launch(cls) -> "Worker":
@@ -333,6 +334,7 @@ class FunctionRuntime:
         on_outcome: Callable[[Attempt, str, Any], None],
         on_log: Callable[[str, str], None],
         on_worker_started: Callable[[str], None] | None = None,
+        on_task_state: Callable[[str, str], None] | None = None,
         spares: SparePool | None = None,
         start_delay_s: float = 0.0,
         idle_timeout_s: float = 0.0,
@@ -350,6 +352,9 @@ class FunctionRuntime:
         self._on_outcome = on_outcome
         self._on_log = on_log
         self._on_worker_started = on_worker_started
+        # a container's lifecycle as Modal reports it to the client: "assigned" (a worker took it),
+        # "loading" (cold start: image, Python, imports), "idle" (up, ready for inputs), "completed" (stopped)
+        self._on_task_state = on_task_state
         self._spares = spares
         self._queue: collections.deque[Attempt] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -429,23 +434,26 @@ class FunctionRuntime:
                     return
                 if worker is None or not worker.alive:
                     if worker is not None:
-                        self._workers.discard(worker)
-                        await worker.kill()
+                        await self._retire(worker)
                         worker = None
                     try:
                         worker = await (self._spares.take() if self._spares is not None else Worker.launch())
                     except RuntimeError:  # the server is shutting down
                         self._requeue_front(batch)
                         return
+                    self._task_state(worker, "assigned")
+                    self._task_state(worker, "loading")
                     try:
                         if self.start_delay_s > 0:
                             await asyncio.sleep(self.start_delay_s)
                         await worker.init(self.spec, self._on_log)
                     except WorkerInitError as exc:
+                        self._task_state(worker, "completed")
                         worker = None
                         self._fail_all(exc.payload, batch)
                         return
                     self._workers.add(worker)
+                    self._task_state(worker, "idle")
                     self.workers_started += 1
                     if self._on_worker_started is not None:
                         self._on_worker_started(worker.task_id)
@@ -461,8 +469,7 @@ class FunctionRuntime:
                     rest = [] if self.batch_max_size > 0 else unfinished[1:]
                     if rest:
                         self._requeue_front(rest)
-                    self._workers.discard(worker)
-                    await worker.kill()
+                    await self._retire(worker)
                     worker = None
                     if self._closed:
                         return
@@ -477,8 +484,20 @@ class FunctionRuntime:
                 if self._queue and not self._closed:  # one came in as this container was stopping
                     self._ensure_slots()
             if worker is not None:
-                self._workers.discard(worker)
-                await worker.kill()
+                await self._retire(worker)
+
+    def _task_state(self, worker: Worker, state: str) -> None:
+        if worker.state == "completed":
+            return  # reported stopped once; nothing comes after
+        worker.state = state
+        if self._on_task_state is not None:
+            self._on_task_state(worker.task_id, state)
+
+    async def _retire(self, worker: Worker) -> None:
+        """The container stops (crash, timeout, scale-down, app stop): kill its process, report it completed."""
+        self._workers.discard(worker)
+        await worker.kill()
+        self._task_state(worker, "completed")
 
     def _fail_all(self, payload: dict, batch: list[Attempt]) -> None:
         self._init_error = payload
@@ -501,6 +520,7 @@ class FunctionRuntime:
             await asyncio.gather(*slots, return_exceptions=True)
         for w in list(self._workers):
             await w.kill()
+            self._task_state(w, "completed")
         self._workers.clear()
 
     @property

@@ -137,7 +137,7 @@ class ModalBackend(Backend):
         check_credentials()
         check_reachable()
         self._payload, self._token = pack_runner(task)
-        self._session, news = sessions.acquire(opts)
+        self._session, news = sessions.acquire(opts, run=self)
         self._news.append(news)
         self._note_new_token()
         reattach.LIVE_RUNS.add(self._run)
@@ -155,7 +155,7 @@ class ModalBackend(Backend):
         self._records = reattach.open_records(self._options)
         if self._records is None:
             return []
-        self._job = reattach.job_key(rows.fingerprint)
+        self._job = reattach.job_key(rows.hasher.fingerprint)
         adopted = reattach.adopt(self._records, rows, todo)
         for taken in adopted:
             out = self._out[taken.batch.id] = _Out(taken.batch, call_id=taken.record.call_id, rows=taken.rows,
@@ -214,9 +214,9 @@ class ModalBackend(Backend):
     def _restart(self) -> None:
         """The warm app was gone: start a new session and send it every batch still out."""
         assert self._session is not None
-        sessions.release(self._session, broken=True)
+        sessions.release(self._session, broken=True, run=self)
         self._session = None
-        self._session, _ = sessions.acquire(self._options)
+        self._session, _ = sessions.acquire(self._options, run=self)
         self._news.append(f"new containers: the warm Modal app had stopped; started {self._session.app_id}")
         self._restarted = True
         self._note_new_token()
@@ -230,6 +230,9 @@ class ModalBackend(Backend):
 
     def containers(self) -> int | None:
         return self._session.containers if self._session is not None else None
+
+    def container_seconds(self) -> float | None:
+        return sessions.run_seconds(self)  # start to scale-down, this run's share (see container_time)
 
     def drain_logs(self) -> list[str]:
         news, self._news = self._news, []
@@ -330,7 +333,7 @@ class ModalBackend(Backend):
                 self._news.append(f"stopped Modal app {app_id}: the earlier kernel that ran it is gone and nothing is left on it")
         if self._records is not None:
             self._records.close()
-        sessions.release(session, broken=session.failure is not None)
+        sessions.release(session, broken=session.failure is not None, run=self)
 
 
 async def _cancel_calls(call_ids: list[str]) -> None:

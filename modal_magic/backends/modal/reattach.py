@@ -80,7 +80,7 @@ def adopt(records: CallRecords, rows: RunCache, todo: Sequence[int]) -> list[Ado
 
     Records of runs of this process that are still collecting them are left to those runs.
     """
-    job = job_key(rows.fingerprint)
+    job = job_key(rows.hasher.fingerprint)
     if not records.has_job(job):  # the usual case: no key is computed
         return []
     found = [r for r in records.open(job) if r.run not in LIVE_RUNS]

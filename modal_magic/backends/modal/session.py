@@ -13,7 +13,12 @@ A session stops when it has been idle for ``keep_warm`` seconds (Modal stops its
 same clock), at :func:`shutdown_sessions` (``modal_magic.shutdown()``) and when the kernel exits;
 with ``keep_warm=0`` it stops at the end of its run, as an ephemeral app does. While any session
 lives, Modal's own output goes to :data:`SINK` (the runs show it under their bar) instead of the
-notebook. :func:`sessions` lists the live ones.
+notebook. :func:`sessions` lists the live ones, with what their containers have cost so far.
+
+Each session's :class:`~modal_magic.backends.modal.container_time.ContainerClock` records its
+containers' lifetimes from the task states Modal streams, and which run used the session when, so
+:func:`run_seconds` can say how many container-seconds a run is billed for (the rule is in that
+module: overlapping runs split a second, the idle tail after a run is that run's).
 """
 
 from __future__ import annotations
@@ -21,17 +26,22 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import contextvars
 import threading
 import time
-from typing import Any
+import weakref
+from typing import Any, Hashable
 
+from ...costs import ContainerRate, container_rate
 from ...options import MapOptions
 from ...shipping import by_value
 from ..base import LoopThread
 from . import container
+from .container_time import ContainerClock
 from .setup import LineSink, capturing_output, function_kwargs, setup_error, spec_changes, spec_of
 
-__all__ = ["RUNNER_NAME", "SINK", "WarmSession", "acquire", "exiting", "release", "sessions", "shutdown_sessions"]
+__all__ = ["RUNNER_NAME", "SINK", "WarmSession", "acquire", "exiting", "release", "run_seconds", "sessions",
+           "shutdown_sessions"]
 
 #: Modal's output while sessions live (image builds, container logs), drained by the runs' bars
 SINK = LineSink()
@@ -44,6 +54,13 @@ _last_spec: list[dict[str, Any]] = []  # the spec of the session used last, to s
 _previous_output: list[Any] = []  # Modal's output manager before the first session replaced it
 _atexit_registered: list[bool] = []
 _exiting = threading.Event()  # the kernel exits: runs still out leave their calls recorded for the next
+# run -> the sessions it used (a run that restarts on a new app uses two); weak: a run forgotten is gone
+_RUN_SESSIONS: weakref.WeakKeyDictionary[Any, list[WarmSession]] = weakref.WeakKeyDictionary()
+# the session whose app the current task serves (set in WarmSession._hold; Modal's log task inherits it)
+_CURRENT_SESSION: contextvars.ContextVar[WarmSession | None] = contextvars.ContextVar("modal_magic_session",
+                                                                                      default=None)
+#: task states of a container that is up (Modal reports running containers as IDLE; ACTIVE is older)
+_UP_STATES = (4, 8)  # api_pb2.TASK_STATE_ACTIVE, TASK_STATE_IDLE
 
 
 class WarmSession:
@@ -59,6 +76,10 @@ class WarmSession:
         self.runs = 0  # runs using it now
         self.runs_total = 0
         self.containers = 0
+        #: the containers' lifetimes and which run used the session when (what each run is billed)
+        self.clock = ContainerClock(options.keep_warm)
+        self.rate: ContainerRate = container_rate(options.gpu, cpu=options.cpu, memory=options.memory)
+        self._task_states: dict[str, int] = {}
         self.started_at = time.time()
         self.last_used = time.monotonic()
         #: function tokens whose bytes were sent along with a run's first batches (containers up then have them)
@@ -101,6 +122,7 @@ class WarmSession:
         import modal
 
         self._stop = asyncio.Event()
+        _CURRENT_SESSION.set(self)
         try:
             app = modal.App(f"modal-magic-{self.spec['image'][:40]}".replace(" ", "")[:60])
             serve = app.function(name=RUNNER_NAME, **function_kwargs(self.options, self.options.batch_size or 1))(
@@ -133,6 +155,7 @@ class WarmSession:
         """
         self.cancel_idle_timer()
         self.stop_app = stop_app
+        self.clock.close()
         if self.loop is None:
             return
         if self._stop is not None and not self._closed.is_set():
@@ -156,12 +179,20 @@ class WarmSession:
         self._idle_timer.daemon = True
         self._idle_timer.start()
 
+    def task_state(self, task_id: str, state: int) -> None:
+        """A container of this session's app changed state (from Modal's log stream)."""
+        self.clock.task_state(task_id, state)
+        self._task_states[task_id] = state
+        self.containers = sum(s in _UP_STATES for s in self._task_states.values())
+
     def describe(self) -> dict[str, Any]:
         """One line of :func:`sessions`."""
         idle = 0.0 if self.runs else time.monotonic() - self.last_used
         spec = ", ".join(f"{k}={v}" for k, v in self.spec.items() if v not in (None, (), 0) and k != "keep_warm")
+        seconds = self.clock.total_seconds()
         return {"app_id": self.app_id, "spec": spec, "containers": self.containers, "runs": self.runs_total,
-                "running": self.runs, "idle_s": round(idle, 1), "keep_warm_s": self.keep_warm}
+                "running": self.runs, "idle_s": round(idle, 1), "keep_warm_s": self.keep_warm,
+                "container_s": round(seconds, 1), "compute_usd": self.rate.cost(seconds)}
 
 
 async def _wait(ready: asyncio.Future[None]) -> None:
@@ -179,10 +210,13 @@ def _key(spec: dict[str, Any]) -> str:
     return repr(sorted(spec.items()))
 
 
-def acquire(options: MapOptions) -> tuple[WarmSession, str]:
+def acquire(options: MapOptions, run: Hashable | None = None) -> tuple[WarmSession, str]:
     """The live session for ``options``' spec, else a new one; and what the run's bar should say.
 
     The message says whether containers are warm, starting for the first time, or new, and why.
+    ``run`` (the run's backend: any object a weak reference can point to) is who the session's
+    container time is billed to from now until :func:`release` with the same ``run``
+    (see :func:`run_seconds`).
     """
     spec = spec_of(options)
     key = _key(spec)
@@ -217,11 +251,17 @@ def acquire(options: MapOptions) -> tuple[WarmSession, str]:
             _restore_output_if_unused()
         raise
     session.runs_total += 1
+    if run is not None:
+        session.clock.begin(run)
+        with _lock:
+            _RUN_SESSIONS.setdefault(run, []).append(session)
     return session, news
 
 
-def release(session: WarmSession, *, broken: bool = False) -> None:
+def release(session: WarmSession, *, broken: bool = False, run: Hashable | None = None) -> None:
     """A run is done with ``session``: stop it now (``keep_warm=0``, or broken) or once idle for keep_warm."""
+    if run is not None:
+        session.clock.end(run)  # from here its idle tail is this run's, unless another run is using it
     with _lock:
         session.runs -= 1
         session.last_used = time.monotonic()
@@ -249,10 +289,30 @@ def _stop_if_idle(session: WarmSession) -> None:
         _restore_output_if_unused()
 
 
-def _set_containers(n: int) -> None:
-    for session in list(_SESSIONS.values()):
-        if session.runs:
-            session.containers = n
+def run_seconds(run: Hashable) -> float | None:
+    """Container-seconds billed to ``run`` so far (its keep_warm idle tail projected once it has
+    ended), over every session it used; ``None`` where Modal streamed no container states.
+
+    Examples
+    --------
+    >>> class Run: ...
+    >>> run_seconds(Run()) is None  # a run that used no session
+    True
+    """
+    with _lock:
+        used = list(_RUN_SESSIONS.get(run, []))
+    if not any(session.clock.containers_seen for session in used):
+        return None
+    return sum(session.clock.run_seconds(run) for session in used)
+
+
+def _on_task_state(task_id: str, state: int) -> None:
+    # The client streams each app's logs in a task started inside that session's ``app.run()``, which
+    # inherits the context the session set: that says whose container it is (Modal runs them all on
+    # its own event loop, so the loop can't tell).
+    session = _CURRENT_SESSION.get()
+    if session is not None:
+        session.task_state(task_id, state)
 
 
 def _install_output() -> None:
@@ -265,7 +325,7 @@ def _install_output() -> None:
         _atexit_registered.append(True)
     if not _previous_output:
         _previous_output.append(OutputManager.get())
-        OutputManager._set(capturing_output(SINK, _set_containers))
+        OutputManager._set(capturing_output(SINK, _on_task_state))
 
 
 def _restore_output_if_unused() -> None:
@@ -277,7 +337,8 @@ def _restore_output_if_unused() -> None:
 
 
 def sessions() -> list[dict[str, Any]]:
-    """The warm Modal sessions of this kernel: app id, spec, containers, runs, idle seconds, keep_warm."""
+    """The warm Modal sessions of this kernel: app id, spec, containers, runs, idle seconds, keep_warm,
+    container-seconds and estimated dollars so far (idle included)."""
     with _lock:
         return [s.describe() for s in _SESSIONS.values() if s.alive]
 

@@ -6,7 +6,7 @@ Everything here runs in the kernel before or around a run: :func:`check_credenti
 ``App.function(...)`` arguments, :func:`spec_of` says which of them make a container pool (so a
 changed one starts new containers, and :func:`spec_changes` says which), and :func:`capturing_output`
 routes Modal's own output (image builds, container logs) to a sink the progress display reads,
-counting containers as it goes.
+passing on each container's state changes (which count containers and their billed time).
 """
 
 from __future__ import annotations
@@ -209,10 +209,10 @@ class LineSink:
         return lines
 
 
-def capturing_output(sink: LineSink, on_containers: Any) -> Any:
-    """Modal's own output manager, writing to ``sink`` instead of the notebook, and counting containers."""
+def capturing_output(sink: LineSink, on_task_state: Any) -> Any:
+    """Modal's own output manager, writing to ``sink`` instead of the notebook; each container's state
+    change (``on_task_state(task_id, state)``, from the app's log stream) goes to the caller too."""
     from modal._output.rich import RichOutputManager
-    from modal_proto import api_pb2
     from rich.console import Console
 
     class CapturingOutputManager(RichOutputManager):
@@ -228,8 +228,7 @@ def capturing_output(sink: LineSink, on_containers: Any) -> Any:
 
         def update_task_state(self, task_id: str, state: int) -> None:
             super().update_task_state(task_id, state)
-            running = (api_pb2.TASK_STATE_ACTIVE, api_pb2.TASK_STATE_IDLE)
-            on_containers(sum(s in running for s in self._task_states.values()))
+            on_task_state(task_id, state)
 
     return CapturingOutputManager()
 
