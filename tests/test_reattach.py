@@ -132,7 +132,9 @@ def test_expired_results_are_run_again_and_said_so(modal_server, rows_module):
     assert f"results of {n} batches had expired on Modal; running those rows again" in modal_magic.last_run().logs
     # The expired batches ran again, and the ones never spawned; nothing the cache already had.
     assert modal_server.executions - executions <= n + ROWS // BATCH - left["spawned"] + 1
-    assert wait_until(lambda: modal_server.apps[0]["stopped"]), "the dead kernel's app was stopped"
+    assert modal_server.apps[0]["stopped"], "the dead kernel's app was stopped"
+    assert f"stopped Modal app {left['app_id']}: the kernel that ran it is gone and nothing is left on it" in \
+        modal_magic.last_run().logs
 
 
 def test_jobs_lists_a_dead_kernels_run_and_attach_collects_it_into_the_cache(modal_server, rows_module):

@@ -289,6 +289,21 @@ class ModalBackend(Backend):
         if self._handed and self._records is not None:
             self._records.forget(self._handed)
         self._handed = []
+        if self._orphans and self._adopted_left == 0 and self._session is not None:
+            self._stop_orphans(self._session)  # while the run still shows what it did
+
+    def _stop_orphans(self, session: sessions.WarmSession) -> None:
+        """Stop the apps of dead kernels this run collected everything from (once)."""
+        orphans, self._orphans = self._orphans, {}
+        if not orphans or self._records is None or session.loop is None:
+            return
+        try:
+            stopped = session.loop.call(reattach.stop_orphans(self._records, orphans, session.app_id)).result(30)
+        except Exception as e:
+            stopped = []
+            self._news.append(f"couldn't stop the earlier run's Modal app: {type(e).__name__}: {e}")
+        for app_id in stopped:
+            self._news.append(f"stopped Modal app {app_id}: the kernel that ran it is gone and nothing is left on it")
 
     # --- ending ----------------------------------------------------------------------------------
 
@@ -323,14 +338,7 @@ class ModalBackend(Backend):
             self.cancel()
             self._session = None
         self._forget_handed()
-        if self._orphans and self._records is not None and session.loop is not None:
-            try:
-                stopped = session.loop.call(reattach.stop_orphans(self._records, self._orphans, session.app_id)).result(30)
-            except Exception as e:
-                stopped = []
-                self._news.append(f"couldn't stop the earlier run's Modal app: {type(e).__name__}: {e}")
-            for app_id in stopped:
-                self._news.append(f"stopped Modal app {app_id}: the earlier kernel that ran it is gone and nothing is left on it")
+        self._stop_orphans(session)
         if self._records is not None:
             self._records.close()
         sessions.release(session, broken=session.failure is not None, run=self)
