@@ -165,6 +165,8 @@ async def stop_app(app_id: str) -> None:
     from modal._utils.async_utils import synchronizer
     from modal.app import _App
 
+    # modal 1.6 has a public App.stop() but no public handle on an app by id (only by deployed name);
+    # _new_remote is what App.lookup builds, without the lookup. The pinned client's tests cover it.
     client = synchronizer._translate_in(await modal.Client.from_env.aio())
     app = synchronizer._translate_out(_App._new_remote(None, app_id, "", client))
     await app.stop.aio()
