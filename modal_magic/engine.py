@@ -296,6 +296,10 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
            progress: Progress, index: pd.Index, logs: list[str], stored: RunCache | None,
            stop: threading.Event | None = None) -> None:
     opts = task.options
+    adopted = backend.reattach(todo, stored) if stored is not None else []
+    if adopted:  # rows an earlier run (maybe another kernel) already submitted: collected, not sent again
+        taken = np.concatenate([np.asarray(batch.positions, dtype=np.intp) for batch in adopted])
+        todo = np.setdiff1d(np.asarray(todo, dtype=np.intp), taken)
     n = len(todo)
     # A run may have a meter (``.tokens``, ``.cost_usd``) that the bar shows as it runs; it sees
     # every batch that comes back (an LLM run on Modal adds up the rows' usage from them).
@@ -310,7 +314,7 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
     )
     cursor = 0
     next_id = 0
-    in_flight = 0
+    in_flight = len(adopted)
     retry_at: list[tuple[float, int, Batch]] = []  # lost rows waiting out their backoff
     budget: MapBudget | None = None
     if opts.backend == "modal":  # container time has a known rate: count its dollars, capped by budget_usd

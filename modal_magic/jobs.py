@@ -9,7 +9,9 @@ finished rows are kept), and ``job.summary`` has the counts so far. Mistakes tha
 reports before any row runs (a missing column, a bad function, no Modal token) are raised by the
 call itself, not later by ``result()``. Every backend runs in the background the same way, local
 ones included: a second run while the warm local worker pool is busy gets workers of its own.
-:func:`jobs` lists this kernel's unfinished jobs and :func:`attach` finds one by its id.
+:func:`jobs` lists this kernel's unfinished jobs, and the Modal runs of earlier kernels whose calls
+are still recorded in the cache; :func:`attach` finds one by its id (for an earlier kernel's run, a
+job that collects its calls into the cache).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextvars
 import itertools
 import os
 import threading
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -26,6 +29,7 @@ from . import control
 if TYPE_CHECKING:
     import pandas as pd
 
+    from .backends.modal.reattach import RecordedJob
     from .progress import RunSummary
 
 __all__ = ["MapJob", "attach", "jobs", "start_job", "MAX_FINISHED_JOBS"]
@@ -203,8 +207,12 @@ def _register(job: MapJob) -> None:
             del _JOBS[old.id]
 
 
-def jobs() -> list[MapJob]:
-    """This kernel's background jobs that have not ended yet, oldest first.
+def jobs() -> list[MapJob | RecordedJob]:
+    """Unfinished jobs, oldest first: this kernel's background jobs, then earlier kernels' Modal runs.
+
+    A Modal run's batches are calls recorded in the result cache, so a run whose kernel died (or
+    restarted) is listed too, as a ``RecordedJob`` (id, function, rows pending, app ids, age):
+    ``attach(its id)`` collects it, and running its cell again picks it up.
 
     Examples
     --------
@@ -213,16 +221,30 @@ def jobs() -> list[MapJob]:
     []
     """
     with _lock:
-        return [job for job in _JOBS.values() if not job.done()]
+        here: list[MapJob | RecordedJob] = [job for job in _JOBS.values() if not job.done()]
+    return here + _recorded_jobs()
+
+
+def _recorded_jobs() -> list[RecordedJob]:
+    from .backends.modal.reattach import recorded_jobs
+
+    return recorded_jobs()
 
 
 def attach(job_id: str) -> MapJob:
-    """The background job with this id (running, or among the last finished ones of this kernel).
+    """The background job with this id: this kernel's (running, or among its last finished ones), or an
+    earlier kernel's Modal run still recorded in the cache.
+
+    Attaching to an earlier kernel's run starts a job that collects its calls (waiting for those
+    still running) and stores their rows in the result cache, so running that cell again is served
+    from the cache. Its ``result()`` is a frame with one row per collected row: ``key`` (the row's
+    cache key), ``result`` and ``error``; calls whose results had expired on Modal have an error, and
+    their rows run again when the cell runs again.
 
     Raises
     ------
     KeyError
-        No such job here, with the ids this kernel knows.
+        No such job here or in the cache, with the ids this kernel knows.
 
     Examples
     --------
@@ -232,8 +254,34 @@ def attach(job_id: str) -> MapJob:
     with _lock:
         job = _JOBS.get(job_id)
         known = list(_JOBS)
-    if job is None:
-        listed = ", ".join(known[-8:]) if known else "none"
-        raise KeyError(f"no background job {job_id!r} in this kernel (jobs known here: {listed}); "
-                       "modal_magic.jobs() lists the ones still running")
-    return job
+    if job is not None:
+        return job
+    recorded = {j.id: j for j in _recorded_jobs()}
+    if job_id in recorded:
+        return start_job(_collector(recorded[job_id]), title=recorded[job_id].function)
+    listed = ", ".join([*known[-8:], *recorded]) if known or recorded else "none"
+    raise KeyError(f"no background job {job_id!r} in this kernel or in the cache (jobs known: {listed}); "
+                   "modal_magic.jobs() lists the ones still running")
+
+
+def _collector(recorded: RecordedJob) -> Callable[[], pd.DataFrame]:
+    """What an attached earlier run does: collect its calls into the cache, counting rows on the job."""
+
+    def run() -> pd.DataFrame:
+        from .backends.modal.reattach import collect_job
+        from .progress import Progress, RunSummary
+
+        watching = control.current()
+        counts = watching.watch(Progress(), recorded.rows_pending) if watching is not None else Progress()
+        started = time.monotonic()
+        try:
+            frame = collect_job(recorded.id, lambda done, failed: counts.update(done=done, failed=failed))
+        except BaseException:
+            counts.close("aborted", RunSummary(recorded.rows_pending, 0, 0, 0, 0.0))
+            raise
+        failed = int(frame["error"].notna().sum())
+        counts.close("failed" if failed else "success",
+                     RunSummary(len(frame), len(frame) - failed, failed, 0, time.monotonic() - started))
+        return frame
+
+    return run

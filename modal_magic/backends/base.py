@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 if TYPE_CHECKING:
+    from ..cache.rows import RunCache
     from ..options import MapOptions
 
 
@@ -200,6 +201,17 @@ class Backend(ABC):
     def status(self) -> str | None:
         """One line on what the rows are waiting for (an OpenAI batch's state), shown on the bar; else ``None``."""
         return None
+
+    def reattach(self, todo: Sequence[int], rows: RunCache) -> list[Batch]:
+        """Batches already running for some of the rows in ``todo``, submitted by an earlier run.
+
+        Called once after :meth:`start`, before any batch is submitted, when the run has a result
+        cache (``rows`` keys the rows and finds the records). The engine submits none of the rows of
+        the batches returned (their ids are the backend's, negative), counts them in flight, and
+        collects them through :meth:`results` like its own; a batch that can't be collected after
+        all comes back with ``requeue`` set and is sent again. By default there is nothing to adopt.
+        """
+        return []
 
     def cancel_submitted(self) -> None:
         """Cancel work this run submitted that would outlive it (an OpenAI batch); ``MapJob.cancel()`` calls it.

@@ -97,6 +97,16 @@ class RunCache:
             self._remembered = True
         return self.cache.lookup(*self._keys)
 
+    def row_keys(self, positions: Sequence[int]) -> list[bytes | None]:
+        """The keys of the rows at ``positions`` (``None`` for a row that can't be hashed faithfully)."""
+        if self._keys is not None:
+            where = np.asarray(positions, dtype=np.intp)
+            keys: list[bytes | None] = self._keys[0][where].view(f"V{self._keys[0].shape[1]}").ravel().tolist()
+            for i in np.flatnonzero(self._keys[1][where]).tolist():
+                keys[i] = None
+            return [None if k is None else bytes(k) for k in keys]
+        return self.hasher.keys([self.args[int(p)] for p in positions], self.star)
+
     def _hash_rows(self, rows: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         return self.hasher.key_array(rows, self.star)
 

@@ -234,6 +234,7 @@ class _Call:
         self.num_finished = 0
         self.closed = False
         self.cleared = False
+        self.expired = False  # its outputs are gone (expire_outputs): a poll answers at once, empty
         self._changed = asyncio.Event()
 
     def notify(self):
@@ -363,6 +364,8 @@ class _Servicer(api_grpc.ModalClientBase):
     async def AppClientDisconnect(self, req):
         s = self.server
         app = s._apps.get(req.app_id)
+        if app is not None and app.stopped:  # stopped first (AppStop): nothing left to disconnect
+            return empty_pb2.Empty()
         if app is not None and app.state == api_pb2.APP_STATE_DETACHED:
             # Like Modal: a detached app outlives its client, and stops once no call is left running.
             s.apps_disconnected.append({"app_id": app.id, "reason": req.reason, "exception": req.exception})
@@ -671,6 +674,7 @@ class ModalTestServer:
                            container_lifetimes(function_name) gives (start, stop) per container
       container_start_delay_s   settable: seconds each new container waits before its first input (a cold
                            start); containers idle past their function's scaledown_window stop
+      expire_outputs()     expire the outputs of every finished call (get() then raises OutputExpiredError)
       executions           int, attempts handed to containers (retries included); executions_by_function:
                            the same by function name. A detached app (app.run(detach=True)) outlives its
                            client's disconnect and stops once none of its calls is left running; the
@@ -1335,7 +1339,7 @@ class ModalTestServer:
                 # Don't let a client that is still polling spin or hang: its app (or the server) is gone.
                 raise GRPCError(Status.NOT_FOUND, f"Function call {call.id} was terminated (its app stopped)")
             remaining = deadline - loop.time()
-            if outputs or remaining <= 0:
+            if outputs or remaining <= 0 or call.expired:
                 break
             try:
                 await asyncio.wait_for(call._changed.wait(), remaining)
@@ -1520,6 +1524,24 @@ class ModalTestServer:
     def reset(self) -> None:
         """Forget everything (apps, functions, secrets, records) and kill all worker processes."""
         self._call(self._async_reset(), timeout=30)
+
+    def expire_outputs(self) -> list[str]:
+        """Expire the outputs of every finished call, as Modal does once a result's retention ran out.
+
+        ``FunctionCall.from_id(id).get()`` on such a call then raises ``modal.exception.OutputExpiredError``
+        (no output, no input left unfinished). Returns the ids of the calls expired.
+        """
+
+        async def _expire() -> list[str]:
+            expired = []
+            for call in self._calls.values():
+                if call.inputs and call.num_unfinished == 0 and (call.entries or call.latest):
+                    call.entries, call.latest = [], {}
+                    call.expired = True
+                    expired.append(call.id)
+            return expired
+
+        return self._call(_expire())
 
     # ---- public API for tests ----------------------------------------------------------------------
     def add_secret(self, name: str, env: dict[str, str]) -> str:

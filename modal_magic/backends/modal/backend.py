@@ -1,18 +1,23 @@
-"""``backend="modal"``: batches of rows stream through one ``Function.map`` on a warm session's runner.
+"""``backend="modal"``: each batch of rows is a call spawned on a warm session's detached app, recorded as it goes.
 
 A run takes the warm session for its container spec (see :mod:`~modal_magic.backends.modal.session`),
 pickles the user's function once into a runner (:func:`pack_runner`: its bytes and a token that names
-them) and maps over the session's generic function with ``order_outputs=False``. Each input is
+them) and spawns one call of the session's generic function per batch. Each call's input is
 ``(token, bytes or None, batch_id, rows)``: the first batches of a function the session hasn't seen
 carry its bytes, later ones don't, and a container that doesn't know the token yet answers "need
-function", so that batch goes again with them. Each input returns per-row outcomes, so a row's
-exception never fails its input; an input lost with its container (crash, timeout, preemption) comes
-back as an exception with no index, and is identified once every other input in flight has
-returned, then retried split by the engine.
+function", so that batch goes again with them. Each call returns per-row outcomes, so a row's
+exception never fails its call; a call lost with its container (crash, timeout, preemption) raises,
+and the engine retries its rows split.
+
+The session's app is detached and every call is written to the cache database the moment it exists
+(:mod:`~modal_magic.cache.calls`), so the batches survive the kernel: running the same cell again in
+a new kernel adopts the calls still recorded for its rows (:mod:`.reattach`), collects those that
+finished, waits for those in flight, runs again those whose results expired, and submits only the
+rows never sent. A record is deleted once its rows were handed to the engine (which caches them).
 
 All Modal calls run on the session's private event loop in a background thread: a Jupyter kernel's
 main thread already runs a loop, where Modal's blocking API refuses to work. Stop cancels this run's
-call; the containers stay warm for the next cell (``keep_warm=0`` stops them with the run).
+calls; the containers stay warm for the next cell (``keep_warm=0`` stops them with the run).
 """
 
 from __future__ import annotations
@@ -21,18 +26,27 @@ import asyncio
 import concurrent.futures
 import hashlib
 import math
+import os
 import queue
-from typing import Any
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
 
 import cloudpickle
 
 from ...options import DEFAULT_MODAL_CONTAINERS
 from ...shipping import by_value, dumps_function
 from .. import row_runner
-from ..base import Backend, BackendFailed, Batch, BatchResult, Task
+from ..base import Backend, BackendFailed, Batch, BatchResult, Task, drain
+from . import reattach
 from . import session as sessions
 from .container import NEED_FUNCTION
 from .setup import check_credentials, check_python_version, check_reachable, lost_cause
+
+if TYPE_CHECKING:
+    from ...cache.calls import CallRecords
+    from ...cache.rows import RunCache
 
 __all__ = ["ModalBackend", "pack_runner"]
 
@@ -42,11 +56,6 @@ PAYLOAD_TARGET_BYTES = 1 << 20
 TARGET_BATCH_S = 1.0
 #: containers to plan batches for when max_containers isn't set (Modal scales further on its own)
 DEFAULT_CONTAINERS = DEFAULT_MODAL_CONTAINERS
-_DONE = object()
-
-
-class _Stale(Exception):
-    """The warm session's app was gone when this run's call started (stopped by Modal, or a restarted server)."""
 
 
 def pack_runner(task: Task) -> tuple[bytes, str]:
@@ -63,28 +72,46 @@ def pack_runner(task: Task) -> tuple[bytes, str]:
     return payload, hashlib.sha256(payload).hexdigest()[:32]
 
 
+@dataclass
+class _Out:
+    """A batch out on Modal: its call, and which send of it the news coming back is about."""
+
+    batch: Batch
+    sends: int = 0  # news about an earlier send (before a resend) is stale
+    call_id: str | None = None
+    future: concurrent.futures.Future[Any] | None = None
+    rows: list[int] | None = None  # adopted: which of the call's rows are this batch's
+    adopted_from: str | None = None  # adopted: the app it runs on
+    owner: str | None = None  # adopted: the kernel that spawned it
+
+
 class ModalBackend(Backend):
-    """A warm session per container spec; this run's batches stream through one ``map`` call on it."""
+    """A warm session per container spec; each batch is a call spawned on it and recorded for reattaching."""
 
     name = "modal"
     timeout_needs_single_rows = True
     target_batch_s = TARGET_BATCH_S
 
     def __init__(self) -> None:
-        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._in_flight: dict[int, Batch] = {}
-        self._lost: list[BaseException] = []
+        self._outbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._out: dict[int, _Out] = {}
         self._session: sessions.WarmSession | None = None
-        self._map: Any = None  # concurrent.futures.Future of this run's map call
-        self._inputs: asyncio.Queue[Any] | None = None
         self._news: list[str] = []
         self._payload = b""
         self._token = ""
         self._with_payload = 0  # batches still to send with the function's bytes
-        self._outputs = 0  # outputs this run has had (a call that fails before any may be a stale session)
+        self._outputs = 0  # calls this run has collected (a spawn that fails before any may be a stale session)
         self._restarted = False
+        self._records: CallRecords | None = None
+        self._rows: RunCache | None = None
+        self._job = ""
+        self._run = f"{os.getpid():x}-{uuid.uuid4().hex[:8]}"
+        self._handed: list[str] = []  # call ids whose rows went to the engine: forgotten at the next results()
+        self._orphans: dict[str, str] = {}  # apps of adopted calls -> the kernel that spawned on them
+        self._adopted_left = 0
+        self._expired = 0
 
-    # capacity: enough inputs queued that no container waits for its next one
+    # capacity: enough calls out that no container waits for its next input
     @property
     def capacity(self) -> int:
         return 2 * self.parallelism
@@ -105,22 +132,84 @@ class ModalBackend(Backend):
 
     def start(self, task: Task) -> None:
         self._options = opts = task.options
+        self._function = getattr(task.fn, "__name__", "function")
         check_python_version(opts)
         check_credentials()
         check_reachable()
         self._payload, self._token = pack_runner(task)
         self._session, news = sessions.acquire(opts, run=self)
         self._news.append(news)
-        self._start_map()
+        self._note_new_token()
+        reattach.LIVE_RUNS.add(self._run)
 
-    def _start_map(self) -> None:
-        assert self._session is not None and self._session.loop is not None
+    def _note_new_token(self) -> None:
+        assert self._session is not None
         if self._token not in self._session.known_tokens:
-            # Containers that are up get the bytes with these; one started later asks for them.
-            self._with_payload = self.parallelism
+            # Every batch of the first round carries the bytes (spawned calls reach containers in no
+            # set order); a container started later asks for them.
+            self._with_payload = self.capacity
             self._session.known_tokens.add(self._token)
-        self._inputs = asyncio.Queue()
-        self._map = self._session.loop.call(self._run_map(self._session, self._inputs))
+
+    def reattach(self, todo: Sequence[int], rows: RunCache) -> list[Batch]:
+        self._rows = rows
+        self._records = reattach.open_records(self._options)
+        if self._records is None:
+            return []
+        self._job = reattach.job_key(rows.hasher.fingerprint)
+        adopted = reattach.adopt(self._records, rows, todo)
+        for taken in adopted:
+            out = self._out[taken.batch.id] = _Out(taken.batch, call_id=taken.record.call_id, rows=taken.rows,
+                                                   adopted_from=taken.record.app_id, owner=taken.record.owner)
+            self._orphans.setdefault(taken.record.app_id, taken.record.owner)
+            self._watch(out, reattach.call_from_id(taken.record.call_id))
+        if adopted:
+            self._adopted_left = len(adopted)
+            apps = ", ".join(self._orphans)
+            self._news.append(f"reattached to {len(adopted)} Modal calls ({sum(len(a.batch.positions) for a in adopted):,} "
+                              f"rows) spawned by an earlier run on {apps}: collecting them, not sending them again")
+        return [taken.batch for taken in adopted]
+
+    # --- sending ---------------------------------------------------------------------------------
+
+    def submit(self, batch: Batch) -> None:
+        self._out[batch.id] = out = _Out(batch)
+        self._send(out, self._with_payload > 0)
+        self._with_payload -= 1
+
+    def _send(self, out: _Out, with_payload: bool) -> None:
+        assert self._session is not None and self._session.loop is not None
+        out.sends += 1
+        out.rows = out.adopted_from = out.call_id = out.owner = None
+        item = (self._token, self._payload if with_payload else None, out.batch.id, out.batch.args)
+        out.future = self._session.loop.call(self._spawn(self._session, out, out.sends, item))
+
+    async def _spawn(self, session: sessions.WarmSession, out: _Out, send: int, item: tuple[Any, ...]) -> None:
+        try:
+            call = await session.function.spawn.aio(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._outbox.put(("spawn-failed", out.batch.id, send, e))
+            return
+        out.call_id = call.object_id
+        if self._records is not None and self._rows is not None:
+            try:  # recorded the moment it exists: a kernel that dies now leaves it to the next one
+                self._records.spawned(call.object_id, job=self._job, run=self._run, app_id=session.app_id or "",
+                                      function=self._function, keys=self._rows.row_keys(out.batch.positions))
+            except Exception as e:  # a cache that can't be written: the run goes on, unrecorded
+                self._news.append(f"couldn't record Modal call {call.object_id} in the cache: {e}")
+        kind, output = await reattach.collect(call, fresh=True)
+        self._outbox.put((kind, out.batch.id, send, output))
+
+    def _watch(self, out: _Out, call: Any) -> None:
+        assert self._session is not None and self._session.loop is not None
+        out.sends += 1
+
+        async def collect(send: int) -> None:
+            kind, output = await reattach.collect(call)
+            self._outbox.put((kind, out.batch.id, send, output))
+
+        out.future = self._session.loop.call(collect(out.sends))
 
     def _restart(self) -> None:
         """The warm app was gone: start a new session and send it every batch still out."""
@@ -130,34 +219,14 @@ class ModalBackend(Backend):
         self._session, _ = sessions.acquire(self._options, run=self)
         self._news.append(f"new containers: the warm Modal app had stopped; started {self._session.app_id}")
         self._restarted = True
-        self._start_map()
-        for batch in self._in_flight.values():
-            self._send(batch, True)
+        self._note_new_token()
+        for out in self._out.values():
+            if out.adopted_from is None:
+                if out.call_id is not None:
+                    self._handed.append(out.call_id)  # its app is gone, and the call with it
+                self._send(out, True)
 
-    @staticmethod
-    async def _feed(inputs: asyncio.Queue[Any]) -> Any:
-        while True:
-            item = await inputs.get()
-            if item is _DONE:
-                return
-            yield item
-
-    async def _run_map(self, session: sessions.WarmSession, inputs: asyncio.Queue[Any]) -> None:
-        outputs = 0
-        try:
-            async for output in session.function.map.aio(self._feed(inputs), order_outputs=False,
-                                                         return_exceptions=True):
-                outputs += 1
-                self._outbox.put(output)
-            self._outbox.put(_DONE)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:
-            gone = type(e).__name__ == "NotFoundError" or session.failure is not None
-            if gone and outputs == 0 and session.runs_total > 1 and not self._restarted:
-                self._outbox.put(_Stale(str(e)))
-            else:
-                self._outbox.put(BackendFailed(f"the Modal run failed: {type(e).__name__}: {e}"))
+    # --- collecting ------------------------------------------------------------------------------
 
     def containers(self) -> int | None:
         return self._session.containers if self._session is not None else None
@@ -169,68 +238,111 @@ class ModalBackend(Backend):
         news, self._news = self._news, []
         return news + sessions.SINK.drain()
 
-    def _send(self, batch: Batch, with_payload: bool) -> None:
-        assert self._session is not None and self._session.loop is not None and self._inputs is not None
-        item = (self._token, self._payload if with_payload else None, batch.id, batch.args)
-        self._session.loop.loop.call_soon_threadsafe(self._inputs.put_nowait, item)
-
-    def submit(self, batch: Batch) -> None:
-        self._in_flight[batch.id] = batch
-        self._send(batch, self._with_payload > 0)
-        self._with_payload -= 1
-
     def results(self, timeout: float | None) -> list[BatchResult]:
+        if sessions.exiting():  # the kernel exits: calls failing with its client stay recorded for the next
+            time.sleep(timeout or 0)
+            return []
+        self._forget_handed()  # the engine has cached what the last call handed it
         out: list[BatchResult] = []
-        try:
-            item = self._outbox.get(timeout=timeout)
-            while True:
-                out.extend(self._take(item))
-                item = self._outbox.get_nowait()
-        except queue.Empty:
-            pass
-        if self._lost and len(self._lost) >= len(self._in_flight):
-            # Every input still out is one of the lost ones: now we know which they were.
-            cause = lost_cause(self._lost[0])
-            out.extend(BatchResult(batch, lost=cause) for batch in self._in_flight.values())
-            self._in_flight.clear()
-            self._lost.clear()
+        for kind, batch_id, send, payload in drain(self._outbox, timeout):
+            sent = self._out.get(batch_id)
+            if sent is None or send != sent.sends:
+                continue  # news of an earlier send of a batch that went again
+            out.extend(self._take(sent, kind, payload))
         return out
 
-    def _take(self, item: Any) -> list[BatchResult]:
-        if isinstance(item, BackendFailed):
-            raise item
-        if isinstance(item, _Stale):
-            self._restart()
+    def _take(self, out: _Out, kind: str, payload: Any) -> list[BatchResult]:
+        session = self._session
+        assert session is not None
+        if kind == "spawn-failed":
+            gone = type(payload).__name__ == "NotFoundError" or session.failure is not None
+            if gone and self._outputs == 0 and session.runs_total > 1 and not self._restarted:
+                self._restart()
+                return []
+            raise BackendFailed(f"the Modal run failed: {type(payload).__name__}: {payload}")
+        adopted = out.adopted_from is not None
+        if adopted:
+            self._adopted_left -= 1
+        if out.call_id is not None:
+            self._handed.append(out.call_id)
+        if kind == "done" and isinstance(payload, tuple) and payload and payload[0] == NEED_FUNCTION:
+            # a container started after the first batches (or one of an earlier kernel's app): send the function
+            self._send(out, True)
             return []
-        if item is _DONE:
-            return []
-        if isinstance(item, BaseException):  # an input lost with its container; which one is known later
-            self._lost.append(item)
-            return []
-        if item[0] == NEED_FUNCTION:  # a container started after the first batches: send it the function
-            self._send(self._in_flight[item[1]], True)
-            return []
-        batch_id, packed = item
-        batch = self._in_flight.pop(batch_id)
-        return [BatchResult.from_packed(batch, packed)]
+        del self._out[out.batch.id]
+        if kind == "expired":
+            self._expired += 1
+            self._say_expired()
+            return [BatchResult(out.batch, requeue=True)]
+        self._say_expired()
+        if kind == "lost":
+            return [BatchResult(out.batch, lost=lost_cause(payload))]
+        self._outputs += 1
+        return [reattach.narrow(out.batch, payload, out.rows)]
+
+    def _say_expired(self) -> None:
+        if self._expired and self._adopted_left == 0:
+            self._news.append(f"results of {self._expired} batches had expired on Modal; running those rows again")
+            self._expired = 0
+
+    def _forget_handed(self) -> None:
+        if self._handed and self._records is not None:
+            self._records.forget(self._handed)
+        self._handed = []
+        if self._orphans and self._adopted_left == 0 and self._session is not None:
+            self._stop_orphans(self._session)  # while the run still shows what it did
+
+    def _stop_orphans(self, session: sessions.WarmSession) -> None:
+        """Stop the apps of dead kernels this run collected everything from (once)."""
+        orphans, self._orphans = self._orphans, {}
+        if not orphans or self._records is None or session.loop is None:
+            return
+        try:
+            stopped = session.loop.call(reattach.stop_orphans(self._records, orphans, session.app_id)).result(30)
+        except Exception as e:
+            stopped = []
+            self._news.append(f"couldn't stop the earlier run's Modal app: {type(e).__name__}: {e}")
+        for app_id in stopped:
+            self._news.append(f"stopped Modal app {app_id}: the kernel that ran it is gone and nothing is left on it")
+
+    # --- ending ----------------------------------------------------------------------------------
 
     def cancel(self) -> None:
-        if self._map is not None:
-            self._map.cancel()  # this run's call stops; the containers stay warm unless keep_warm=0
+        """Stop: this run's calls are cancelled on Modal (their containers stay warm unless keep_warm=0)."""
+        session = self._session
+        outs = list(self._out.values())
+        for out in outs:
+            if out.future is not None:
+                out.future.cancel()
+        # this run's calls, and those it adopted from a dead kernel; a live kernel's are its own to stop
+        calls = [out.call_id for out in outs if out.call_id is not None
+                 and (out.owner is None or reattach.owner_gone(out.owner))]
+        if session is not None and session.loop is not None and calls:
+            try:
+                session.loop.call(_cancel_calls(calls)).result(timeout=10)
+            except Exception:  # the app may be gone already: its calls with it
+                pass
+        self._handed.extend(calls)
+        self._out.clear()
+
+    def cancel_submitted(self) -> None:
+        self.cancel()
 
     def finish(self) -> None:
         session, self._session = self._session, None
+        reattach.LIVE_RUNS.discard(self._run)
         if session is None:
             return
-        if self._map is not None and not self._map.done() and session.loop is not None:
-            session.loop.loop.call_soon_threadsafe(self._inputs.put_nowait, _DONE)  # type: ignore[union-attr]
-        broken = False
-        if self._map is not None:
-            try:
-                self._map.result(timeout=30)
-            except concurrent.futures.CancelledError:  # Stop: the containers stay warm
-                pass
-            except concurrent.futures.TimeoutError:  # the call didn't end by itself: don't trust the session
-                self._map.cancel()
-                broken = True
-        sessions.release(session, broken=broken or session.failure is not None, run=self)
+        if self._out:  # the run ended with calls out (a failure): stop them rather than leave them running
+            self._session = session
+            self.cancel()
+            self._session = None
+        self._forget_handed()
+        self._stop_orphans(session)
+        if self._records is not None:
+            self._records.close()
+        sessions.release(session, broken=session.failure is not None, run=self)
+
+
+async def _cancel_calls(call_ids: list[str]) -> None:
+    await asyncio.gather(*(reattach.call_from_id(c).cancel.aio() for c in call_ids), return_exceptions=True)

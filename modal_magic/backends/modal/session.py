@@ -40,7 +40,8 @@ from . import container
 from .container_time import ContainerClock
 from .setup import LineSink, capturing_output, function_kwargs, setup_error, spec_changes, spec_of
 
-__all__ = ["RUNNER_NAME", "SINK", "WarmSession", "acquire", "release", "run_seconds", "sessions", "shutdown_sessions"]
+__all__ = ["RUNNER_NAME", "SINK", "WarmSession", "acquire", "exiting", "release", "run_seconds", "sessions",
+           "shutdown_sessions"]
 
 #: Modal's output while sessions live (image builds, container logs), drained by the runs' bars
 SINK = LineSink()
@@ -52,6 +53,7 @@ _SESSIONS: dict[str, WarmSession] = {}
 _last_spec: list[dict[str, Any]] = []  # the spec of the session used last, to say what changed
 _previous_output: list[Any] = []  # Modal's output manager before the first session replaced it
 _atexit_registered: list[bool] = []
+_exiting = threading.Event()  # the kernel exits: runs still out leave their calls recorded for the next
 # run -> the sessions it used (a run that restarts on a new app uses two); weak: a run forgotten is gone
 _RUN_SESSIONS: weakref.WeakKeyDictionary[Any, list[WarmSession]] = weakref.WeakKeyDictionary()
 # the session whose app the current task serves (set in WarmSession._hold; Modal's log task inherits it)
@@ -89,6 +91,8 @@ class WarmSession:
         self._closed = threading.Event()
         self._idle_timer: threading.Timer | None = None
         self.failure: BaseException | None = None
+        #: stop the app when the session closes; False leaves calls still running to a later kernel
+        self.stop_app = True
 
     @property
     def alive(self) -> bool:
@@ -126,10 +130,13 @@ class WarmSession:
             async with contextlib.AsyncExitStack() as stack:
                 # The runner travels by value (the containers have no modal_magic); only while it is created.
                 with by_value([container.__name__]):
-                    await stack.enter_async_context(app.run())
+                    # Detached: the batches spawned on it outlive this kernel, for a new one to collect
+                    await stack.enter_async_context(app.run(detach=True))
                 self.function, self.app_id = serve, app.app_id
                 ready.set_result(None)
                 await self._stop.wait()
+                if self.stop_app:  # a detached app would outlive us: stop it (and its containers) now
+                    await _stop_app(app)
         except asyncio.CancelledError:
             raise
         except BaseException as error:
@@ -140,9 +147,14 @@ class WarmSession:
         finally:
             self._closed.set()
 
-    def close(self, timeout: float = 30) -> None:
-        """Stop the app (and so its containers) and the session's thread."""
+    def close(self, timeout: float = 30, *, stop_app: bool = True) -> None:
+        """Stop the app (and so its containers) and the session's thread.
+
+        ``stop_app=False`` only disconnects: the calls still running on the detached app go on, and a
+        later kernel collects them (Modal stops the app once they are done).
+        """
         self.cancel_idle_timer()
+        self.stop_app = stop_app
         self.clock.close()
         if self.loop is None:
             return
@@ -185,6 +197,13 @@ class WarmSession:
 
 async def _wait(ready: asyncio.Future[None]) -> None:
     await ready
+
+
+async def _stop_app(app: Any) -> None:
+    try:
+        await app.stop.aio()
+    except Exception as e:  # the app may already be gone (stopped by Modal, a restarted server)
+        SINK.write(f"couldn't stop Modal app {app.app_id}: {type(e).__name__}: {e}\n")
 
 
 def _key(spec: dict[str, Any]) -> str:
@@ -302,7 +321,7 @@ def _install_output() -> None:
     if not _atexit_registered:
         # Registered after the modal client was imported, so it runs before the client's own exit
         # hooks (atexit runs last-registered first) while the client can still stop the apps.
-        atexit.register(shutdown_sessions)
+        atexit.register(shutdown_sessions, leave_running=True)
         _atexit_registered.append(True)
     if not _previous_output:
         _previous_output.append(OutputManager.get())
@@ -324,14 +343,25 @@ def sessions() -> list[dict[str, Any]]:
         return [s.describe() for s in _SESSIONS.values() if s.alive]
 
 
-def shutdown_sessions() -> int:
-    """Stop every warm session (their apps and containers); return how many were stopped."""
+def exiting() -> bool:
+    """Whether the kernel is exiting: a run still out must leave its calls as recorded, not collect them."""
+    return _exiting.is_set()
+
+
+def shutdown_sessions(*, leave_running: bool = False) -> int:
+    """Stop every warm session (their apps and containers); return how many were stopped.
+
+    ``leave_running=True`` (a kernel that exits) leaves the app of a session with a run in flight
+    running for its spawned batches, which a later kernel collects; the others stop.
+    """
+    if leave_running:
+        _exiting.set()
     with _lock:
         live = list(_SESSIONS.values())
         _SESSIONS.clear()
         _last_spec.clear()  # the next run starts afresh, rather than "the warm ones had stopped"
     for session in live:
-        session.close()
+        session.close(stop_app=not (leave_running and session.runs > 0))
     with _lock:
         _restore_output_if_unused()
     return len(live)
