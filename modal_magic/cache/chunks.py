@@ -111,3 +111,50 @@ def own_copy(value: Any) -> Any:
     if kind in IMMUTABLE or (kind is tuple and all(type(item) in IMMUTABLE for item in value)):
         return value
     return pickle.loads(dumps(value))
+
+
+def pack(keys_blob: bytes, values: list[Any], rejected: list[tuple[bytes, str]], max_entry_bytes: int,
+         max_chunk_bytes: int) -> list[tuple[bytes, int, bytes]]:
+    """Pickle values into chunks of ``(keys blob, n, pickled list)``; report in ``rejected`` the ones
+    that can't go (unpicklable, or over ``max_entry_bytes`` pickled).
+
+    Examples
+    --------
+    >>> rejected = []
+    >>> [(n, len(keys)) for keys, n, _ in pack(b"k" * 32, ["a", "b"], rejected, 1000, 1000)], rejected
+    ([(2, 32)], [])
+    """
+    try:
+        blob = dumps(values)
+    except Exception:
+        blob = None
+    if blob is not None and len(blob) <= min(max_chunk_bytes, max_entry_bytes):
+        return [(keys_blob, len(values), blob)]
+    # Slow path: find the values that can't be pickled or are too large, group the rest by size.
+    sized: list[tuple[bytes, Any, int]] = []
+    for i, value in enumerate(values):
+        key = keys_blob[KEY_BYTES * i : KEY_BYTES * (i + 1)]
+        try:
+            size = len(dumps(value))
+        except Exception as e:
+            rejected.append((key, f"the result can't be pickled: {type(e).__name__}: {e}"))
+            continue
+        if size > max_entry_bytes:
+            rejected.append((key, f"the result is too large to cache: {size / 2**20:.1f} MiB pickled, "
+                                  f"over the {max_entry_bytes / 2**20:.0f} MiB per-row limit"))
+            continue
+        sized.append((key, value, size))
+    chunks: list[tuple[bytes, int, bytes]] = []
+    group: list[tuple[bytes, Any, int]] = []
+    total = 0
+    for entry in sized + [None]:  # type: ignore[list-item]
+        if group and (entry is None or total + entry[2] > max_chunk_bytes):
+            try:
+                chunks.append((b"".join(k for k, _, _ in group), len(group), dumps([v for _, v, _ in group])))
+            except Exception as e:  # pickled one by one but not together: report, don't guess
+                rejected += [(k, f"the result can't be pickled: {type(e).__name__}: {e}") for k, _, _ in group]
+            group, total = [], 0
+        if entry is not None:
+            group.append(entry)
+            total += entry[2]
+    return chunks

@@ -122,8 +122,7 @@ class KeyMatcher:
         places = offsets - self._starts[chunk] + flat_start[chunk]
         copies = np.flatnonzero(self._repeat[rows])
         if all(chunk_id in loaded for chunk_id, _ in self._needed):
-            self.found = Found([chunk_id for chunk_id, _ in self._needed],
-                               [len(blob) // KEY_BYTES for _, blob in self._needed], rows, places, copies, len(self.keys))
+            self.found = Found(self._needed, rows, places, copies, self.keys, [chunk_id for chunk_id, _ in self._chunks])
         return rows, _gather(flat, places, copies)
 
 
@@ -140,30 +139,36 @@ def _gather(flat: list[Any], places: np.ndarray, copies: np.ndarray) -> list[Any
     return values
 
 
+def _digest(data: Any) -> bytes:
+    return xxhash.xxh3_128_digest(memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B"))
+
+
 class Found:
     """Where a lookup's hits were, so that the same lookup again needs no matching.
 
-    Re-running a cell asks for the same keys, of the same chunks: as long as both are exactly as
-    they were (:meth:`key_of`, compared by digest, with the chunk ids), every row's newest copy is
-    where it was, and only the chunks that hold hits are read (and checked) again.
+    Re-running a cell asks for the same keys, of the same chunks: as long as the keys asked, the
+    ids of the function's chunks and the keys of the chunks holding hits are exactly as they were
+    (:meth:`fits`, by digest), every row's newest copy is where it was, and only the chunks that
+    hold hits are read (and checked) again.
     """
 
-    def __init__(self, needed: list[int], sizes: list[int], rows: np.ndarray | None, places: np.ndarray,
-                 copies: np.ndarray, asked: int) -> None:
-        self.key: tuple[Any, ...] = ()  # set by the store, from what was asked and stored
-        self._needed_ids = needed  # the chunks holding hits, and their rows
-        self._sizes = sizes
-        self._rows = None if rows is None or len(rows) == asked else rows  # None: every asked row
-        self._asked = asked
+    def __init__(self, needed: list[tuple[int, bytes]], rows: np.ndarray | None, places: np.ndarray,
+                 copies: np.ndarray, asked: np.ndarray, chunk_ids: list[int]) -> None:
+        self._needed_ids = [chunk_id for chunk_id, _ in needed]  # the chunks holding hits, and their rows
+        self._sizes = [len(blob) // KEY_BYTES for _, blob in needed]
+        self._rows = None if rows is None or len(rows) == len(asked) else rows  # None: every asked row
+        self._asked = len(asked)
         self._places = places.astype(np.int32) if len(places) and places.max() < 2**31 else places
         self._copies = copies
+        self._key = (_digest(asked), tuple(chunk_ids), _digest(b"".join(blob for _, blob in needed)))
 
-    @staticmethod
-    def key_of(asked: np.ndarray, chunks: list[tuple[int, bytes]]) -> tuple[Any, ...]:
-        """What must be unchanged for a Found to serve: the asked keys and every stored chunk of theirs."""
-        return (xxhash.xxh3_128_digest(memoryview(np.ascontiguousarray(asked)).cast("B")),
-                tuple(chunk_id for chunk_id, _ in chunks),
-                xxhash.xxh3_128_digest(b"".join(blob for _, blob in chunks)))
+    def fits(self, asked: np.ndarray, chunks: list[tuple[int, bytes]]) -> bool:
+        """Whether this is where the hits of a lookup of ``asked`` in the function's ``chunks`` are."""
+        if len(asked) != self._asked or tuple(chunk_id for chunk_id, _ in chunks) != self._key[1]:
+            return False
+        blobs = dict(chunks)
+        return (_digest(asked) == self._key[0]
+                and _digest(b"".join(blobs[chunk_id] for chunk_id in self._needed_ids)) == self._key[2])
 
     def needed(self, chunks: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
         """The chunks holding hits, as ``(chunk id, keys blob)`` from the function's ``chunks``."""

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from typing import Any, Sequence
 
-from .chunks import CHUNK_FORMAT, chunk_mac, dumps, join_keys, part_number, unpack
+from .chunks import CHUNK_FORMAT, chunk_mac, join_keys, pack, part_number, unpack
 from .database import DB_NAME, move_aside, open_database, rollback, write_failure
 from .keys import KEY_BYTES, row_keys
 from .location import CacheWarning, default_cache_dir, load_key
@@ -255,8 +255,8 @@ class RowCache:
             part = int(np.ascontiguousarray(group_keys[:1, :4]).view(">u4")[0, 0])
             for start in range(0, len(group_keys), MAX_CHUNK_ROWS):
                 stop = start + MAX_CHUNK_ROWS
-                for keys_blob, n, value_blob in self._pack(group_keys[start:stop].tobytes(),
-                                                           group_values[start:stop], rejected):
+                for keys_blob, n, value_blob in pack(group_keys[start:stop].tobytes(), group_values[start:stop],
+                                                     rejected, self.max_entry_bytes, MAX_CHUNK_BYTES):
                     mac = chunk_mac(self._key, keys_blob, value_blob)
                     records.append((part, now, CHUNK_FORMAT, n, mac, keys_blob, value_blob))
         if not records:
@@ -291,14 +291,19 @@ class RowCache:
         """A run stored every row of ``keys``, row ``i`` at ``places[i]`` of the chunks ``written``:
         remember it as a lookup's :class:`Found`, so re-running it matches nothing."""
         part = int(np.ascontiguousarray(keys[:1, :4]).view(">u4")[0, 0])
+        ours = [chunk_id for chunk_id, _ in written]
         with self._lock:
-            stored = sorted(self._db().execute("SELECT id, n, keys FROM chunks WHERE part = ?", (part,)).fetchall())
-            chunks = [(chunk_id, blob) for chunk_id, n, blob in stored if len(blob) == KEY_BYTES * n]
-            ours = [chunk_id for chunk_id, _ in written]
+            db = self._db()
+            ids = [chunk_id for (chunk_id,) in db.execute("SELECT id FROM chunks WHERE part = ? ORDER BY id", (part,))]
             # Only while these chunks are the function's newest: another writer's later copy would win a lookup
-            if chunks and set(ours) <= {chunk_id for chunk_id, _ in chunks} and chunks[-1][0] == max(ours):
-                self._found = Found(ours, [n for _, n in written], None, places, np.zeros(0, dtype=np.intp), len(keys))
-                self._found.key = Found.key_of(keys, chunks)
+            if not ids or ids[-1] != max(ours) or not set(ours) <= set(ids):
+                return
+            blobs = {}
+            for start in range(0, len(ours), _IN_CHUNK):
+                batch = ours[start : start + _IN_CHUNK]
+                blobs.update(db.execute(f"SELECT id, keys FROM chunks WHERE id IN ({','.join('?' * len(batch))})", batch))
+            self._found = Found([(chunk_id, blobs[chunk_id]) for chunk_id in ours], None, places,
+                                np.zeros(0, dtype=np.intp), keys, ids)
 
     def clear(self) -> None:
         """Delete every cached result and give the space back to the file system."""
@@ -353,8 +358,7 @@ class RowCache:
             chunks = [(chunk_id, keys_blob) for chunk_id, n, _, keys_blob in stored if len(keys_blob) == KEY_BYTES * n]
             atimes = {chunk_id: atime for chunk_id, _, atime, _ in stored}
             matcher: KeyMatcher | InOrder | Found
-            key = Found.key_of(keys, chunks)
-            if self._found is not None and self._found.key == key:  # the last lookup again: a re-run
+            if self._found is not None and self._found.fits(keys, chunks):  # the last lookup again: a re-run
                 matcher = self._found
                 wanted = dict(matcher.needed(chunks))
             elif InOrder.fits(keys, [blob for _, blob in chunks]):  # stored in the order asked
@@ -384,8 +388,6 @@ class RowCache:
         rows, values = matcher.assemble(loaded)
         if isinstance(matcher, KeyMatcher):
             self._found = matcher.found
-            if self._found is not None:
-                self._found.key = key
         return rows, values
 
     def _touch_and_drop(self, touch: list[int], drop: list[int], now: int) -> None:
@@ -408,44 +410,6 @@ class RowCache:
             raise
 
     # --- writing ----------------------------------------------------------------------------------
-
-    def _pack(self, keys_blob: bytes, values: list[Any],
-              rejected: list[tuple[bytes, str]]) -> list[tuple[bytes, int, bytes]]:
-        """Pickle values into chunks of ``(keys blob, n, pickled list)``; report the ones that can't go."""
-        try:
-            blob = dumps(values)
-        except Exception:
-            blob = None
-        if blob is not None and len(blob) <= min(MAX_CHUNK_BYTES, self.max_entry_bytes):
-            return [(keys_blob, len(values), blob)]
-        # Slow path: find the values that can't be pickled or are too large, group the rest by size.
-        sized: list[tuple[bytes, Any, int]] = []
-        for i, value in enumerate(values):
-            key = keys_blob[KEY_BYTES * i : KEY_BYTES * (i + 1)]
-            try:
-                size = len(dumps(value))
-            except Exception as e:
-                rejected.append((key, f"the result can't be pickled: {type(e).__name__}: {e}"))
-                continue
-            if size > self.max_entry_bytes:
-                rejected.append((key, f"the result is too large to cache: {size / 2**20:.1f} MiB pickled, "
-                                      f"over the {self.max_entry_bytes / 2**20:.0f} MiB per-row limit"))
-                continue
-            sized.append((key, value, size))
-        chunks: list[tuple[bytes, int, bytes]] = []
-        group: list[tuple[bytes, Any, int]] = []
-        total = 0
-        for entry in sized + [None]:  # type: ignore[list-item]
-            if group and (entry is None or total + entry[2] > MAX_CHUNK_BYTES):
-                try:
-                    chunks.append((b"".join(k for k, _, _ in group), len(group), dumps([v for _, v, _ in group])))
-                except Exception as e:  # pickled one by one but not together: report, don't guess
-                    rejected += [(k, f"the result can't be pickled: {type(e).__name__}: {e}") for k, _, _ in group]
-                group, total = [], 0
-            if entry is not None:
-                group.append(entry)
-                total += entry[2]
-        return chunks
 
     def _evict_if_needed(self) -> None:
         """Remove least recently used chunks until the database is under ``EVICT_TO`` of the limit."""
