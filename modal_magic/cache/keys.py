@@ -126,13 +126,12 @@ class RowKeyHasher:
         a = np.empty(n, dtype=np.uint64)
         b = np.empty(n, dtype=np.uint64)
         bad: set[int] = set()
-        types_ = list(map(type, values))
-        kinds = set(types_)
+        kinds = set(map(type, values))
         if len(kinds) == 1:
-            groups = [(types_[0], None)]
+            groups = [(type(values[0]), None)]
         else:
             codes = {kind: code for code, kind in enumerate(kinds)}
-            code_array = np.fromiter(map(codes.__getitem__, types_), dtype=np.int32, count=n)
+            code_array = np.fromiter(map(codes.__getitem__, map(type, values)), dtype=np.int32, count=n)
             groups = [(kind, np.flatnonzero(code_array == code)) for kind, code in codes.items()]
         for kind, where in groups:
             subset = values if where is None else [values[i] for i in where]
