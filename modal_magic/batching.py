@@ -3,7 +3,9 @@
 A batch should compute long enough to amortise its round trip to a worker or container and short
 enough to balance the load and show progress; the right number of rows depends on the function and
 the machine, so :class:`BatchSizer` starts small, measures each returned batch's seconds per row, and
-grows (at most :data:`GROWTH` times per measurement) toward the backend's target seconds per batch.
+grows (at most :data:`GROWTH` times per measurement) toward the backend's target seconds per batch;
+near the end of a run batches shrink so the workers finish together, but not below an eighth of
+that target.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ __all__ = ["BatchSizer", "GROWTH", "TARGET_BATCH_S"]
 TARGET_BATCH_S = 0.05
 #: how fast an automatic batch may grow between measurements
 GROWTH = 8
+#: near the end, batches shrink to balance the workers, down to 1/TAIL_FLOOR of the target's work
+TAIL_FLOOR = 8
 
 
 class BatchSizer:
@@ -49,8 +53,11 @@ class BatchSizer:
         if self.per_row_s is None:
             return self.initial
         wanted = self.target_s / self.per_row_s
-        balanced = math.ceil(remaining / (2 * self.workers))
+        # The tail is balanced, but never into batches of under an eighth of the target's work: a
+        # batch's round trip (tens of milliseconds to a Modal container) would cost more than the
+        # imbalance it saves.
+        balanced = max(math.ceil(remaining / (2 * self.workers)), wanted / TAIL_FLOOR)
         size = min(wanted, self.largest_measured * GROWTH, balanced)
         if self.max_size is not None:
             size = min(size, self.max_size)
-        return max(1, int(size))
+        return max(1, min(int(size), remaining))

@@ -226,7 +226,12 @@ def test_batch_sizer_grows_toward_the_target_and_balances_the_tail():
     for rows in (8, 64, 512, 4096, 32768):
         sizer.observe(rows, rows * 1e-6)
     assert sizer.next_size(200_000) == 50_000  # capped so each worker gets at least two batches
-    assert sizer.next_size(100) == 25
+    assert sizer.next_size(100) == 100  # 0.1 ms of work: one batch, not four round trips to balance it
+    tail = BatchSizer(workers=2, fixed=None)
+    for rows in (1, 8, 50):
+        tail.observe(rows, rows * 1e-3)
+    assert tail.next_size(100) == 25  # 100 ms of work left: four batches, so both workers finish together
+    assert tail.next_size(20) == 6  # but none under an eighth of the target's work
     slow = BatchSizer(workers=2, fixed=None)
     slow.observe(1, 0.005)
     assert slow.next_size(2000) == 8
