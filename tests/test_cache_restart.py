@@ -17,7 +17,7 @@ import pytest
 from tests.openai_server.fixture import openai_env
 
 PLAIN = textwrap.dedent('''
-    import json, random, re, sys
+    import json, random, re, sys, time
     import pandas as pd
     import modal_magic
 
@@ -27,6 +27,7 @@ PLAIN = textwrap.dedent('''
     rng = random.Random(7)  # module state that can't change what f computes
 
     def words(text):
+        time.sleep(0.0001)  # costly enough that the cache stores every row (a row under ~2 µs isn't)
         return [w for w in WORD.findall(text.lower()) if w not in STOP]
 
     def label(text):
