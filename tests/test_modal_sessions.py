@@ -102,7 +102,10 @@ def test_an_idle_session_stops_after_keep_warm_and_so_do_its_containers(modal_se
     assert modal_server.function("modal_magic_runner")["scaledown_window"] == 2
     assert len(modal_magic.sessions()) == 1 and modal_server.live_worker_pids()
     deadline = time.monotonic() + 15
-    while (modal_magic.sessions() or modal_server.live_worker_pids()) and time.monotonic() < deadline:
+    # The session leaves sessions() as its stop begins, and the server may scale the containers
+    # down on the same clock: wait for the app's stop to reach the server too.
+    while ((modal_magic.sessions() or modal_server.live_worker_pids() or not modal_server.apps_disconnected)
+           and time.monotonic() < deadline):
         time.sleep(0.1)
     assert modal_magic.sessions() == []
     assert modal_server.apps_disconnected, "the idle app was stopped"

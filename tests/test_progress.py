@@ -108,9 +108,9 @@ def test_widget_redraws_at_most_once_per_interval(clock):
     assert 1 < bar.bar.value < 200  # drawn when the clock moved, not on every row
 
     bar.close("success", summary(total=1000, succeeded=1000))
-    assert len(drawn) == 3  # close always draws
+    assert len(drawn) == 3  # close always draws, with the run's own counts
     assert bar.bar.value == 1000
-    assert drawn[-1].startswith("200/1,000 rows | 200 done,")
+    assert drawn[-1].startswith("1,000/1,000 rows | 1,000 done,")
 
 
 def test_widget_catches_up_soon_after_rows_slow_down(clock):
@@ -188,14 +188,13 @@ def test_widget_failures_turn_orange_with_types_counts_and_table(clock):
 def test_widget_abort_turns_red_and_keeps_partial_bar(clock):
     bar, _ = widget_bar(100, clock)
     clock.advance(2)
-    bar.update(done=40)
-    bar.close("aborted", summary(total=100, succeeded=40, failed=60, elapsed_s=2.0,
-                                 errors_by_type={"KeyboardInterrupt": 60}))
+    bar.update(done=39)
+    # Stop came after the run counted its 40th row but before the bar was told: the bar ends with the run's count
+    bar.close("aborted", summary(total=100, succeeded=40, failed=0, elapsed_s=2.0, cancelled=60))
     assert bar.bar.bar_style == "danger"
     assert bar.bar.value == 40
     assert bar.summary.value.startswith('<div class="modal-magic-summary-line">Aborted: 100 rows'
-                                        " in 2.0s (50.0 rows/s) | 40 succeeded, 60 failed"
-                                        " (60 KeyboardInterrupt)")
+                                        " in 2.0s (20.0 rows/s) | 40 succeeded, 0 failed, 60 cancelled")
 
 
 def test_widget_success_state_with_failed_rows_is_orange(clock):

@@ -165,6 +165,8 @@ class _LiveProgress(Progress):
         self._closed = True
         now = self._clock()
         self._start = now - summary.elapsed_s  # the final line and the summary tell the same time
+        # ... and the same counts: a Stop can land between a batch being counted and shown
+        self.done, self.failed, self.cached, self.retrying = summary.succeeded, summary.failed, summary.cached, 0
         self._draw(now, final=True)
         self._show_summary(state, summary)
 
