@@ -222,20 +222,24 @@ def add_batch_routes(app: web.Application, state: BatchState, answer: Any) -> No
             state.batches[batch.id] = batch
             return web.json_response(_batch_json(batch))
 
+    def found_batch(request: web.Request) -> StoredBatch | web.Response:
+        """The batch the URL names, brought up to date; a 404 response when there is none (hold state.lock)."""
+        batch = state.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            return _error(404, f"No batch found with id '{request.match_info['batch_id']}'")
+        advance(batch)
+        return batch
+
     async def get_batch(request: web.Request) -> web.Response:
         with state.lock:
-            batch = state.batches.get(request.match_info["batch_id"])
-            if batch is None:
-                return _error(404, f"No batch found with id '{request.match_info['batch_id']}'")
-            advance(batch)
-            return web.json_response(_batch_json(batch))
+            batch = found_batch(request)
+            return batch if isinstance(batch, web.Response) else web.json_response(_batch_json(batch))
 
     async def cancel_batch(request: web.Request) -> web.Response:
         with state.lock:
-            batch = state.batches.get(request.match_info["batch_id"])
-            if batch is None:
-                return _error(404, f"No batch found with id '{request.match_info['batch_id']}'")
-            advance(batch)
+            batch = found_batch(request)
+            if isinstance(batch, web.Response):
+                return batch
             if batch.status in _TERMINAL:
                 return _error(409, f"Cannot cancel a batch with status '{batch.status}'.")
             batch.cancelled_at = time.time()
