@@ -8,9 +8,9 @@ object isn't the one keyed there last time.
 
 Why this is safe: the memo holds strong references to the rows it keyed, so no other object can
 be given one of their addresses while it lives, and an equal id at a position is the very same
-object. It is used only when every row is of an immutable type (``str``, ``bytes``, ``int``,
-``float``, ``bool``, ``None``): the same object then has the same value, hence the same key. A
-list row could change in place and keep its id, so a column with one is never remembered.
+object. It is used only when every row is of an immutable type (``str``, ``bytes``, numbers,
+``bool``, ``None``): the same object then has the same value, hence the same key. A list row
+could change in place and keep its id, so the keys of a column with one are never reused.
 
 It never keeps a frame's data alive: it is dropped as soon as every frame it was made from (the
 frame mapped, and the frame returned) is garbage. One memo per kernel: the last run that keyed rows.
@@ -39,10 +39,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .chunks import IMMUTABLE
+
 __all__ = ["KEY_MEMO", "KeyMemo"]
 
-#: types whose objects never change value: the same object keys the same
-_IMMUTABLE = frozenset({str, bytes, int, float, bool, type(None)})
 
 KeyHasher = Callable[[list[Any]], "tuple[np.ndarray, np.ndarray]"]
 
@@ -78,7 +78,7 @@ def _ids(rows: Sequence[Any]) -> np.ndarray:
 
 
 def _all_immutable(rows: Sequence[Any]) -> bool:
-    return set(map(type, rows)) <= _IMMUTABLE
+    return set(map(type, rows)) <= IMMUTABLE  # the same object of these types keys the same
 
 
 class KeyMemo:
@@ -155,7 +155,7 @@ class KeyMemo:
         entry.rows = []  # now, not when the garbage collector gets to the entry's reference cycle
 
     def forget(self) -> None:
-        """Drop what is remembered (a run over rows of a mutable type does)."""
+        """Drop what is remembered, as a restarted kernel has nothing (benchmarks and tests use it)."""
         with self._lock:
             self._entry = None
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import xxhash
 
-__all__ = ["KEY_BYTES", "RowKeyHasher", "row_keys"]
+__all__ = ["KEY_BYTES", "RowKeyHasher", "key_list", "row_keys"]
 
 #: bytes in a row key: a 4-byte tag of the fingerprint (so one function's rows are found by an
 #: index) and 12 bytes of the row's hash
@@ -72,11 +72,7 @@ class RowKeyHasher:
 
     def keys(self, rows: Sequence[Any], star: bool) -> list[bytes | None]:
         """One key per row (``None`` for a row that can't be hashed faithfully); see :func:`row_keys`."""
-        packed, bad = self.key_array(rows, star)
-        keys: list[bytes | None] = packed.view(f"V{KEY_BYTES}").ravel().tolist()
-        for i in np.flatnonzero(bad).tolist():
-            keys[i] = None
-        return keys
+        return key_list(*self.key_array(rows, star))
 
     def key_array(self, rows: Sequence[Any], star: bool) -> tuple[np.ndarray, np.ndarray]:
         """The rows' keys as an ``(n, KEY_BYTES)`` uint8 array, and a bool mask of the rows without one.
@@ -199,6 +195,21 @@ class RowKeyHasher:
             lanes[16 * i : 16 * i + 16] = blake2b(data, digest_size=16, key=key).digest()
         both = np.frombuffer(bytes(lanes), dtype="<u8").reshape(n, 2) if n else np.empty((0, 2), dtype=np.uint64)
         return both[:, 0].astype(np.uint64), both[:, 1].astype(np.uint64), bad
+
+
+def key_list(packed: np.ndarray, bad: np.ndarray) -> list[bytes | None]:
+    """Keys as one ``bytes`` each, ``None`` where ``bad`` says a row has none.
+
+    Examples
+    --------
+    >>> keys = key_list(np.zeros((2, KEY_BYTES), dtype=np.uint8), np.array([False, True]))
+    >>> keys[0] == bytes(KEY_BYTES), keys[1]
+    (True, None)
+    """
+    keys: list[bytes | None] = np.ascontiguousarray(packed).view(f"V{KEY_BYTES}").ravel().tolist()
+    for i in np.flatnonzero(bad).tolist():
+        keys[i] = None
+    return keys
 
 
 def _utf8_encodable(text: str) -> bool:

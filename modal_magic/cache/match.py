@@ -162,6 +162,19 @@ class Found:
         self._copies = copies
         self._key = (_digest(asked), tuple(chunk_ids), _digest(b"".join(blob for _, blob in needed)))
 
+    @classmethod
+    def of_writes(cls, keys: np.ndarray, positions: np.ndarray, written: list[tuple[int, int]],
+                  chunk_ids: list[int]) -> Found:
+        """Where a run that stored every row of ``keys`` once put them: row ``positions[j]`` went
+        ``j``-th into the chunks ``written`` (``(chunk id, rows)``, in the order they were filled),
+        among the function's ``chunk_ids``. Their keys are ``keys`` in that order: nothing to read back."""
+        blob = np.ascontiguousarray(keys[positions]).tobytes()
+        ends = np.cumsum([n for _, n in written]) * KEY_BYTES
+        needed = [(chunk_id, blob[end - n * KEY_BYTES : end]) for (chunk_id, n), end in zip(written, ends.tolist())]
+        places = np.empty(len(keys), dtype=np.int64)
+        places[positions] = np.arange(len(positions))
+        return cls(needed, None, places, np.zeros(0, dtype=np.intp), keys, chunk_ids)
+
     def fits(self, asked: np.ndarray, chunks: list[tuple[int, bytes]]) -> bool:
         """Whether this is where the hits of a lookup of ``asked`` in the function's ``chunks`` are."""
         if len(asked) != self._asked or tuple(chunk_id for chunk_id, _ in chunks) != self._key[1]:

@@ -17,7 +17,7 @@ from ..fingerprint import function_fingerprint
 from .database import warn_once
 from .default import default_cache
 from .key_memo import KEY_MEMO
-from .keys import KEY_BYTES, RowKeyHasher
+from .keys import KEY_BYTES, RowKeyHasher, key_list
 
 if TYPE_CHECKING:
     from ..backends.base import Task
@@ -101,10 +101,7 @@ class RunCache:
         """The keys of the rows at ``positions`` (``None`` for a row that can't be hashed faithfully)."""
         if self._keys is not None:
             where = np.asarray(positions, dtype=np.intp)
-            keys: list[bytes | None] = self._keys[0][where].view(f"V{self._keys[0].shape[1]}").ravel().tolist()
-            for i in np.flatnonzero(self._keys[1][where]).tolist():
-                keys[i] = None
-            return [None if k is None else bytes(k) for k in keys]
+            return key_list(self._keys[0][where], self._keys[1][where])
         return self.hasher.keys([self.args[int(p)] for p in positions], self.star)
 
     def _hash_rows(self, rows: list[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -194,13 +191,11 @@ class RunCache:
         n = len(self.args)
         if len(positions) != n or not self._keyed[2].all() or self._keyed[1].any():
             return
-        places = np.empty(n, dtype=np.int64)
-        places[positions] = np.arange(n)
         seen = np.zeros(n, dtype=bool)
         seen[positions] = True
         if seen.all():  # each row stored once
             try:
-                self.cache.stored_all(self._keyed[0], layout[1], places)
+                self.cache.stored_all(self._keyed[0], positions, layout[1])
             except sqlite3.Error:  # only a shortcut for the next lookup: that lookup matches keys instead
                 pass
 

@@ -287,23 +287,17 @@ class RowCache:
             warnings.warn(f"modal_magic couldn't trim its cache at {self.path}: {e}", CacheWarning, stacklevel=2)
         return rejected
 
-    def stored_all(self, keys: np.ndarray, written: list[tuple[int, int]], places: np.ndarray) -> None:
-        """A run stored every row of ``keys``, row ``i`` at ``places[i]`` of the chunks ``written``:
-        remember it as a lookup's :class:`Found`, so re-running it matches nothing."""
+    def stored_all(self, keys: np.ndarray, positions: np.ndarray, written: list[tuple[int, int]]) -> None:
+        """A run stored every row of ``keys`` once, row ``positions[j]`` ``j``-th into the chunks
+        ``written``: remember it as a lookup's :class:`Found`, so re-running it matches nothing."""
         part = int(np.ascontiguousarray(keys[:1, :4]).view(">u4")[0, 0])
         ours = [chunk_id for chunk_id, _ in written]
         with self._lock:
-            db = self._db()
-            ids = [chunk_id for (chunk_id,) in db.execute("SELECT id FROM chunks WHERE part = ? ORDER BY id", (part,))]
+            ids = [chunk_id for (chunk_id,) in self._db().execute("SELECT id FROM chunks WHERE part = ? ORDER BY id",
+                                                                  (part,))]
             # Only while these chunks are the function's newest: another writer's later copy would win a lookup
-            if not ids or ids[-1] != max(ours) or not set(ours) <= set(ids):
-                return
-            blobs = {}
-            for start in range(0, len(ours), _IN_CHUNK):
-                batch = ours[start : start + _IN_CHUNK]
-                blobs.update(db.execute(f"SELECT id, keys FROM chunks WHERE id IN ({','.join('?' * len(batch))})", batch))
-            self._found = Found([(chunk_id, blobs[chunk_id]) for chunk_id in ours], None, places,
-                                np.zeros(0, dtype=np.intp), keys, ids)
+            if ids and ids[-1] == max(ours) and set(ours) <= set(ids):
+                self._found = Found.of_writes(keys, positions, written, ids)
 
     def clear(self) -> None:
         """Delete every cached result and give the space back to the file system."""
