@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import random
 import signal
 import sqlite3
 import stat
@@ -623,6 +624,27 @@ def test_a_rerun_of_a_run_that_stored_every_row_reads_them_where_they_were(monke
     assert modal_magic.last_run().cached == 400 and made == [], "the re-run matched keys it didn't need to"
     assert again["result"].tolist() == first["result"].tolist()
     assert again["result"].iloc[0] is not again["result"].iloc[40], "equal rows share one list"
+
+
+def test_rows_stored_out_of_order_are_read_back_where_they_went(cache, monkeypatch):
+    # Batches come back in any order: the record of where each row went (kept as they are
+    # written) must send every row of the re-run to its own value, without matching keys.
+    from modal_magic.cache.rows import RunCache
+
+    made = _counting_matchers(monkeypatch)
+    monkeypatch.setattr(store_module, "MAX_CHUNK_ROWS", 700)
+    args = [f"row {i}" for i in range(5000)]
+    hasher = cache_module.RowKeyHasher("fp")
+    run = RunCache(cache, hasher, args, star=False, refresh=False)
+    batches = [range(start, min(start + 900, len(args))) for start in range(0, len(args), 900)]
+    for batch in random.Random(3).sample(batches, len(batches)):
+        run.save(batch, [[args[p], p] for p in batch], [], 0.001 * len(batch))
+        run.flush()
+    run.report()
+    assert cache._found is not None
+    rows, values = RunCache(cache, hasher, args, star=False, refresh=False).hits()
+    assert made == [], "the re-run matched keys instead of reading where the rows went"
+    assert rows.tolist() == list(range(5000)) and values == [[a, p] for p, a in enumerate(args)]
 
 
 def test_what_was_found_is_not_reused_once_the_stored_chunks_change(monkeypatch):

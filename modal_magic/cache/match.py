@@ -34,7 +34,7 @@ import xxhash
 from .chunks import IMMUTABLE, own_copy
 from .keys import KEY_BYTES
 
-__all__ = ["Found", "InOrder", "KeyMatcher"]
+__all__ = ["Found", "InOrder", "KeyMatcher", "WriteLog"]
 
 
 def _low_half(keys: np.ndarray) -> np.ndarray:
@@ -122,7 +122,8 @@ class KeyMatcher:
         places = offsets - self._starts[chunk] + flat_start[chunk]
         copies = np.flatnonzero(self._repeat[rows])
         if all(chunk_id in loaded for chunk_id, _ in self._needed):
-            self.found = Found(self._needed, rows, places, copies, self.keys, [chunk_id for chunk_id, _ in self._chunks])
+            self.found = Found.of_lookup(self._needed, rows, places, copies, self.keys,
+                                         [chunk_id for chunk_id, _ in self._chunks])
         return rows, _gather(flat, places, copies)
 
 
@@ -152,28 +153,30 @@ class Found:
     hold hits are read (and checked) again.
     """
 
-    def __init__(self, needed: list[tuple[int, bytes]], rows: np.ndarray | None, places: np.ndarray,
-                 copies: np.ndarray, asked: np.ndarray, chunk_ids: list[int]) -> None:
-        self._needed_ids = [chunk_id for chunk_id, _ in needed]  # the chunks holding hits, and their rows
-        self._sizes = [len(blob) // KEY_BYTES for _, blob in needed]
+    def __init__(self, needed_ids: list[int], sizes: list[int], rows: np.ndarray | None, places: np.ndarray,
+                 copies: np.ndarray, asked: np.ndarray, chunk_ids: list[int], needed_digest: bytes) -> None:
+        self._needed_ids = needed_ids  # the chunks holding hits, and how many rows each holds
+        self._sizes = sizes
         self._rows = None if rows is None or len(rows) == len(asked) else rows  # None: every asked row
         self._asked = len(asked)
         self._places = places.astype(np.int32) if len(places) and places.max() < 2**31 else places
         self._copies = copies
-        self._key = (_digest(asked), tuple(chunk_ids), _digest(b"".join(blob for _, blob in needed)))
+        self._key = (_digest(asked), tuple(chunk_ids), needed_digest)
 
     @classmethod
-    def of_writes(cls, keys: np.ndarray, positions: np.ndarray, written: list[tuple[int, int]],
-                  chunk_ids: list[int]) -> Found:
-        """Where a run that stored every row of ``keys`` once put them: row ``positions[j]`` went
-        ``j``-th into the chunks ``written`` (``(chunk id, rows)``, in the order they were filled),
-        among the function's ``chunk_ids``. Their keys are ``keys`` in that order: nothing to read back."""
-        blob = np.ascontiguousarray(keys[positions]).tobytes()
-        ends = np.cumsum([n for _, n in written]) * KEY_BYTES
-        needed = [(chunk_id, blob[end - n * KEY_BYTES : end]) for (chunk_id, n), end in zip(written, ends.tolist())]
-        places = np.empty(len(keys), dtype=np.int64)
-        places[positions] = np.arange(len(positions))
-        return cls(needed, None, places, np.zeros(0, dtype=np.intp), keys, chunk_ids)
+    def of_lookup(cls, needed: list[tuple[int, bytes]], rows: np.ndarray, places: np.ndarray, copies: np.ndarray,
+                  asked: np.ndarray, chunk_ids: list[int]) -> Found:
+        """Where a lookup of ``asked`` among the function's ``chunk_ids`` found its hits: the
+        ``needed`` chunks (``(chunk id, keys blob)``), and for each hit row its place among them."""
+        return cls([chunk_id for chunk_id, _ in needed], [len(blob) // KEY_BYTES for _, blob in needed], rows,
+                   places, copies, asked, chunk_ids, _digest(b"".join(blob for _, blob in needed)))
+
+    @classmethod
+    def of_writes(cls, keys: np.ndarray, log: WriteLog, chunk_ids: list[int]) -> Found:
+        """Where a run that stored every row of ``keys`` once put them (its :class:`WriteLog`), among
+        the function's ``chunk_ids``: nothing to read back."""
+        return cls([chunk_id for chunk_id, _ in log.written], [n for _, n in log.written], None, log.places,
+                   np.zeros(0, dtype=np.intp), keys, chunk_ids, log.digest.digest())
 
     def fits(self, asked: np.ndarray, chunks: list[tuple[int, bytes]]) -> bool:
         """Whether this is where the hits of a lookup of ``asked`` in the function's ``chunks`` are."""
@@ -232,3 +235,38 @@ class InOrder:
                 values.extend(chunk_values)
             start += n
         return (np.concatenate(rows) if rows else np.empty(0, dtype=np.intp)), values
+
+
+class WriteLog:
+    """Where a first run's rows go as they are stored, kept as they are written, for :meth:`Found.of_writes`.
+
+    Row ``positions[j]`` of a write goes ``j``-th into that write's chunks; the log keeps each
+    row's place among all the chunks written, and a running digest of their keys in that order,
+    which is the digest :meth:`Found.fits` takes of the chunks' stored keys. So a run that stores
+    every row leaves behind where each is without gathering or hashing its keys again at the end.
+
+    Examples
+    --------
+    >>> log = WriteLog(3)
+    >>> keys = np.arange(3 * KEY_BYTES, dtype=np.uint8).reshape(3, KEY_BYTES)
+    >>> log.add(np.array([2, 0]), keys[[2, 0]], [(11, 2)]); log.add(np.array([1]), keys[[1]], [(12, 1)])
+    >>> log.places.tolist(), log.written, log.complete()
+    ([1, 2, 0], [(11, 2), (12, 1)], True)
+    """
+
+    def __init__(self, n: int) -> None:
+        self.places = np.full(n, -1, dtype=np.int32 if n < 2**31 else np.int64)
+        self.written: list[tuple[int, int]] = []
+        self.digest = xxhash.xxh3_128()
+        self.stored = 0
+
+    def add(self, positions: np.ndarray, keys: np.ndarray, written: list[tuple[int, int]]) -> None:
+        """The rows at ``positions``, whose keys are ``keys``, went in that order into ``written``."""
+        self.places[positions] = np.arange(self.stored, self.stored + len(positions), dtype=self.places.dtype)
+        self.stored += len(positions)
+        self.digest.update(memoryview(np.ascontiguousarray(keys)).cast("B"))
+        self.written.extend(written)
+
+    def complete(self) -> bool:
+        """Whether every row was stored, each once."""
+        return self.stored == len(self.places) and bool((self.places >= 0).all())

@@ -7,6 +7,7 @@ can change a row's result and so belong in the cache key.
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import warnings
 from typing import TYPE_CHECKING, Any, Sequence
@@ -18,6 +19,7 @@ from .database import warn_once
 from .default import default_cache
 from .key_memo import KEY_MEMO
 from .keys import KEY_BYTES, RowKeyHasher, key_list
+from .match import WriteLog
 
 if TYPE_CHECKING:
     from ..backends.base import Task
@@ -64,8 +66,8 @@ class RunCache:
         self.frame = frame
         self._remembered = False  # whether this run's keys are the memo's now
         self._keyed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (packed, bad, known) of a first run
-        # where a first run's rows went: (positions stored, flush by flush; (chunk id, rows) written)
-        self._layout: tuple[list[np.ndarray], list[tuple[int, int]]] | None = ([], [])
+        # where a first run's rows went, made as the first are written; False once it can't be every row, each once
+        self._layout: WriteLog | bool | None = None
         self.problems: list[tuple[bytes, str]] = []
         self._keys: tuple[np.ndarray, np.ndarray] | None = None  # every row's, once needed
         self._buffer: list[tuple[Sequence[int], list[Any], float]] = []  # (positions, values, per row s)
@@ -140,7 +142,7 @@ class RunCache:
         kept = [entry for entry in self._buffer
                 if mostly_costly or (entry[2] >= self.COSTLY_ROW_S and len(entry[1]) > 1)]
         if kept:
-            values = [value for _, batch_values, _ in kept for value in batch_values]
+            values = list(itertools.chain.from_iterable(batch_values for _, batch_values, _ in kept))
             where = np.concatenate([np.arange(p.start, p.stop) if isinstance(p, range) else np.asarray(p, dtype=np.intp)
                                     for p, _, _ in kept])
             if self._keys is not None:
@@ -160,7 +162,7 @@ class RunCache:
             if len(values):
                 written: list[tuple[int, int]] = []
                 self.problems.extend(self.cache.put_packed(packed, values, written=written))
-                self._note_written(where[~bad] if bad.any() else where, written, len(values))
+                self._note_written(where[~bad] if bad.any() else where, packed, written, len(values))
         self._buffer = []
         self._buffered_rows = 0
         self._buffered_work_s = 0.0
@@ -172,30 +174,26 @@ class RunCache:
             self._keyed = (np.empty((n, KEY_BYTES), dtype=np.uint8), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))
         self._keyed[0][where], self._keyed[1][where], self._keyed[2][where] = packed, bad, True
 
-    def _note_written(self, positions: np.ndarray, written: list[tuple[int, int]], stored: int) -> None:
+    def _note_written(self, positions: np.ndarray, packed: np.ndarray, written: list[tuple[int, int]],
+                      stored: int) -> None:
         """Follow where this run's rows went, while every row it stored is accounted for."""
-        if self._layout is None:
+        if self._layout is False:
             return
         if sum(n for _, n in written) != stored or self._keys is not None:  # a re-run reads instead
-            self._layout = None
+            self._layout = False
             return
-        self._layout[0].append(positions)
-        self._layout[1].extend(written)
+        if self._layout is None:
+            self._layout = WriteLog(len(self.args))
+        self._layout.add(positions, packed, written)
 
     def _remember_layout(self) -> None:
         """A run that stored every row tells the cache where: re-running it then matches nothing."""
-        layout, self._layout = self._layout, None
-        if layout is None or self._keyed is None or not layout[0]:
+        layout, self._layout = self._layout, False
+        if not isinstance(layout, WriteLog) or self._keyed is None or not layout.written:
             return
-        positions = np.concatenate(layout[0])
-        n = len(self.args)
-        if len(positions) != n or not self._keyed[2].all() or self._keyed[1].any():
-            return
-        seen = np.zeros(n, dtype=bool)
-        seen[positions] = True
-        if seen.all():  # each row stored once
+        if layout.complete() and self._keyed[2].all() and not self._keyed[1].any():  # each row stored once
             try:
-                self.cache.stored_all(self._keyed[0], positions, layout[1])
+                self.cache.stored_all(self._keyed[0], layout)
             except sqlite3.Error:  # only a shortcut for the next lookup: that lookup matches keys instead
                 pass
 

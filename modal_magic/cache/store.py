@@ -47,7 +47,7 @@ from .chunks import CHUNK_FORMAT, chunk_mac, join_keys, pack, part_number, unpac
 from .database import DB_NAME, move_aside, open_database, rollback, write_failure
 from .keys import KEY_BYTES, row_keys
 from .location import CacheWarning, default_cache_dir, load_key
-from .match import Found, InOrder, KeyMatcher
+from .match import Found, InOrder, KeyMatcher, WriteLog
 
 __all__ = ["RowCache", "DB_NAME"]
 
@@ -287,17 +287,17 @@ class RowCache:
             warnings.warn(f"modal_magic couldn't trim its cache at {self.path}: {e}", CacheWarning, stacklevel=2)
         return rejected
 
-    def stored_all(self, keys: np.ndarray, positions: np.ndarray, written: list[tuple[int, int]]) -> None:
-        """A run stored every row of ``keys`` once, row ``positions[j]`` ``j``-th into the chunks
-        ``written``: remember it as a lookup's :class:`Found`, so re-running it matches nothing."""
+    def stored_all(self, keys: np.ndarray, log: WriteLog) -> None:
+        """A run stored every row of ``keys`` once, as ``log`` says where: remember it as a lookup's
+        :class:`Found`, so re-running it matches nothing."""
         part = int(np.ascontiguousarray(keys[:1, :4]).view(">u4")[0, 0])
-        ours = [chunk_id for chunk_id, _ in written]
+        ours = [chunk_id for chunk_id, _ in log.written]
         with self._lock:
             ids = [chunk_id for (chunk_id,) in self._db().execute("SELECT id FROM chunks WHERE part = ? ORDER BY id",
                                                                   (part,))]
             # Only while these chunks are the function's newest: another writer's later copy would win a lookup
             if ids and ids[-1] == max(ours) and set(ours) <= set(ids):
-                self._found = Found.of_writes(keys, positions, written, ids)
+                self._found = Found.of_writes(keys, log, ids)
 
     def clear(self) -> None:
         """Delete every cached result and give the space back to the file system."""
