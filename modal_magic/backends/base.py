@@ -104,6 +104,9 @@ class Runtime:
     #: kernel batch by batch (an LLM run's ``budget_usd`` on Modal), given the run's options at the
     #: start of each run (a retry of failed rows spends from the same account); ``None``: no such cap
     account: Callable[[MapOptions], Account | None] | None = None
+    #: modules the function's code needs that aren't installed where the rows run (a Modal
+    #: container): pickled by value with it, on every run of it (``retry_failed()``'s too)
+    by_value: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@
 :class:`~modal_magic.llm.row.shipped.ContainerRow`, without the key); its session (API key, client,
 limiter, budget) is kept off it, in a side table. :meth:`LLMRowFunction.runtime` says what the
 backend needs beyond the function: the meter the progress bar reads, the worker processes, what
-those processes run, how the run closes its HTTP client, and on Modal the account in which the
-engine books each batch's share of ``budget_usd`` (:mod:`~modal_magic.llm.allotments`).
+those processes run, how the run closes its HTTP client, that the row runtime travels to Modal
+by value, and on Modal the account in which the engine books each batch's share of
+``budget_usd`` (:mod:`~modal_magic.llm.allotments`).
 
 A session lives for one run: the run's end (:meth:`LLMRowFunction.aclose`, or
 :meth:`LLMRowFunction.release` where the rows ran in other processes) drops it with its client.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Runtime
+from . import row as row_runtime
 from .allotments import LLMAccount
 from .row.ledger import new_ledger
 from .row.limits import Budget, Limits, Meter
@@ -122,7 +124,8 @@ class LLMRowFunction:
         """What the backend needs for this function: its meter, worker processes, their row, the close hook."""
         state = _RUNTIMES[self]
         return Runtime(meter=state.meter, worker_processes=state.processes, for_workers=self.for_workers,
-                       aopen=self.aopen, aclose=self.aclose, account=self.account)
+                       aopen=self.aopen, aclose=self.aclose, account=self.account,
+                       by_value=(row_runtime.__name__,))  # a container has no modal_magic
 
     def account(self, options: MapOptions) -> LLMAccount | None:
         """On Modal with ``budget_usd=``: the kernel's account of it, where the engine books each batch.
