@@ -11,6 +11,7 @@ tokens in and out and cost come back as columns. The package, one module per ide
 - :mod:`~modal_magic.llm.templates`, :mod:`~modal_magic.llm.prices`, :mod:`~modal_magic.llm.keys`:
   the template's fields, what tokens cost, where the API key comes from;
 - :mod:`~modal_magic.llm.function`: the row function the engine maps, and the runtime it needs;
+- :mod:`~modal_magic.llm.allotments`: on Modal, the kernel's account of ``budget_usd``, booked batch by batch;
 - :mod:`~modal_magic.llm.row`, the row runtime, which also runs inside Modal containers and worker
   processes (pickled by value, standard library only): :mod:`~modal_magic.llm.row.session` (one
   request per row, retries), :mod:`~modal_magic.llm.row.limits` (request, rate limits, budget,

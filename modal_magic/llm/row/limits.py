@@ -3,9 +3,9 @@
 Part of the row runtime (see :mod:`modal_magic.llm.row`): pickled by value into Modal
 containers and worker processes, so only the standard library is imported here. A
 :class:`Request` is what decides a row's answer (the cache fingerprints it); :class:`Limits` are
-one process's share of ``rpm=``, ``tpm=`` and ``budget_usd=``; :class:`RateLimiter` and
-:class:`Budget` enforce them across every request on one event loop, and :class:`Meter` keeps the
-running totals the progress bar shows.
+one process's share of ``rpm=`` and ``tpm=``, and its ``budget_usd=``; :class:`RateLimiter` and
+:class:`Budget` enforce them across every request on one event loop, :func:`worst_case` is what a
+budget books for each try, and :class:`Meter` keeps the running totals the progress bar shows.
 """
 
 from __future__ import annotations
