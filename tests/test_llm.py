@@ -971,6 +971,35 @@ def test_on_modal_retry_failed_spends_from_what_is_left_of_the_budget(openai_ser
                                                    r"could cost up to \$0.0012").all()
 
 
+def test_the_kernels_account_cuts_batches_to_what_fits_and_counts_a_batch_never_settled_as_spent():
+    from modal_magic.backends import Batch, BatchResult
+    from modal_magic.llm.allotments import LLMAccount
+    from modal_magic.llm.row.allotment import BILLED_KEY
+
+    # $0.40 a row at most (30 prompt tokens + 10 output tokens at $10,000 a million)
+    request = llm_row.Request(template="{t}", fields=("t",), model="m", into="a", max_tokens=10, price=(1e4, 1e4))
+    account = LLMAccount(request, None, llm_row.Budget(1.0)).start(tries=1)
+    rows = [("hi",)] * 4
+    assert account.admit(Batch(0, range(4), rows)) == ("book", 2)
+    sent = account.book(Batch(7, range(2), rows[:2]))
+    assert [arg[0] for arg in sent.args] == ["hi", "hi"] and sent.args[0][1] is sent.args[1][1]
+    assert account.admit(Batch(0, range(2, 4), rows[2:])) == ("wait", 0)  # room for one only once 7 settles
+    answers = [{"a": "x", BILLED_KEY: 0.1}, {"a": "y", BILLED_KEY: 0.1}]
+    account.settle(BatchResult(sent, values=answers))
+    assert account.budget.spent_usd == pytest.approx(0.2) and account.budget.in_flight_usd == 0
+    assert answers == [{"a": "x"}, {"a": "y"}]  # the rows' reports are no columns
+    assert account.admit(Batch(0, range(2, 4), rows[2:])) == ("book", 2)
+    # A run stopped with a batch in flight: the next run (retry_failed) counts it as spent, it may have been billed.
+    account.book(Batch(8, range(2, 4), rows[2:]))
+    account.start(tries=1)
+    assert account.budget.spent_usd == pytest.approx(1.0) and account.budget.in_flight_usd == 0
+    assert account.admit(Batch(0, [0], rows[:1])) == ("refuse", 0)
+    refusal = str(account.refusal(Batch(0, [0, 1], rows[:2]), rows_left=5))
+    assert refusal.startswith("budget_usd=1.00: $1.00 spent, and the next request could cost up to $0.40 (30 prompt "
+                              "tokens at most + 10 output tokens (max_tokens)), which would pass it, so it and the 4 "
+                              "rows after it were not sent. Raise budget_usd")
+
+
 def test_a_retry_that_no_longer_fits_its_batchs_allotment_fails_its_row_only(openai_server):
     # Inside a container: a try that timed out may have been billed its worst case, so the retry
     # needs a second one, which the batch's allotment (one and a half here) doesn't hold.

@@ -56,9 +56,18 @@ class LLMAccount:
         self.budget = budget
         self.tries = 1  # Modal's tries of a lost input: each may run the batch's rows, and bill them
         self._booked: dict[int, tuple[float, float]] = {}  # batch id -> (booked, one try's allotment)
+        self._worsts: dict[int, float] = {}  # this run's rows' worst cases, by position: asked again and again
 
     def start(self, tries: int) -> LLMAccount:
-        """A run (or a retry of failed rows) starts: keep what was spent, look again."""
+        """A run (or a retry of failed rows) starts: keep what was spent, look again.
+
+        A batch of an earlier run that never came back (the run was stopped with it in flight, its
+        call cancelled) counts as spent at its allotment: it may have been billed.
+        """
+        for whole, _ in self._booked.values():
+            self.budget.settle(whole, whole)
+        self._booked.clear()
+        self._worsts.clear()  # a new run's positions are rows of another frame
         self.tries = tries
         self.budget.restart()
         return self
@@ -67,6 +76,12 @@ class LLMAccount:
         # a lost row sent again carries its last batch's allotment
         values, _ = split_allotment(tuple(arg), len(self.request.fields))
         return row_worst_case(self.request, values, self.max_output_tokens)
+
+    def _worst_usd(self, position: int, arg: Any) -> float:
+        worst = self._worsts.get(position)
+        if worst is None:
+            worst = self._worsts[position] = self._worst(arg)[0]
+        return worst
 
     def admit(self, batch: Batch) -> tuple[Verdict, int]:
         """How many of the first rows of ``batch`` fit in the room left, each at its worst case."""
@@ -78,14 +93,14 @@ class LLMAccount:
             return "book", len(batch.args)
         held = budget.spent_usd + budget.in_flight_usd
         allotment, fits = 0.0, 0
-        for arg in batch.args:  # summed in order, as book() sums them: the same float
-            more = allotment + self._worst(arg)[0]
+        for position, arg in zip(batch.positions, batch.args):  # summed in order, as book() sums them
+            more = allotment + self._worst_usd(int(position), arg)
             if held + more * self.tries > limit:
                 break
             allotment, fits = more, fits + 1
         if fits:
             return "book", fits
-        if budget.spent_usd + self._worst(batch.args[0])[0] * self.tries > limit:
+        if budget.spent_usd + self._worst_usd(int(batch.positions[0]), batch.args[0]) * self.tries > limit:
             return "refuse", 0
         return "wait", 0
 
@@ -94,8 +109,8 @@ class LLMAccount:
         fields = len(self.request.fields)
         rows = [split_allotment(tuple(arg), fields)[0] for arg in batch.args]
         allotment = 0.0
-        for values in rows:
-            allotment += row_worst_case(self.request, values, self.max_output_tokens)[0]
+        for position, values in zip(batch.positions, rows):
+            allotment += self._worst_usd(int(position), values)
         booked = allotment * self.tries
         self.budget.book(booked)
         self._booked[batch.id] = (booked, allotment)
