@@ -897,16 +897,20 @@ def test_on_modal_the_budget_is_a_hard_cap_with_large_prompts(openai_server, mod
     # An 80,000-byte prompt books 80,000 tokens at most ($0.012) and is billed 20,004 ($0.003).
     big = "x" * 80_000
     df = pd.DataFrame({"text": [f"{big} {i}" for i in range(16)]})
-    out = df.modal.llm("{text}", budget_usd=0.03, max_tokens=5, progress=False,
-                       **on_modal(openai_server, modal_server, monkeypatch))
+    kwargs = dict(max_tokens=5, progress=False, **on_modal(openai_server, modal_server, monkeypatch))
+    out = df.modal.llm("{text}", budget_usd=0.03, **kwargs)
     billed = billed_usd(openai_server)
     assert billed <= 0.03 and modal_magic.last_run().cost_usd == pytest.approx(billed)
     assert {r.tokens_in for r in openai_server.requests} == {20_004}
-    assert out["answer"].notna().sum() == len(openai_server.requests) >= 4
+    answered = int(out["answer"].notna().sum())
+    assert answered == len(openai_server.requests) >= 4
     messages = out.modal.errors()["message"]
     assert len(messages) and messages.str.match(r"budget_usd=0.03: \$0.0[12] spent, and the next request could cost "
                                                 r"up to \$0.01 \(80,0[0-9][0-9] prompt tokens at most \+ 5 output "
                                                 r"tokens \(max_tokens\)\)").all()
+    # The allotments that travelled with the rows are in no cache key: a bigger budget pays only for the rest.
+    rest = df.modal.llm("{text}", budget_usd=1.0, **kwargs)
+    assert rest["answer_error"].isna().all() and len(openai_server.requests) == 16
 
 
 @pytest.mark.timeout(240)
