@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from . import control, join, runs
-from .backends import Backend, BackendFailed, Batch, BatchResult, Runtime, Task, create_backend
+from .backends import Account, Backend, BackendFailed, Batch, BatchResult, Runtime, Task, create_backend
 from .backends.row_runner import backoff_s, run_rows
 from .cache.rows import RunCache
 from .checks import check_function, check_picklable, default_into
@@ -37,6 +37,7 @@ from .progress import Progress, make_progress
 from .runs import RunSpec
 
 if TYPE_CHECKING:
+    from .llm.row.booking import Verdict
     from .spend import MapBudget
 
 __all__ = ["map_frame", "BatchSizer", "check_columns"]
@@ -322,7 +323,13 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
 
         budget = MapBudget(opts)  # with budget_usd each batch books its worst case before it is sent
         outcomes.compute_usd = 0.0
-    held: Batch | None = None  # a batch waiting for those in flight to settle, so it fits the budget
+    # Every cap on what the run spends, each booked batch by batch: the compute budget, and the one
+    # the layer that made the function keeps (an LLM run's budget_usd on Modal).
+    accounts: list[Account] = [budget] if budget is not None else []
+    extra = task.runtime.account(opts) if task.runtime.account is not None else None
+    if extra is not None:
+        accounts.append(extra)
+    held: Batch | None = None  # a batch (or the rest of one) waiting its turn, first in line, so it fits the budget
 
     while cursor < n or in_flight or retry_at or held is not None:
         if stop is not None and stop.is_set():  # MapJob.cancel(): stop as the Stop button does
@@ -348,19 +355,21 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
                 cursor += size
             else:
                 break
-            if budget is not None:
-                verdict = budget.check(batch)
+            if accounts:
+                verdict, fits, refusing = _admit(accounts, batch)
                 if verdict == "wait":
                     held = batch
                     break
                 if verdict == "refuse":
-                    _refuse_unsent(budget, batch, todo[cursor:], retry_at, outcomes, progress)
+                    _refuse_unsent(refusing, batch, todo[cursor:], retry_at, outcomes, progress)
                     cursor = n
                     break
+                if fits < len(batch.positions):  # what doesn't fit yet goes first next time
+                    batch, held = _split(batch, fits)
             batch.id = next_id
             next_id += 1
-            if budget is not None:
-                budget.book(batch)
+            for account in accounts:
+                batch = account.book(batch)
             starting.append(batch)
             in_flight += 1
         if starting:
@@ -375,8 +384,9 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
         _relay_backend_news(backend, progress, logs)
         for result in results:
             in_flight -= 1
+            for account in accounts:
+                account.settle(result)
             if budget is not None:
-                budget.settle(result)
                 outcomes.compute_usd = budget.cost_usd(backend.container_seconds())
                 if backend.status() is None:  # live dollars on the bar, where the backend has nothing to say
                     progress.update(status=budget.status(outcomes.compute_usd))
@@ -400,13 +410,36 @@ def _drive(backend: Backend, task: Task, args: list[Any], todo: Sequence[int], o
                 _raise_if_asked(failed, task, outcomes, index)
 
 
-def _refuse_unsent(budget: MapBudget, batch: Batch, rest: Sequence[int], retry_at: list, outcomes: Outcomes,
+def _admit(accounts: list[Account], batch: Batch) -> tuple[Verdict, int, Account | None]:
+    """Whether ``batch`` may go now, and how many of its first rows: the fewest any account has room for.
+
+    Returns ``(verdict, rows, account)``: ``"book"`` with the rows every account can take (at least
+    one; fewer rows never cost more), else the first account's ``"wait"`` or ``"refuse"``, and which.
+    """
+    rows = len(batch.positions)
+    for account in accounts:
+        verdict, fits = account.admit(batch)
+        if verdict != "book":
+            return verdict, 0, account
+        rows = min(rows, fits)
+    return "book", rows, None
+
+
+def _split(batch: Batch, rows: int) -> tuple[Batch, Batch]:
+    """``batch``'s first ``rows`` rows, and the rest, as two batches of the same attempt."""
+    head = dataclasses.replace(batch, positions=batch.positions[:rows], args=batch.args[:rows])
+    rest = dataclasses.replace(batch, positions=batch.positions[rows:], args=batch.args[rows:])
+    return head, rest
+
+
+def _refuse_unsent(account: Account | None, batch: Batch, rest: Sequence[int], retry_at: list, outcomes: Outcomes,
                    progress: Progress) -> None:
-    """The budget can't take ``batch``: it, the rows not yet batched and those waiting to retry fail unsent."""
+    """An account can't take ``batch``: it, the rows not yet batched and those waiting to retry fail unsent."""
+    assert account is not None
     waiting = [p for _, _, b in retry_at for p in b.positions]
     retry_at.clear()
     unsent = [*batch.positions, *rest, *waiting]
-    error = RowError.from_exception(budget.refusal(batch, len(unsent)))
+    error = RowError.from_exception(account.refusal(batch, len(unsent)))
     for position in unsent:
         outcomes.fail(int(position), error)
     progress.update(failed=len(unsent), retrying=0)

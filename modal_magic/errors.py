@@ -132,6 +132,10 @@ class RowReport(Protocol):
         counts them.
     row_usage : tuple[int, float | None] | None
         ``(tokens, cost_usd)`` paid for although the row failed, which the run's meter adds up.
+    row_billed_usd : float, optional
+        Not part of the protocol's check (read with ``getattr`` where it may be set): on Modal with
+        an LLM ``budget_usd``, what the row's tries may have been billed, which the kernel settles
+        its batch's allotment with (:mod:`modal_magic.llm.allotments`).
 
     Examples
     --------

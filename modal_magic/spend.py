@@ -84,11 +84,18 @@ class MapBudget:
             return "book"
         return verdict(self.bookings.limit_usd, self.spent_usd, self.bookings.in_flight_usd, self.worst_usd(batch))
 
-    def book(self, batch: Batch) -> None:
-        """``batch`` is being sent (after :meth:`check` said ``"book"``)."""
+    def admit(self, batch: Batch) -> tuple[Verdict, int]:
+        """:meth:`check` as an :class:`~modal_magic.backends.base.Account` says it: the whole batch or none of it
+        (a compute budget keeps the batches as the engine cut them, as it always has)."""
+        answer = self.check(batch)
+        return answer, len(batch.positions) if answer == "book" else 0
+
+    def book(self, batch: Batch) -> Batch:
+        """``batch`` is being sent (after :meth:`check` said ``"book"``); it goes as it is."""
         worst = self.worst_usd(batch)
         self._booked[batch.id] = worst
         self.bookings.book(worst)
+        return batch
 
     def settle(self, result: BatchResult) -> None:
         """``result`` came back: what its container time cost replaces its booking."""

@@ -857,20 +857,177 @@ def test_on_modal_the_bar_adds_up_tokens_and_cost_as_rows_come_back(openai_serve
     assert f"{billed:,} tokens" in err
 
 
-def test_on_modal_each_containers_share_of_the_budget_is_a_hard_cap(openai_server, modal_server, monkeypatch,
-                                                                    capsys):
+MODAL_REFUSAL = (r"budget_usd=0.03: \$0.02 spent, and the next request could cost up to \$0.0098 \(4[0-9] prompt tokens "
+                 r"at most \+ 16,384 output tokens \(gpt-4o-mini's most, as max_tokens is not set\)\), which would pass "
+                 r"it, so it and the (\d+) rows? after it were not sent. Raise budget_usd, or pass a smaller max_tokens= "
+                 r"so that each request books less, and run again: rows already answered are not paid for twice")
+
+
+def on_modal(openai_server, modal_server, monkeypatch) -> dict:
+    """The arguments of an LLM run on the local Modal server, its key in a Modal secret."""
     monkeypatch.delenv("OPENAI_API_KEY")
     modal_server.add_secret("openai-secret", {"OPENAI_API_KEY": "sk-modal-secret-1234"})
+    return dict(backend="modal", secrets=["openai-secret"], base_url=openai_server.base_url, model="gpt-4o-mini")
+
+
+@pytest.mark.timeout(180)
+def test_on_modal_the_budget_is_one_hard_cap_booked_batch_by_batch_without_max_containers(openai_server, modal_server,
+                                                                                           monkeypatch, capsys):
+    # Issue 13: each container had its own share, and a crashed container's replacement a fresh one.
+    # Now the kernel books each batch's worst case ($0.0098 a row without max_tokens): three rows of
+    # $0.03 in flight at most, so the batches are cut to what fits, whatever max_containers says.
     df = pd.DataFrame({"text": [f"[[long=2000]] {i}" for i in range(24)]})
-    out = df.modal.llm("Say {text}", model="gpt-4o-mini", budget_usd=0.03, backend="modal", secrets=["openai-secret"],
-                       base_url=openai_server.base_url, max_containers=2, progress=True)
+    out = df.modal.llm("Say {text}", budget_usd=0.03, progress=True, **on_modal(openai_server, modal_server,
+                                                                               monkeypatch))
     billed = billed_usd(openai_server)
     assert 0 < billed <= 0.03
-    assert out["answer"].notna().sum() == len(openai_server.requests) >= 2
+    answered = int(out["answer"].notna().sum())
+    assert answered == len(openai_server.requests) >= 10  # $0.0012 an answer: the run stops near $0.02
     assert out["answer_cost_usd"].sum() == pytest.approx(billed)
     assert modal_magic.last_run().cost_usd == pytest.approx(billed)
-    assert out["answer_error"].dropna().str.startswith("BudgetExceeded: budget_usd=0.015: $").all()
-    assert out["answer_error"].notna().any()
+    assert "modal_magic_billed_usd" not in out.columns  # what the rows report to the kernel is no column
+    errors = out.modal.errors()
+    assert len(errors) == 24 - answered > 0 and set(errors["type"]) == {"BudgetExceeded"}
+    after = {int(re.fullmatch(MODAL_REFUSAL, message).group(1)) for message in errors["message"]}
+    assert after == {len(errors) - 1}
+
+
+@pytest.mark.timeout(180)
+def test_on_modal_the_budget_is_a_hard_cap_with_large_prompts(openai_server, modal_server, monkeypatch):
+    # An 80,000-byte prompt books 80,000 tokens at most ($0.012) and is billed 20,004 ($0.003).
+    big = "x" * 80_000
+    df = pd.DataFrame({"text": [f"{big} {i}" for i in range(16)]})
+    kwargs = dict(max_tokens=5, progress=False, **on_modal(openai_server, modal_server, monkeypatch))
+    out = df.modal.llm("{text}", budget_usd=0.03, **kwargs)
+    billed = billed_usd(openai_server)
+    assert billed <= 0.03 and modal_magic.last_run().cost_usd == pytest.approx(billed)
+    assert {r.tokens_in for r in openai_server.requests} == {20_004}
+    answered = int(out["answer"].notna().sum())
+    assert answered == len(openai_server.requests) >= 4
+    messages = out.modal.errors()["message"]
+    assert len(messages) and messages.str.match(r"budget_usd=0.03: \$0.0[12] spent, and the next request could cost "
+                                                r"up to \$0.01 \(80,0[0-9][0-9] prompt tokens at most \+ 5 output "
+                                                r"tokens \(max_tokens\)\)").all()
+    # The allotments that travelled with the rows are in no cache key: a bigger budget pays only for the rest.
+    rest = df.modal.llm("{text}", budget_usd=1.0, **kwargs)
+    assert rest["answer_error"].isna().all() and len(openai_server.requests) == 16
+
+
+@pytest.mark.timeout(240)
+def test_a_modal_container_killed_mid_batch_cant_take_the_run_past_its_budget(openai_server, modal_server,
+                                                                             monkeypatch):
+    """A container that dies loses its batches: each settles at its whole allotment, and no fresh share starts."""
+    import signal
+    import threading
+
+    import psutil
+
+    openai_server.latency_s = 0.3
+    df = pd.DataFrame({"text": [f"[[long=2000]] {i}" for i in range(30)]})
+    killed: list[int] = []
+
+    def kill_a_container_in_flight() -> None:
+        deadline = time.monotonic() + 60
+        while len(openai_server.requests) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for child in psutil.Process(os.getpid()).children(recursive=True):
+            try:
+                talking = any(c.raddr and c.raddr.port == openai_server.port for c in child.net_connections())
+            except psutil.Error:
+                continue
+            if talking:
+                os.kill(child.pid, signal.SIGKILL)
+                killed.append(child.pid)
+                return
+
+    killer = threading.Thread(target=kill_a_container_in_flight)
+    killer.start()
+    # $0.0012 a request at most (2,000 output tokens), so $0.012 pays for nine.
+    out = df.modal.llm("Say {text}", max_tokens=2000, budget_usd=0.012, progress=False,
+                       **on_modal(openai_server, modal_server, monkeypatch))
+    killer.join()
+    assert killed, "no container was killed"
+    billed = billed_usd(openai_server)  # what the server answered, the killed container's requests included
+    assert billed <= 0.012, f"spent ${billed:.4f} of a $0.012 budget"
+    answered = int(out["answer"].notna().sum())
+    assert answered >= 3 and out["answer_cost_usd"].sum() <= billed + 1e-12
+    errors = out.modal.errors()
+    assert len(errors) == 30 - answered  # no row is lost: answered, or failed saying why
+    assert set(errors["type"]) <= {"BudgetExceeded", "WorkerCrashed"}
+    assert errors["message"][errors["type"] == "BudgetExceeded"].str.startswith("budget_usd=0.012: $").all()
+
+
+@pytest.mark.timeout(180)
+def test_on_modal_retry_failed_spends_from_what_is_left_of_the_budget(openai_server, modal_server, monkeypatch):
+    # $0.001207 a request at most; the four answers cost $0.0048, the two 500s nothing, so $0.0014
+    # is left: the retry sends one of its two rows and refuses the other.
+    df = pd.DataFrame({"text": [f"[[long=2000]] {i}" for i in range(4)] + ["[[fail=500 times=1]] [[long=2000]] a",
+                                                                            "[[fail=500 times=1]] [[long=2000]] b"]})
+    out = df.modal.llm("Say {text}", max_tokens=2000, budget_usd=0.0062, max_retries=0, progress=False,
+                       **on_modal(openai_server, modal_server, monkeypatch))
+    assert out["answer"].notna().sum() == 4
+    assert out["answer_error"].dropna().str.startswith("InternalServerError: 500").all()
+    again = out.modal.retry_failed(into="answer", progress=False)
+    assert billed_usd(openai_server) <= 0.0062
+    assert again["answer"].notna().sum() == 5
+    refused = again.modal.errors()["message"]
+    assert len(refused) == 1 and refused.str.match(r"budget_usd=0.0062: \$0.006 spent, and the next request "
+                                                   r"could cost up to \$0.0012").all()
+
+
+def test_the_kernels_account_cuts_batches_to_what_fits_and_counts_a_batch_never_settled_as_spent():
+    from modal_magic.backends import Batch, BatchResult
+    from modal_magic.llm.allotments import LLMAccount
+    from modal_magic.llm.row.allotment import BILLED_KEY
+
+    # $0.40 a row at most (30 prompt tokens + 10 output tokens at $10,000 a million)
+    request = llm_row.Request(template="{t}", fields=("t",), model="m", into="a", max_tokens=10, price=(1e4, 1e4))
+    account = LLMAccount(request, None, llm_row.Budget(1.0)).start(tries=1)
+    rows = [("hi",)] * 4
+    assert account.admit(Batch(0, range(4), rows)) == ("book", 2)
+    sent = account.book(Batch(7, range(2), rows[:2]))
+    assert [arg[0] for arg in sent.args] == ["hi", "hi"] and sent.args[0][1] is sent.args[1][1]
+    assert account.admit(Batch(0, range(2, 4), rows[2:])) == ("wait", 0)  # room for one only once 7 settles
+    answers = [{"a": "x", BILLED_KEY: 0.1}, {"a": "y", BILLED_KEY: 0.1}]
+    account.settle(BatchResult(sent, values=answers))
+    assert account.budget.spent_usd == pytest.approx(0.2) and account.budget.in_flight_usd == 0
+    assert answers == [{"a": "x"}, {"a": "y"}]  # the rows' reports are no columns
+    assert account.admit(Batch(0, range(2, 4), rows[2:])) == ("book", 2)
+    # A run stopped with a batch in flight: the next run (retry_failed) counts it as spent, it may have been billed.
+    account.book(Batch(8, range(2, 4), rows[2:]))
+    account.start(tries=1)
+    assert account.budget.spent_usd == pytest.approx(1.0) and account.budget.in_flight_usd == 0
+    assert account.admit(Batch(0, [0], rows[:1])) == ("refuse", 0)
+    refusal = str(account.refusal(Batch(0, [0, 1], rows[:2]), rows_left=5))
+    assert refusal.startswith("budget_usd=1.00: $1.00 spent, and the next request could cost up to $0.40 (30 prompt "
+                              "tokens at most + 10 output tokens (max_tokens)), which would pass it, so it and the 4 "
+                              "rows after it were not sent. Raise budget_usd")
+
+
+def test_a_retry_that_no_longer_fits_its_batchs_allotment_fails_its_row_only(openai_server):
+    # Inside a container: a try that timed out may have been billed its worst case, so the retry
+    # needs a second one, which the batch's allotment (one and a half here) doesn't hold.
+    from modal_magic.llm.row.allotment import AllotmentBudget
+
+    request = llm_row.Request(template="Say {text}", fields=("text",), model="gpt-4o-mini", into="answer",
+                              max_tokens=2000, price=(0.15, 0.60))
+    session = llm_row.Session(request, llm_row.Limits(request_timeout_s=0.3, max_retries=3), llm_row.Meter(True),
+                              api_key=TEST_KEY, base_url=openai_server.base_url)
+    worst = llm_row.session.row_worst_case(request, ("[[latency=2]] x",), None)[0]
+    allotment = AllotmentBudget(worst * 1.5, rows=1)
+
+    async def run() -> None:
+        try:
+            await session.complete(("[[latency=2]] x",), allotment)
+        finally:
+            await session.aclose()
+
+    with pytest.raises(llm_row.BudgetExceeded, match=r"this batch's allotment of budget_usd was used: the kernel "
+                                                     r"booked \$0.0018 for its 1 row .*its tries have taken "
+                                                     r"\$0.0012, and this try could cost up to \$0.0012") as raised:
+        asyncio.run(run())
+    assert raised.value.row_billed_usd == pytest.approx(worst)  # the try that timed out, reported to the kernel
+    assert allotment.spent_usd == pytest.approx(worst) and allotment.stopped is None  # the next row may still go
 
 
 def test_on_modal_mistakes_are_caught_before_anything_starts(openai_server):

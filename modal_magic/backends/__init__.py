@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from .base import Backend, BackendFailed, Batch, BatchResult, Runtime, Task
+from .base import Account, Backend, BackendFailed, Batch, BatchResult, Runtime, Task
 
-__all__ = ["Backend", "BackendFailed", "Batch", "BatchResult", "Runtime", "Task", "backend_names", "create_backend", "register_backend"]
+__all__ = ["Account", "Backend", "BackendFailed", "Batch", "BatchResult", "Runtime", "Task", "backend_names", "create_backend", "register_backend"]
 
 _FACTORIES: dict[str, str | Callable[[], Backend]] = {
     "local": "modal_magic.backends.processes:ProcessBackend",

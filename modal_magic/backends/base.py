@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, Sequence, 
 
 if TYPE_CHECKING:
     from ..cache.rows import RunCache
+    from ..llm.row.booking import Verdict
     from ..options import MapOptions
 
 
@@ -34,6 +35,39 @@ class Meter(Protocol):
     cost_usd: float | None
 
     def observe(self, values: list[Any], errors: list[tuple[Any, ...]]) -> None: ...
+
+
+class Account(Protocol):
+    """A cap on what a run may spend, kept in the kernel batch by batch (a ``budget_usd``).
+
+    Before the engine sends a batch it asks every account of the run (:meth:`admit`); it sends the
+    batch only when each says ``"book"``, cut to the rows that all of them have room for, and
+    books it with each (:meth:`book`). When the batch comes back, however it ends (answered, lost
+    with its container, never started), each account settles it (:meth:`settle`). A Modal map's
+    compute budget is one (:class:`modal_magic.spend.MapBudget`); an LLM run on Modal adds the
+    account of its requests' dollars through :attr:`Runtime.account`. The rule is the same for
+    all: what is spent, plus the worst cases of what is in flight, never passes the limit.
+    """
+
+    def admit(self, batch: Batch) -> tuple[Verdict, int]:
+        """``("book", rows)``: the first ``rows`` (at least one) of ``batch`` fit in the room left now;
+        ``("wait", 0)``: not even one does until batches in flight settle; ``("refuse", 0)``: not even
+        one ever will, so it and every row not yet sent is refused (:meth:`refusal`)."""
+        ...
+
+    def book(self, batch: Batch) -> Batch:
+        """Hold the worst case of ``batch`` (admitted, and cut to what fits); return the batch to send,
+        whose rows may carry what must travel with them (an LLM batch's allotment)."""
+        ...
+
+    def settle(self, result: BatchResult) -> None:
+        """``result`` came back: what it may have cost replaces its booking. It may take out of
+        ``result.values`` what the rows reported for this account alone."""
+        ...
+
+    def refusal(self, batch: Batch, rows_left: int) -> Exception:
+        """The error of every row not sent once ``batch`` was refused (``rows_left`` of them, its own included)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -66,6 +100,13 @@ class Runtime:
     #: makes the backend that runs the rows, when the layer that made the function picks it (an LLM
     #: run through OpenAI's Batch API); ``None``: the backend named by the options
     backend: Callable[[], Backend] | None = None
+    #: the account of what the rows spend, when the layer that made the function caps it in the
+    #: kernel batch by batch (an LLM run's ``budget_usd`` on Modal), given the run's options at the
+    #: start of each run (a retry of failed rows spends from the same account); ``None``: no such cap
+    account: Callable[[MapOptions], Account | None] | None = None
+    #: modules the function's code needs that aren't installed where the rows run (a Modal
+    #: container): pickled by value with it, on every run of it (``retry_failed()``'s too)
+    by_value: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ tokens in and out and cost come back as columns. The package, one module per ide
 - :mod:`~modal_magic.llm.templates`, :mod:`~modal_magic.llm.prices`, :mod:`~modal_magic.llm.keys`:
   the template's fields, what tokens cost, where the API key comes from;
 - :mod:`~modal_magic.llm.function`: the row function the engine maps, and the runtime it needs;
+- :mod:`~modal_magic.llm.allotments`: on Modal, the kernel's account of ``budget_usd``, booked batch by batch;
 - :mod:`~modal_magic.llm.row`, the row runtime, which also runs inside Modal containers and worker
   processes (pickled by value, standard library only): :mod:`~modal_magic.llm.row.session` (one
   request per row, retries), :mod:`~modal_magic.llm.row.limits` (request, rate limits, budget,
@@ -128,9 +129,10 @@ def llm_frame(
     response_format, schema_columns = schema_parts(schema) if schema is not None else (None, ())
 
     if on_modal:
-        if options.max_containers is None and (llm.rpm or llm.tpm or llm.budget_usd):
-            raise OptionsError("rpm=, tpm= and budget_usd= are shared out between Modal containers: set "
-                               "max_containers= too (each container gets its share)")
+        if options.max_containers is None and (llm.rpm or llm.tpm):
+            raise OptionsError("rpm= and tpm= are shared out between Modal containers: set max_containers= too "
+                               "(each container gets its share; budget_usd= needs no max_containers, as this "
+                               "kernel books each batch's worst case before sending it)")
         if api_key:
             raise MissingAPIKey("api_key= isn't sent to Modal containers: keep the key in a Modal secret "
                                 "(modal secret create openai-secret OPENAI_API_KEY=...) and pass "
@@ -166,7 +168,8 @@ def llm_frame(
     )
     limits = Limits(rpm=llm.rpm, tpm=llm.tpm, budget_usd=llm.budget_usd, max_retries=llm.max_retries,
                     max_output_tokens=max_output_for(llm.model, llm.max_tokens))
-    container_limits = limits.share(options.max_containers or 1)
+    # budget_usd stays here: the engine books each batch's worst case before sending it (llm.allotments)
+    container_limits = dataclasses.replace(limits.share(options.max_containers or 1), budget_usd=None)
     worker_limits = limits.share(processes)
     session = Session(request, limits, Meter(price is not None), api_key=key, base_url=url)
     row = LLMRowFunction(request, session, container_limits, on_modal=on_modal, processes=processes,

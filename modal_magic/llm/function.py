@@ -4,7 +4,9 @@
 :class:`~modal_magic.llm.row.shipped.ContainerRow`, without the key); its session (API key, client,
 limiter, budget) is kept off it, in a side table. :meth:`LLMRowFunction.runtime` says what the
 backend needs beyond the function: the meter the progress bar reads, the worker processes, what
-those processes run, and how the run closes its HTTP client.
+those processes run, how the run closes its HTTP client, that the row runtime travels to Modal
+by value, and on Modal the account in which the engine books each batch's share of
+``budget_usd`` (:mod:`~modal_magic.llm.allotments`).
 
 A session lives for one run: the run's end (:meth:`LLMRowFunction.aclose`, or
 :meth:`LLMRowFunction.release` where the rows ran in other processes) drops it with its client.
@@ -22,12 +24,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Runtime
+from . import row as row_runtime
+from .allotments import LLMAccount
 from .row.ledger import new_ledger
 from .row.limits import Budget, Limits, Meter
 from .row.session import Session
 from .row.shipped import ContainerRow, WorkerRow
 
 if TYPE_CHECKING:
+    from ..options import MapOptions
     from .row.limits import Request
 
 __all__ = ["LLMRowFunction"]
@@ -62,13 +67,14 @@ class _SessionRecipe:
 @dataclass
 class _RowState:
     recipe: _SessionRecipe
-    container_limits: Limits
+    container_limits: Limits  # each container's share of rpm and tpm (budget_usd is booked by the kernel)
     on_modal: bool  # only then is the function really shipped, with the containers' share of the limits
     meter: Meter  # what the bar shows: fed by the session here, or added up from the rows that come back
     processes: int = 1  # local worker processes sending the requests (1: the kernel's own event loop)
     worker_limits: Limits | None = None  # each worker process's share of the limits
     session: Session | None = None  # the run's session, from its first row to its end; then dropped
     ledger: str | None = None  # the worker processes' shared budget file (row.ledger), once made
+    account: LLMAccount | None = None  # on Modal with budget_usd: the kernel's account, once made
 
 
 # Each row function's session (API key, client, limiter, budget) lives here, off the function: the
@@ -90,7 +96,7 @@ class LLMRowFunction:
 
     It returns a dict (answer or schema fields, tokens in and out, cost), which the engine spreads
     into columns. Pickled for Modal it becomes a :class:`~modal_magic.llm.row.shipped.ContainerRow` that
-    carries the request and the container's share of the limits, and never the key.
+    carries the request and the container's share of ``rpm`` and ``tpm``, and never the key.
 
     Examples
     --------
@@ -118,7 +124,23 @@ class LLMRowFunction:
         """What the backend needs for this function: its meter, worker processes, their row, the close hook."""
         state = _RUNTIMES[self]
         return Runtime(meter=state.meter, worker_processes=state.processes, for_workers=self.for_workers,
-                       aopen=self.aopen, aclose=self.aclose)
+                       aopen=self.aopen, aclose=self.aclose, account=self.account,
+                       by_value=(row_runtime.__name__,))  # a container has no modal_magic
+
+    def account(self, options: MapOptions) -> LLMAccount | None:
+        """On Modal with ``budget_usd=``: the kernel's account of it, where the engine books each batch.
+
+        One account for this function's life, so ``retry_failed()`` spends from what is left; each
+        run starts it again with ``retries=`` (Modal's tries of a lost input, each of which may bill
+        the batch's rows). Elsewhere the rows' own process keeps the budget: ``None``.
+        """
+        state = _RUNTIMES[self]
+        recipe = state.recipe
+        if not state.on_modal or recipe.limits.budget_usd is None:
+            return None
+        if state.account is None:
+            state.account = LLMAccount(recipe.request, recipe.limits.max_output_tokens, recipe.budget)
+        return state.account.start(tries=1 + options.retries)
 
     def for_workers(self) -> WorkerRow:
         """What the worker processes run: the request, each one's share of ``rpm``/``tpm``, and the key.

@@ -115,7 +115,8 @@ class LLMOptions:
                                trait="number", flag=Flag(type=float, metavar="N", group=_LIMITS))
     budget_usd: float | None = option(
         None, positive_number, "Send no request that would take the run's cost past this; rows not sent get a "
-        "BudgetExceeded error.", trait="number", flag=Flag(type=float, metavar="USD", group=_LIMITS))
+        "BudgetExceeded error. On Modal this kernel books each batch's worst case before sending it, so it "
+        "holds whatever the containers do, with no max_containers needed.", trait="number", flag=Flag(type=float, metavar="USD", group=_LIMITS))
     prices: Mapping[str, Any] | None = option(
         None, _mapping, "{model: (input, output)} in USD per million tokens, over modal_magic.llm.PRICES.",
         trait="pairs", flag=None)

@@ -62,12 +62,13 @@ def pack_runner(task: Task) -> tuple[bytes, str]:
     """The user's function wrapped as a batch runner, pickled for containers; and a token naming it.
 
     The runner code and the user's own modules travel by value (containers have neither), and so
-    does whatever the caller registered by value (the LLM row code).
+    do the modules the run's :class:`~modal_magic.backends.base.Runtime` names (the LLM row code)
+    and whatever the caller registered by value.
     """
     opts = task.options
     runner = row_runner.batch_runner(task.fn, task.star, opts.retries, opts.timeout, task.is_async,
                                      timings=opts.timings)
-    with by_value([row_runner.__name__, *cloudpickle.list_registry_pickle_by_value()]):
+    with by_value([row_runner.__name__, *task.runtime.by_value, *cloudpickle.list_registry_pickle_by_value()]):
         payload = dumps_function(runner)
     return payload, hashlib.sha256(payload).hexdigest()[:32]
 

@@ -11,6 +11,7 @@ other at the top:
   container) and :class:`WorkerRow` (a worker process);
 - :mod:`~modal_magic.llm.row.answers`: an answer's usage, and a structured answer checked against its schema;
 - :mod:`~modal_magic.llm.row.booking`: the arithmetic of a hard dollar cap (shared with a map's ``budget_usd``);
+- :mod:`~modal_magic.llm.row.allotment`: a Modal batch's share of ``budget_usd``, booked by the kernel, as its rows book it;
 - :mod:`~modal_magic.llm.row.limits`: :class:`Request`, :class:`Limits`, :class:`RateLimiter`,
   :class:`Budget`, :class:`Meter`, and the retry timing;
 - :mod:`~modal_magic.llm.row.failures`: the errors a row ends with, and keeping the key out of them.

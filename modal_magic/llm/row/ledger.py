@@ -9,7 +9,9 @@ that died never settles its bookings, and may have been billed for them: the nex
 counts them as spent. So what the run spends never passes ``budget_usd``, whatever dies.
 
 Part of the row runtime (see :mod:`modal_magic.llm.row`): standard library only. POSIX only (the
-kernel's worker processes are); Modal containers keep their per-container shares.
+kernel's worker processes are). On Modal no container holds a share either: the kernel books each
+batch's worst case before sending it, and the batch's rows book against that allotment
+(:mod:`modal_magic.llm.allotments`, :mod:`~modal_magic.llm.row.allotment`).
 """
 
 from __future__ import annotations

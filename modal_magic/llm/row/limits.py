@@ -3,9 +3,9 @@
 Part of the row runtime (see :mod:`modal_magic.llm.row`): pickled by value into Modal
 containers and worker processes, so only the standard library is imported here. A
 :class:`Request` is what decides a row's answer (the cache fingerprints it); :class:`Limits` are
-one process's share of ``rpm=``, ``tpm=`` and ``budget_usd=``; :class:`RateLimiter` and
-:class:`Budget` enforce them across every request on one event loop, and :class:`Meter` keeps the
-running totals the progress bar shows.
+one process's share of ``rpm=`` and ``tpm=``, and its ``budget_usd=``; :class:`RateLimiter` and
+:class:`Budget` enforce them across every request on one event loop, :func:`worst_case` is what a
+budget books for each try, and :class:`Meter` keeps the running totals the progress bar shows.
 """
 
 from __future__ import annotations
@@ -242,17 +242,23 @@ class Budget(Bookings):
 
     def _refuse(self, worst_usd: float, detail: str) -> BudgetExceeded:
         if self.stopped is None:
-            why = f" ({detail})" if detail else ""
-            self.stopped = (
-                f"budget_usd={self._limit()}: ${usd(self.spent_usd)} spent, and the next request could cost "
-                f"up to ${usd(worst_usd)}{why}, which would pass it, so it and every later one was not sent. "
-                "Raise budget_usd, or pass a smaller max_tokens= so that each request books less, and run "
-                "again: rows already answered are not paid for twice"
-            )
-            if self.overrun:
-                self.stopped += f". {self.overrun}"
+            self.stop(worst_usd, detail)
             self._wake()  # the requests waiting for room are refused too, now rather than later
         return BudgetExceeded(self.stopped)
+
+    def stop(self, worst_usd: float, detail: str, unsent: str = "it and every later one was not sent") -> str:
+        """Refuse every request from now on, because one whose worst case is ``worst_usd`` didn't fit;
+        return the message the rows not sent get (``unsent`` says which they are)."""
+        why = f" ({detail})" if detail else ""
+        self.stopped = (
+            f"budget_usd={self._limit()}: ${usd(self.spent_usd)} spent, and the next request could cost "
+            f"up to ${usd(worst_usd)}{why}, which would pass it, so {unsent}. "
+            "Raise budget_usd, or pass a smaller max_tokens= so that each request books less, and run "
+            "again: rows already answered are not paid for twice"
+        )
+        if self.overrun:
+            self.stopped += f". {self.overrun}"
+        return self.stopped
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -386,6 +392,46 @@ def prompt_tokens_bound(body: dict[str, Any]) -> int:
             total += len(json.dumps(value, ensure_ascii=False, default=str).encode())
     return total
 
+
+
+def cost_usd(price: tuple[float, float] | None, tokens_in: int | None, tokens_out: int | None) -> float | None:
+    """What ``tokens_in`` prompt and ``tokens_out`` output tokens cost at ``price`` (USD per million each).
+
+    Examples
+    --------
+    >>> cost_usd((0.15, 0.60), 1_000, 500), cost_usd(None, 1_000, 500)
+    (0.00045, None)
+    """
+    if price is None or tokens_in is None or tokens_out is None:
+        return None
+    return (tokens_in * price[0] + tokens_out * price[1]) / 1_000_000
+
+
+def worst_case(request: Request, body: dict[str, Any], max_output_tokens: int | None) -> tuple[float, str]:
+    """The most one try of ``body`` can be billed, in dollars, and what that is made of (for messages).
+
+    Its prompt's token bound (:func:`prompt_tokens_bound`) plus every output token it may be given:
+    ``max_tokens=``, else ``max_output_tokens`` (the model's most), else
+    :data:`UNKNOWN_MAX_OUTPUT_TOKENS`. The one arithmetic of every live budget: a process's
+    :class:`Budget` books it before each try, and on Modal the kernel books it for each row of a
+    batch before sending it (:mod:`~modal_magic.llm.row.allotment`), so both agree to the cent.
+
+    Examples
+    --------
+    >>> request = Request(template="{t}", fields=("t",), model="gpt-4o-mini", into="a", price=(0.15, 0.60))
+    >>> usd_, detail = worst_case(request, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+    ...                           16_384)
+    >>> round(usd_, 7), detail
+    (0.0098349, "30 prompt tokens at most + 16,384 output tokens (gpt-4o-mini's most, as max_tokens is not set)")
+    """
+    worst_in = prompt_tokens_bound(body)
+    if request.max_tokens is not None:
+        worst_out, why = request.max_tokens, "max_tokens"
+    else:
+        worst_out = max_output_tokens or UNKNOWN_MAX_OUTPUT_TOKENS
+        why = f"{request.model}'s most, as max_tokens is not set"
+    detail = f"{worst_in:,} prompt tokens at most + {worst_out:,} output tokens ({why})"
+    return cost_usd(request.price, worst_in, worst_out) or 0.0, detail
 
 
 def retry_after_s(headers: Any) -> float | None:

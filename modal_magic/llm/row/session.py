@@ -27,9 +27,10 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from .failures import (APIConnectionError, APIError, AuthenticationError, EmptyAnswer, LLMError, MissingValue,
                        SchemaValidationError, error_for_status, redact, redact_url, url_secrets)
+from .allotment import BILLED_KEY
 from .answers import _total_tokens, usage_of, validate_structured
-from .limits import (DEFAULT_OUTPUT_ESTIMATE, UNKNOWN_MAX_OUTPUT_TOKENS, Budget, Limits, Meter, RateLimiter, Request,
-                     backoff_s, estimate_tokens, prompt_tokens_bound, retry_after_s)
+from .limits import (DEFAULT_OUTPUT_ESTIMATE, Budget, Limits, Meter, RateLimiter, Request, backoff_s, cost_usd,
+                     estimate_tokens, retry_after_s, worst_case)
 
 #: a server asking to wait longer than this gets no retry: the row fails and says how long it asked
 MAX_RETRY_AFTER_S = 300.0
@@ -92,6 +93,73 @@ def is_missing(value: Any) -> bool:
 
 
 
+def fill(request: Request, values: tuple[Any, ...]) -> str:
+    """The row's prompt: ``request.template`` filled with the row's ``values`` (one per field).
+
+    Raises :class:`MissingValue` for an empty value: no request is sent for that row.
+
+    Examples
+    --------
+    >>> fill(Request(template="Say {text}", fields=("text",), model="m", into="a"), ("hi",))
+    'Say hi'
+    """
+    for name, value in zip(request.fields, values):
+        if is_missing(value):
+            raise MissingValue(f"column {name!r} is empty in this row; no request was sent")
+    return request.template.format_map(dict(zip(request.fields, values)))
+
+
+def request_body(request: Request, prompt: str) -> dict[str, Any]:
+    """The chat completion body that asks ``prompt`` as ``request`` says (model, system, max tokens...).
+
+    Examples
+    --------
+    >>> request_body(Request(template="", fields=(), model="gpt-5", into="a", max_tokens=9), "hi")
+    {'model': 'gpt-5', 'messages': [{'role': 'user', 'content': 'hi'}], 'max_completion_tokens': 9}
+    """
+    messages = [{"role": "user", "content": prompt}]
+    if request.system is not None:
+        messages.insert(0, {"role": "system", "content": request.system})
+    body: dict[str, Any] = {"model": request.model, "messages": messages}
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.max_tokens is not None:
+        param = "max_completion_tokens" if _COMPLETION_TOKENS_MODELS.match(request.model) else "max_tokens"
+        body[param] = request.max_tokens
+    if request.response_format is not None:
+        body["response_format"] = request.response_format
+    body.update(request.extra_body)
+    return body
+
+
+def row_worst_case(request: Request, values: tuple[Any, ...], max_output_tokens: int | None) -> tuple[float, str]:
+    """The most the first try of this row's request can be billed, and what that is made of.
+
+    What the kernel books for each row of a Modal batch (its allotment,
+    :mod:`~modal_magic.llm.row.allotment`), with the arithmetic a :class:`Session` books each try
+    with (:func:`~modal_magic.llm.row.limits.worst_case`). A row with an empty value sends nothing: 0.
+
+    Examples
+    --------
+    >>> request = Request(template="{t}", fields=("t",), model="m", into="a", max_tokens=10, price=(1e6, 1e6))
+    >>> row_worst_case(request, ("hi",), None)
+    (40.0, '30 prompt tokens at most + 10 output tokens (max_tokens)')
+    >>> row_worst_case(request, (None,), None)
+    (0.0, 'an empty value: no request')
+    """
+    try:
+        prompt = fill(request, values)
+    except MissingValue:
+        return 0.0, "an empty value: no request"
+    return worst_case(request, request_body(request, prompt), max_output_tokens)
+
+
+class _Bill:
+    """What one row's tries may have been billed so far (reported to the kernel on Modal)."""
+
+    usd = 0.0
+
+
 _WARM = False
 
 
@@ -141,8 +209,6 @@ class Session:
         self._loop: Any = None
         self._output_seen = 0
         self._answers_seen = 0
-        self._max_tokens_param = ("max_completion_tokens" if _COMPLETION_TOKENS_MODELS.match(request.model)
-                                  else "max_tokens")
 
     # The key never leaves this object: not in repr, not in errors (they are redacted), not pickled;
     # nor do the credentials a base URL may carry (user-info, ?api_key=...).
@@ -182,27 +248,14 @@ class Session:
                                   timeout=self.limits.request_timeout_s, http_client=http_client)
 
     def prompt(self, values: tuple[Any, ...]) -> str:
-        for name, value in zip(self.request.fields, values):
-            if is_missing(value):
-                raise MissingValue(f"column {name!r} is empty in this row; no request was sent")
-        return self.request.template.format_map(dict(zip(self.request.fields, values)))
+        """The row's prompt (:func:`fill`)."""
+        return fill(self.request, values)
 
     def body(self, prompt: str) -> dict[str, Any]:
-        request = self.request
-        messages = [{"role": "user", "content": prompt}]
-        if request.system is not None:
-            messages.insert(0, {"role": "system", "content": request.system})
-        body: dict[str, Any] = {"model": request.model, "messages": messages}
-        if request.temperature is not None:
-            body["temperature"] = request.temperature
-        if request.max_tokens is not None:
-            body[self._max_tokens_param] = request.max_tokens
-        if request.response_format is not None:
-            body["response_format"] = request.response_format
-        body.update(request.extra_body)
-        return body
+        """The request's body (:func:`request_body`)."""
+        return request_body(self.request, prompt)
 
-    def _estimates(self, prompt: str, body: dict[str, Any]) -> tuple[int, float, str]:
+    def _estimates(self, prompt: str, body: dict[str, Any], budget: Budget) -> tuple[int, float, str]:
         """What to book before sending: tokens with the rate limiter, and the worst case with the budget.
 
         The rate limiter gets an estimate (settled with the real count afterwards); the budget gets
@@ -218,46 +271,53 @@ class Session:
             tokens_out = math.ceil(2 * self._output_seen / self._answers_seen)
         else:
             tokens_out = DEFAULT_OUTPUT_ESTIMATE
-        if self.budget.limit_usd is None:
+        if budget.limit_usd is None:
             return tokens_in + tokens_out, 0.0, ""
-        worst_in = prompt_tokens_bound(body)
-        if request.max_tokens is not None:
-            worst_out, why = request.max_tokens, "max_tokens"
-        else:
-            worst_out = self.limits.max_output_tokens or UNKNOWN_MAX_OUTPUT_TOKENS
-            why = f"{request.model}'s most, as max_tokens is not set"
-        detail = f"{worst_in:,} prompt tokens at most + {worst_out:,} output tokens ({why})"
-        return tokens_in + tokens_out, self.cost(worst_in, worst_out) or 0.0, detail
+        worst_usd, detail = worst_case(request, body, self.limits.max_output_tokens)
+        return tokens_in + tokens_out, worst_usd, detail
 
     def cost(self, tokens_in: int | None, tokens_out: int | None) -> float | None:
-        price = self.request.price
-        if price is None or tokens_in is None or tokens_out is None:
-            return None
-        return (tokens_in * price[0] + tokens_out * price[1]) / 1_000_000
+        return cost_usd(self.request.price, tokens_in, tokens_out)
 
-    async def complete(self, values: tuple[Any, ...]) -> dict[str, Any]:
-        """Send one row's request (retrying as allowed) and return its result columns."""
+    async def complete(self, values: tuple[Any, ...], allotment: Budget | None = None) -> dict[str, Any]:
+        """Send one row's request (retrying as allowed) and return its result columns.
+
+        With ``allotment`` (on Modal: the budget of the batch's allotment, booked by the kernel, see
+        :mod:`~modal_magic.llm.row.allotment`) its tries book against it instead of this session's
+        budget, and the row reports what they may have been billed: under
+        :data:`~modal_magic.llm.row.allotment.BILLED_KEY` in its result, or as ``row_billed_usd`` on
+        its exception, for the kernel to settle the batch with.
+        """
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._new_run(loop)
         self._active += 1
+        budget = allotment if allotment is not None else self.budget
+        bill = _Bill()
         try:
             prompt = self.prompt(values)
             body = self.body(prompt)
-            data = await self._send(body, *self._estimates(prompt, body))
+            data = await self._send(body, *self._estimates(prompt, body, budget), budget=budget, bill=bill)
             tokens_in, tokens_out = usage_of(data)
             # Paid for even when the answer then fails validation.
             usage = ((tokens_in or 0) + (tokens_out or 0), self.cost(tokens_in, tokens_out))
             self.meter.add(*usage)
             try:
-                return self.parse(data, tokens_in, tokens_out)
+                result = self.parse(data, tokens_in, tokens_out)
             except (EmptyAnswer, SchemaValidationError) as error:
                 error.row_usage = usage  # travels back from Modal (modal_magic.errors.RowReport)
                 raise
+        except Exception as error:
+            if allotment is not None:
+                error.row_billed_usd = bill.usd  # type: ignore[attr-defined]  # modal_magic.errors.RowReport
+            raise
         finally:
             self._active -= 1
             if self._active == 0 and self._idle_close_s:
                 self._close_when_quiet()
+        if allotment is not None:
+            result[BILLED_KEY] = bill.usd
+        return result
 
     def _new_run(self, loop: Any) -> None:
         """The function runs again on a new event loop (e.g. ``out.modal.retry_failed()``).
@@ -287,8 +347,10 @@ class Session:
         if client is not None:
             await client.close()
 
-    async def _send(self, body: dict[str, Any], tokens_booked: int, usd_booked: float, worst: str) -> Any:
-        """Send ``body`` until it is answered or may not be tried again; every try books its worst case."""
+    async def _send(self, body: dict[str, Any], tokens_booked: int, usd_booked: float, worst: str, *,
+                    budget: Budget, bill: _Bill) -> Any:
+        """Send ``body`` until it is answered or may not be tried again; every try books its worst case
+        with ``budget``, and adds what it may have been billed to ``bill``."""
         attempt = 0
         while True:
             attempt += 1
@@ -296,7 +358,7 @@ class Session:
             if self._client is None:
                 self._client = self._make_client()
             # Each try books its own worst case: a try that timed out may still have been billed.
-            await self.budget.acquire(usd_booked, worst)
+            await budget.acquire(usd_booked, worst)
             billed = 0.0  # nothing goes out before the rate limiter's wait is over
             try:
                 await self.limiter.acquire(tokens_booked)
@@ -305,7 +367,8 @@ class Session:
                 billed = usd_booked
                 billed, data, failure, retryable = await self._post(body, tokens_booked, usd_booked)
             finally:
-                self.budget.settle(usd_booked, billed)
+                budget.settle(usd_booked, billed)
+                bill.usd += billed
             if failure is None:
                 return data
             # Outside the except block: the openai exception (which holds the request and its

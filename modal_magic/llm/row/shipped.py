@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .allotment import allotment_budget, split_allotment
 from .ledger import SharedBudget
 from .limits import Limits, Meter, Request
 from .session import IDLE_CLOSE_S, Session, warm_up
@@ -21,7 +22,10 @@ class ContainerRow:
     """The row function as it runs in a Modal container: one :class:`Session` per container.
 
     The key comes from the container's environment (``OPENAI_API_KEY``, set by a Modal secret);
-    so does ``OPENAI_BASE_URL`` when the run didn't name one. Limits are this container's share.
+    so does ``OPENAI_BASE_URL`` when the run didn't name one. ``rpm`` and ``tpm`` are this
+    container's share; ``budget_usd`` is not in its limits: with one, each row arrives with its
+    batch's allotment after its values (:mod:`~modal_magic.llm.row.allotment`), booked by the
+    kernel, and its tries book against that.
     """
 
     def __init__(self, request: Request, limits: Limits) -> None:
@@ -51,7 +55,8 @@ class ContainerRow:
     async def __call__(self, *values: Any) -> dict[str, Any]:
         if self._session is None:
             self._session = self._new_session()
-        return await self._session.complete(values)
+        values, tag = split_allotment(values, len(self.request.fields))
+        return await self._session.complete(values, allotment_budget(tag) if tag is not None else None)
 
 
 class WorkerRow(ContainerRow):
