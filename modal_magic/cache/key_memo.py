@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .chunks import IMMUTABLE
+from .keys import put_keys
 
 __all__ = ["KEY_MEMO", "KeyMemo"]
 
@@ -109,7 +110,8 @@ class KeyMemo:
         packed, bad = entry.packed.copy(), entry.bad.copy()
         fresh = np.flatnonzero(~same).tolist()
         fresh_rows = [rows[i] for i in fresh]
-        packed[fresh], bad[fresh] = hash_rows(fresh_rows)
+        fresh_packed, bad[fresh] = hash_rows(fresh_rows)
+        put_keys(packed, fresh, fresh_packed)
         self._keep(_Entry(fingerprint, rows, packed.copy(), bad.copy(), np.ones(len(rows), dtype=bool), ids=ids,
                           immutable=_all_immutable(fresh_rows)), anchors)
         return packed, bad

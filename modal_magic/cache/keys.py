@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import xxhash
 
-__all__ = ["KEY_BYTES", "RowKeyHasher", "key_list", "row_keys"]
+__all__ = ["KEY_BYTES", "RowKeyHasher", "key_list", "put_keys", "row_keys", "take_keys"]
 
 #: bytes in a row key: a 4-byte tag of the fingerprint (so one function's rows are found by an
 #: index) and 12 bytes of the row's hash
@@ -88,14 +88,17 @@ class RowKeyHasher:
         ((3, 16), [False, True, False], True)
         """
         n = len(rows)
-        packed = np.empty((n, KEY_BYTES), dtype=np.uint8)
         bad_mask = np.zeros(n, dtype=bool)
         if n == 0:
-            return packed, bad_mask
+            return np.empty((0, KEY_BYTES), dtype=np.uint8), bad_mask
         a, b, bad = self._star(rows) if star else self._column(rows if isinstance(rows, list) else list(rows))
-        packed[:, :4] = np.frombuffer(self.part, dtype=np.uint8)
-        packed[:, 4:12] = a.astype("<u8").view(np.uint8).reshape(n, 8)
-        packed[:, 12:16] = b.astype("<u8").view(np.uint8).reshape(n, 8)[:, :4]
+        # Bytes 0-3 the fingerprint's tag, 4-11 lane a, 12-15 half of lane b, written as two
+        # little-endian words a key (five times faster than filling byte columns of a 2-D array).
+        words = np.empty((n, 2), dtype="<u8")
+        low, shift = _U64(0xFFFFFFFF), _U64(32)
+        np.bitwise_or(_U64(int.from_bytes(self.part, "little")), (a & low) << shift, out=words[:, 0])
+        np.bitwise_or(a >> shift, (b & low) << shift, out=words[:, 1])
+        packed = words.view(np.uint8)
         if bad:
             bad_mask[list(bad)] = True
         return packed, bad_mask
@@ -212,6 +215,36 @@ def key_list(packed: np.ndarray, bad: np.ndarray) -> list[bytes | None]:
     for i in np.flatnonzero(bad).tolist():
         keys[i] = None
     return keys
+
+
+def _items(packed: np.ndarray) -> np.ndarray:
+    """``(n, KEY_BYTES)`` keys as ``n`` items of ``KEY_BYTES`` bytes, sharing their memory."""
+    return packed.view(f"V{KEY_BYTES}").reshape(len(packed))
+
+
+def take_keys(packed: np.ndarray, where: Any) -> np.ndarray:
+    """``packed[where]`` for ``(n, KEY_BYTES)`` keys, a key moved as one item (numpy moves the rows
+    of a 2-D uint8 array byte by byte: ten times slower).
+
+    Examples
+    --------
+    >>> keys = np.arange(3 * KEY_BYTES, dtype=np.uint8).reshape(3, KEY_BYTES)
+    >>> bool((take_keys(keys, [2, 0]) == keys[[2, 0]]).all()), take_keys(keys, np.array([True, False, True])).shape
+    (True, (2, 16))
+    """
+    return _items(np.ascontiguousarray(packed, dtype=np.uint8))[where].view(np.uint8).reshape(-1, KEY_BYTES)
+
+
+def put_keys(target: np.ndarray, where: Any, packed: np.ndarray) -> None:
+    """``target[where] = packed`` for ``(n, KEY_BYTES)`` keys (``target`` C-contiguous), as :func:`take_keys`.
+
+    Examples
+    --------
+    >>> target = np.zeros((3, KEY_BYTES), dtype=np.uint8)
+    >>> put_keys(target, [2], np.ones((1, KEY_BYTES), dtype=np.uint8)); target[:, 0].tolist()
+    [0, 0, 1]
+    """
+    _items(target)[where] = _items(np.ascontiguousarray(packed, dtype=np.uint8))
 
 
 def _utf8_encodable(text: str) -> bool:

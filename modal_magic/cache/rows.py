@@ -18,7 +18,7 @@ from ..fingerprint import function_fingerprint
 from .database import warn_once
 from .default import default_cache
 from .key_memo import KEY_MEMO
-from .keys import KEY_BYTES, RowKeyHasher, key_list
+from .keys import KEY_BYTES, RowKeyHasher, key_list, put_keys, take_keys
 from .match import WriteLog
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class RunCache:
         """The keys of the rows at ``positions`` (``None`` for a row that can't be hashed faithfully)."""
         if self._keys is not None:
             where = np.asarray(positions, dtype=np.intp)
-            return key_list(self._keys[0][where], self._keys[1][where])
+            return key_list(take_keys(self._keys[0], where), self._keys[1][where])
         return self.hasher.keys([self.args[int(p)] for p in positions], self.star)
 
     def _hash_rows(self, rows: list[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -146,7 +146,7 @@ class RunCache:
             where = np.concatenate([np.arange(p.start, p.stop) if isinstance(p, range) else np.asarray(p, dtype=np.intp)
                                     for p, _, _ in kept])
             if self._keys is not None:
-                packed, bad = self._keys[0][where], self._keys[1][where]
+                packed, bad = take_keys(self._keys[0], where), self._keys[1][where]
             else:
                 rows: list[Any] = []
                 for positions, _, _ in kept:
@@ -158,7 +158,7 @@ class RunCache:
                 self._note_keyed(where, packed, bad)
             if bad.any():  # inputs that can't be hashed faithfully aren't cached
                 values = [value for value, skip in zip(values, bad.tolist()) if not skip]
-                packed = packed[~bad]
+                packed = take_keys(packed, ~bad)
             if len(values):
                 written: list[tuple[int, int]] = []
                 self.problems.extend(self.cache.put_packed(packed, values, written=written))
@@ -172,7 +172,8 @@ class RunCache:
         if self._keyed is None:
             n = len(self.args)
             self._keyed = (np.empty((n, KEY_BYTES), dtype=np.uint8), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))
-        self._keyed[0][where], self._keyed[1][where], self._keyed[2][where] = packed, bad, True
+        put_keys(self._keyed[0], where, packed)
+        self._keyed[1][where], self._keyed[2][where] = bad, True
 
     def _note_written(self, positions: np.ndarray, packed: np.ndarray, written: list[tuple[int, int]],
                       stored: int) -> None:

@@ -45,7 +45,7 @@ from typing import Any, Sequence
 
 from .chunks import CHUNK_FORMAT, chunk_mac, join_keys, pack, part_number, unpack
 from .database import DB_NAME, move_aside, open_database, rollback, write_failure
-from .keys import KEY_BYTES, row_keys
+from .keys import KEY_BYTES, row_keys, take_keys
 from .location import CacheWarning, default_cache_dir, load_key
 from .match import Found, InOrder, KeyMatcher, WriteLog
 
@@ -157,7 +157,7 @@ class RowCache:
         ([0, 2], ['A', 'C'])
         """
         asked = np.flatnonzero(~bad) if bad is not None and bad.any() else None
-        keys = packed if asked is None else packed[asked]
+        keys = packed if asked is None else take_keys(packed, asked)
         if len(keys) == 0:
             return np.empty(0, dtype=np.intp), []
         try:
@@ -250,7 +250,7 @@ class RowCache:
             groups = []
             for tag in np.unique(tags):
                 where = np.flatnonzero(tags == tag)
-                groups.append((packed[where], [values[i] for i in where.tolist()]))
+                groups.append((take_keys(packed, where), [values[i] for i in where.tolist()]))
         for group_keys, group_values in groups:
             part = int(np.ascontiguousarray(group_keys[:1, :4]).view(">u4")[0, 0])
             for start in range(0, len(group_keys), MAX_CHUNK_ROWS):
