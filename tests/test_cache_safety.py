@@ -156,19 +156,38 @@ def test_a_cache_that_cannot_be_written_is_still_read(tmp_path, monkeypatch):
 def test_a_full_disk_says_so(tmp_path):
     mount = tmp_path / "tiny"
     mount.mkdir(mode=0o700)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"can't mount a tmpfs here: {done.stderr.strip()}")
     try:
         with RowCache(mount / "cache") as cache:
             keys = cache.row_keys("fp", list(range(50)))
-            problems = cache.put_many([(k, os.urandom(20_000)) for k in keys])
-            assert problems, "256 KiB can't hold 1 MB"
+            problems = cache.put_many([(k, os.urandom(40_000)) for k in keys])
+            assert problems, "1 MiB can't hold 2 MB"
             assert "the result cache's disk is full" in problems[0][1]
             assert "no transaction is active" not in problems[0][1]
             small = cache.row_keys("fp2", [1])
             cache.put_many([(small[0], 1)])  # and it still works for what fits
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_disk_too_full_to_make_the_cache_says_so_and_the_run_goes_on(tmp_path, monkeypatch):
+    mount = tmp_path / "tinier"
+    mount.mkdir(mode=0o700)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"can't mount a tmpfs here: {done.stderr.strip()}")
+    monkeypatch.setenv("MODAL_MAGIC_CACHE_DIR", str(mount / "cache"))
+    monkeypatch.setattr(database_module, "_warned", set())
+    try:
+        with pytest.warns(CacheWarning, match=r"result cache is off: the disk holding .*tinier/cache is full .*"
+                                              r"free some space or point MODAL_MAGIC_CACHE_DIR elsewhere"):
+            out = pd.DataFrame({"x": [1, 2]}).modal.map(lambda x: x * 2, column="x", backend="sequential",
+                                                        progress=False)
+        assert out["result"].tolist() == [2, 4]
     finally:
         subprocess.run(["umount", str(mount)], check=False)
 

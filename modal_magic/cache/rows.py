@@ -17,6 +17,7 @@ import numpy as np
 from ..fingerprint import function_fingerprint
 from .database import warn_once
 from .default import default_cache
+from .location import default_cache_dir
 from .key_memo import KEY_MEMO
 from .keys import KEY_BYTES, RowKeyHasher, key_list, put_keys, take_keys
 from .match import WriteLog
@@ -82,8 +83,11 @@ class RunCache:
             cache = default_cache()
         except (OSError, ValueError, sqlite3.Error) as e:
             # Once per trouble: an unsafe or broken cache directory doesn't change between cells.
-            warn_once(f"modal_magic's result cache is off: {e}. Runs go on without it (nothing is "
-                      "read from or written to it) until that is fixed", stacklevel=5)
+            what = f"{e}. Runs go on without it (nothing is read from or written to it) until that is fixed"
+            if isinstance(e, sqlite3.Error) and "full" in str(e):
+                what = (f"the disk holding {default_cache_dir()} is full ({e}). Runs go on without it: free some "
+                        "space or point MODAL_MAGIC_CACHE_DIR elsewhere")
+            warn_once(f"modal_magic's result cache is off: {what}", stacklevel=5)
             return None
         fingerprint = function_fingerprint(task.fn, star=task.star, result_options=result_options(task.options))
         return cls(cache, RowKeyHasher(fingerprint), args, task.star, task.options.cache == "refresh", frame)
