@@ -3,7 +3,7 @@ cheap rows don't pay for it.
 
 W5's workload (``bench/local.py``): 1,000,000 random 220-character strings and a regex that counts
 e-mail addresses in each (~5-10 µs a row), local processes, default options otherwise. Four
-timings, each the best of ``--repeat`` rounds in which they take turns: ``cache=False``; a first run with the cache
+runs, timed in ``--repeat`` rounds in which they take turns: ``cache=False``; a first run with the cache
 (``cache="refresh"``: every row computed, keyed, MAC'd and stored); a re-run where every row is
 cached (in the same kernel, which remembers the rows' keys); and the same re-run as a restarted
 kernel does it, keying every row again. Targets (issue 13): the first run at most 10% over ``cache=False``; the cached re-run
@@ -13,24 +13,28 @@ Then W6's kind of row (issue 12): ``--cheap-rows`` rows of ``x * 2 + 1``, which 
 store: ``Series.apply``, ``cache=False``, default options, and a re-run with default options
 (which must not be slower than the first: nothing was stored, so nothing is keyed or read).
 
-Each line gives wall seconds and CPU seconds (this process and its worker processes): on a
-machine shared with other work the wall ratios wander, the CPU ones less. The cache's own CPU a
+Each line gives the best wall seconds and CPU seconds (this process and its worker processes),
+the ratio of those bests, and the median over rounds of each round's ratio (the runs of one round
+are adjacent in time, so it is the figure a burst of load from elsewhere moves least; on a machine
+shared with other work the wall ratios wander, the CPU ones less). The cache's own CPU a
 row (keying, storing, keying again and reading back as a new kernel would, in this process
 without workers) is printed too: the cost
 that the ratios above are made of, and the least noisy figure here.
 
-    python bench/cache_cost.py [--rows 1000000] [--cheap-rows 2000000] [--repeat 3]
+    python bench/cache_cost.py [--rows 1000000] [--cheap-rows 2000000] [--repeat 7]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import random
 import re
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 
 import pandas as pd
 import psutil
@@ -73,18 +77,35 @@ def _cpu_s() -> float:
     return total
 
 
-def _interleaved(runs: list, repeat: int) -> list[tuple[float, float]]:
-    """Best wall seconds and best CPU seconds of each run, timed round-robin ``repeat`` times, so
-    that load from elsewhere on the machine spreads over all of them."""
-    walls: list[list[float]] = [[] for _ in runs]
-    cpus: list[list[float]] = [[] for _ in runs]
+@dataclass
+class Timed:
+    """One run's wall and CPU seconds in each round."""
+
+    walls: list[float]
+    cpus: list[float]
+
+    @property
+    def best(self) -> tuple[float, float]:
+        return min(self.walls), min(self.cpus)
+
+    def median_ratio(self, base: Timed) -> tuple[float, float]:
+        """The median over rounds of this run's time over ``base``'s in the same round (wall, CPU):
+        rounds are adjacent in time, so a burst of load from elsewhere mostly cancels out."""
+        return (statistics.median(a / b for a, b in zip(self.walls, base.walls)),
+                statistics.median(a / b for a, b in zip(self.cpus, base.cpus)))
+
+
+def _interleaved(runs: list, repeat: int) -> list[Timed]:
+    """Wall and CPU seconds of each run, timed round-robin ``repeat`` times, so that load from
+    elsewhere on the machine spreads over all of them."""
+    timed = [Timed([], []) for _ in runs]
     for _ in range(repeat):
         for i, run in enumerate(runs):
             cpu, started = _cpu_s(), time.perf_counter()
             run()
-            walls[i].append(time.perf_counter() - started)
-            cpus[i].append(_cpu_s() - cpu)
-    return [(min(w), min(c)) for w, c in zip(walls, cpus)]
+            timed[i].walls.append(time.perf_counter() - started)
+            timed[i].cpus.append(_cpu_s() - cpu)
+    return timed
 
 
 def kernel_cpu_per_row(texts: list[str], repeat: int) -> tuple[float, float]:
@@ -113,12 +134,13 @@ def kernel_cpu_per_row(texts: list[str], repeat: int) -> tuple[float, float]:
     return min(store_s) / len(texts), min(read_s) / len(texts)
 
 
-def _line(label: str, measured: tuple[float, float], base: tuple[float, float] | None = None,
-          against: str = "", target: str = "") -> str:
-    wall, cpu = measured
+def _line(label: str, measured: Timed, base: Timed | None = None, against: str = "", target: str = "") -> str:
+    wall, cpu = measured.best
     text = f"{label:<34} {wall:7.2f} s wall {cpu:7.2f} s CPU"
     if base is not None:
-        text += f"   {wall / base[0]:6.3f}x / {cpu / base[1]:6.3f}x {against}"
+        median_wall, median_cpu = measured.median_ratio(base)
+        text += (f"   best {wall / base.best[0]:5.3f}x / {cpu / base.best[1]:5.3f}x, median of rounds "
+                 f"{median_wall:5.3f}x / {median_cpu:5.3f}x {against}")
     return text + (f" ({target})" if target else "")
 
 
@@ -126,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--cheap-rows", type=int, default=2_000_000)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
     # A function of this script's own module can't travel to workers by value: that is expected here.
     warnings.filterwarnings("ignore", message=".*couldn't be sent by value")

@@ -3,7 +3,7 @@
 Re-running a cell maps the same column's objects through the same function, and hashing them (a
 UTF-8 encoding and an XXH3 call a string, ~0.3 µs a row) was most of a fully cached re-run's time.
 :class:`KeyMemo` keeps the last run's row objects, their ``id``\\ s and keys. A later run of the
-same function (same fingerprint) compares ids, vectorised, and hashes only the positions whose
+same function (same fingerprint) compares the objects, position by position in one C loop, and hashes only the positions whose
 object isn't the one keyed there last time.
 
 Why this is safe: the memo holds strong references to the rows it keyed, so no other object can
@@ -33,6 +33,7 @@ Examples
 
 from __future__ import annotations
 
+import operator
 import threading
 import weakref
 from typing import Any, Callable, Sequence
@@ -49,24 +50,24 @@ KeyHasher = Callable[[list[Any]], "tuple[np.ndarray, np.ndarray]"]
 
 
 class _Entry:
-    __slots__ = ("fingerprint", "rows", "packed", "bad", "known", "anchors", "_ids", "_immutable")
+    __slots__ = ("fingerprint", "rows", "_arrays", "_make", "anchors", "_immutable")
 
-    def __init__(self, fingerprint: str, rows: list[Any], packed: np.ndarray, bad: np.ndarray,
-                 known: np.ndarray, *, ids: np.ndarray | None = None, immutable: bool | None = None) -> None:
+    def __init__(self, fingerprint: str, rows: list[Any], arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+                 *, make: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+                 immutable: bool | None = None) -> None:
         self.fingerprint = fingerprint
         self.rows = rows  # strong references: no other object can take one of these ids meanwhile
-        self.packed = packed
-        self.bad = bad
-        self.known = known
+        self._arrays = arrays  # (packed, bad, known)
+        self._make = make  # or what makes them, when first needed
         self.anchors: list[weakref.ref[Any]] = []  # the frames it lives no longer than
-        # Worked out by the next run that uses it, so a first run doesn't pay for them
-        self._ids = ids
-        self._immutable = immutable
+        self._immutable = immutable  # worked out by the next run that uses it, so a first run doesn't pay
 
-    def ids(self) -> np.ndarray:
-        if self._ids is None:
-            self._ids = _ids(self.rows)
-        return self._ids
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows' keys, whether each can't be hashed, whether each was keyed: ``(packed, bad, known)``."""
+        if self._arrays is None:
+            assert self._make is not None
+            self._arrays, self._make = self._make(), None
+        return self._arrays
 
     def immutable(self) -> bool:
         if self._immutable is None:
@@ -74,8 +75,11 @@ class _Entry:
         return self._immutable
 
 
-def _ids(rows: Sequence[Any]) -> np.ndarray:
-    return np.fromiter(map(id, rows), dtype=np.uintp, count=len(rows))
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """A view of ``array`` that can't be written: the memo hands out its keys without copying them."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 def _all_immutable(rows: Sequence[Any]) -> bool:
@@ -101,20 +105,21 @@ class KeyMemo:
             packed, bad = hash_rows(rows)
             self.remember(fingerprint, rows, packed, bad, anchors=anchors)
             return packed, bad
-        ids = _ids(rows)
-        same = (ids == entry.ids()) & entry.known
-        if same.all():
+        known_packed, known_bad, known = entry.arrays()
+        # `is`, not ids: the memo holds its rows, so an object at a position is the one keyed there or another
+        if all(map(operator.is_, rows, entry.rows)) and known.all():
             for frame in anchors:
                 self.anchor(frame)
-            return entry.packed.copy(), entry.bad.copy()
-        packed, bad = entry.packed.copy(), entry.bad.copy()
+            return _read_only(known_packed), _read_only(known_bad)
+        same = np.fromiter(map(operator.is_, rows, entry.rows), dtype=bool, count=len(rows)) & known
+        packed, bad = known_packed.copy(), known_bad.copy()
         fresh = np.flatnonzero(~same).tolist()
         fresh_rows = [rows[i] for i in fresh]
         fresh_packed, bad[fresh] = hash_rows(fresh_rows)
         put_keys(packed, fresh, fresh_packed)
-        self._keep(_Entry(fingerprint, rows, packed.copy(), bad.copy(), np.ones(len(rows), dtype=bool), ids=ids,
+        self._keep(_Entry(fingerprint, rows, (_read_only(packed), _read_only(bad), np.ones(len(rows), dtype=bool)),
                           immutable=_all_immutable(fresh_rows)), anchors)
-        return packed, bad
+        return _read_only(packed), _read_only(bad)
 
     def remember(self, fingerprint: str, rows: list[Any], packed: np.ndarray, bad: np.ndarray,
                  known: np.ndarray | None = None, *, anchors: Sequence[Any]) -> None:
@@ -124,7 +129,14 @@ class KeyMemo:
         anchors, they are kept until the next run replaces them.
         """
         known = np.ones(len(rows), dtype=bool) if known is None else known
-        self._keep(_Entry(fingerprint, rows, packed, bad, known), anchors)
+        self._keep(_Entry(fingerprint, rows, (packed, bad, known)), anchors)
+
+    def remember_later(self, fingerprint: str, rows: list[Any],
+                       make: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]], *,
+                       anchors: Sequence[Any]) -> None:
+        """:meth:`remember` the ``(packed, bad, known)`` that ``make()`` returns, made when a run first
+        needs them: a first run, which keyed its rows piece by piece, doesn't put them together."""
+        self._keep(_Entry(fingerprint, rows, None, make=make), anchors)
 
     def _keep(self, entry: _Entry, anchors: Sequence[Any]) -> None:
         with self._lock:
@@ -147,7 +159,7 @@ class KeyMemo:
 
     @property
     def current(self) -> _Entry | None:
-        """What is remembered now: fingerprint, rows, ids, keys (None when nothing is)."""
+        """What is remembered now: fingerprint, rows, keys (None when nothing is)."""
         return self._entry
 
     def _drop(self, entry: _Entry) -> None:

@@ -32,7 +32,7 @@ import pandas as pd
 import xxhash
 
 from .chunks import IMMUTABLE, own_copy
-from .keys import KEY_BYTES
+from .keys import KEY_BYTES, take_keys
 
 __all__ = ["Found", "InOrder", "KeyMatcher", "WriteLog"]
 
@@ -127,10 +127,13 @@ class KeyMatcher:
         return rows, _gather(flat, places, copies)
 
 
-def _gather(flat: list[Any], places: np.ndarray, copies: np.ndarray) -> list[Any]:
+def _gather(flat: list[Any], places: np.ndarray, copies: np.ndarray, in_order: bool | None = None) -> list[Any]:
     """``flat[place]`` for each place; the values at ``copies`` (rows repeating an earlier row's key,
-    handed the same object) each become their own copy."""
-    if len(places) == len(flat) and (places == np.arange(len(flat))).all():
+    handed the same object) each become their own copy. ``in_order``: whether ``places`` is known to
+    be ``0, 1, 2, ...`` (``None``: look)."""
+    if in_order is None:
+        in_order = len(places) == len(flat) and bool((places == np.arange(len(flat))).all())
+    if in_order:
         values = flat  # the chunks are the rows asked for, in order
     else:
         values = list(map(flat.__getitem__, places.tolist()))
@@ -144,6 +147,14 @@ def _digest(data: Any) -> bytes:
     return xxhash.xxh3_128_digest(memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B"))
 
 
+def _digest_in_order(keys: np.ndarray, order: np.ndarray, step: int = 1 << 16) -> bytes:
+    """:func:`_digest` of ``keys[order]``, taken a slice at a time: no copy of all the keys at once."""
+    digest = xxhash.xxh3_128()
+    for start in range(0, len(order), step):
+        digest.update(memoryview(take_keys(keys, order[start : start + step])).cast("B"))
+    return digest.digest()
+
+
 class Found:
     """Where a lookup's hits were, so that the same lookup again needs no matching.
 
@@ -154,14 +165,17 @@ class Found:
     """
 
     def __init__(self, needed_ids: list[int], sizes: list[int], rows: np.ndarray | None, places: np.ndarray,
-                 copies: np.ndarray, asked: np.ndarray, chunk_ids: list[int], needed_digest: bytes) -> None:
+                 copies: np.ndarray, asked: int, chunk_ids: list[int], asked_digest: bytes, needed_digest: bytes,
+                 order: np.ndarray | None = None, in_order: bool | None = None) -> None:
         self._needed_ids = needed_ids  # the chunks holding hits, and how many rows each holds
         self._sizes = sizes
-        self._rows = None if rows is None or len(rows) == len(asked) else rows  # None: every asked row
-        self._asked = len(asked)
+        self._rows = None if rows is None or len(rows) == asked else rows  # None: every asked row
+        self._asked = asked
         self._places = places.astype(np.int32) if len(places) and places.max() < 2**31 else places
         self._copies = copies
-        self._key = (_digest(asked), tuple(chunk_ids), needed_digest)
+        self._order = order  # the asked rows in the order their digest was taken (None: as asked)
+        self._in_order = in_order  # whether the chunks hold every asked row, in order (None: unknown)
+        self._key = (asked_digest, tuple(chunk_ids), needed_digest)
 
     @classmethod
     def of_lookup(cls, needed: list[tuple[int, bytes]], rows: np.ndarray, places: np.ndarray, copies: np.ndarray,
@@ -169,21 +183,26 @@ class Found:
         """Where a lookup of ``asked`` among the function's ``chunk_ids`` found its hits: the
         ``needed`` chunks (``(chunk id, keys blob)``), and for each hit row its place among them."""
         return cls([chunk_id for chunk_id, _ in needed], [len(blob) // KEY_BYTES for _, blob in needed], rows,
-                   places, copies, asked, chunk_ids, _digest(b"".join(blob for _, blob in needed)))
+                   places, copies, len(asked), chunk_ids, _digest(asked),
+                   _digest(b"".join(blob for _, blob in needed)))
 
     @classmethod
-    def of_writes(cls, keys: np.ndarray, log: WriteLog, chunk_ids: list[int]) -> Found:
-        """Where a run that stored every row of ``keys`` once put them (its :class:`WriteLog`), among
-        the function's ``chunk_ids``: nothing to read back."""
+    def of_writes(cls, log: WriteLog, chunk_ids: list[int]) -> Found:
+        """Where a run that stored every row once put them (its :class:`WriteLog`), among the
+        function's ``chunk_ids``: nothing to read back. The keys asked for next time, taken in the
+        order they were written, must be the keys the chunks hold."""
+        digest = log.digest.digest()
         return cls([chunk_id for chunk_id, _ in log.written], [n for _, n in log.written], None, log.places,
-                   np.zeros(0, dtype=np.intp), keys, chunk_ids, log.digest.digest())
+                   np.zeros(0, dtype=np.intp), len(log.places), chunk_ids, digest, digest, order=None if log.in_order else log.order(),
+                   in_order=log.in_order)
 
     def fits(self, asked: np.ndarray, chunks: list[tuple[int, bytes]]) -> bool:
         """Whether this is where the hits of a lookup of ``asked`` in the function's ``chunks`` are."""
         if len(asked) != self._asked or tuple(chunk_id for chunk_id, _ in chunks) != self._key[1]:
             return False
         blobs = dict(chunks)
-        return (_digest(asked) == self._key[0]
+        asked_digest = _digest(asked) if self._order is None else _digest_in_order(asked, self._order)
+        return (asked_digest == self._key[0]
                 and _digest(b"".join(blobs[chunk_id] for chunk_id in self._needed_ids)) == self._key[2])
 
     def needed(self, chunks: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
@@ -198,7 +217,7 @@ class Found:
         for chunk_id, size in zip(self._needed_ids, self._sizes):
             flat.extend(loaded.get(chunk_id) or [None] * size)
         if all(chunk_id in loaded for chunk_id in self._needed_ids):
-            return rows, _gather(flat, self._places, self._copies)
+            return rows, _gather(flat, self._places, self._copies, self._in_order)
         starts = np.concatenate([[0], np.cumsum(self._sizes)[:-1]])
         ok = np.fromiter((chunk_id in loaded for chunk_id in self._needed_ids), dtype=bool, count=len(self._sizes))
         keep = ok[np.searchsorted(starts, self._places, side="right") - 1]
@@ -250,8 +269,8 @@ class WriteLog:
     >>> log = WriteLog(3)
     >>> keys = np.arange(3 * KEY_BYTES, dtype=np.uint8).reshape(3, KEY_BYTES)
     >>> log.add(np.array([2, 0]), keys[[2, 0]], [(11, 2)]); log.add(np.array([1]), keys[[1]], [(12, 1)])
-    >>> log.places.tolist(), log.written, log.complete()
-    ([1, 2, 0], [(11, 2), (12, 1)], True)
+    >>> log.places.tolist(), log.written, log.complete(), log.in_order
+    ([1, 2, 0], [(11, 2), (12, 1)], True, False)
     """
 
     def __init__(self, n: int) -> None:
@@ -259,13 +278,22 @@ class WriteLog:
         self.written: list[tuple[int, int]] = []
         self.digest = xxhash.xxh3_128()
         self.stored = 0
+        self._positions: list[np.ndarray] = []
+        self.in_order = True  # whether the rows went in so far in their own order: 0, 1, 2, ...
 
     def add(self, positions: np.ndarray, keys: np.ndarray, written: list[tuple[int, int]]) -> None:
         """The rows at ``positions``, whose keys are ``keys``, went in that order into ``written``."""
-        self.places[positions] = np.arange(self.stored, self.stored + len(positions), dtype=self.places.dtype)
+        places = np.arange(self.stored, self.stored + len(positions), dtype=self.places.dtype)
+        self.in_order = self.in_order and bool((positions == places).all())
+        self.places[positions] = places
         self.stored += len(positions)
         self.digest.update(memoryview(np.ascontiguousarray(keys)).cast("B"))
         self.written.extend(written)
+        self._positions.append(np.asarray(positions, dtype=self.places.dtype))
+
+    def order(self) -> np.ndarray:
+        """The rows' positions in the order they were written."""
+        return np.concatenate(self._positions) if self._positions else np.empty(0, dtype=self.places.dtype)
 
     def complete(self) -> bool:
         """Whether every row was stored, each once."""

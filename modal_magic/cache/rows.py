@@ -7,6 +7,7 @@ can change a row's result and so belong in the cache key.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sqlite3
 import warnings
@@ -66,7 +67,8 @@ class RunCache:
         # while it lives (see key_memo); None, and nothing is remembered
         self.frame = frame
         self._remembered = False  # whether this run's keys are the memo's now
-        self._keyed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (packed, bad, known) of a first run
+        # a first run's keys, flush by flush: (positions, packed, bad); put in row order only if a later run asks
+        self._keyed: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         # where a first run's rows went, made as the first are written; False once it can't be every row, each once
         self._layout: WriteLog | bool | None = None
         self.problems: list[tuple[bytes, str]] = []
@@ -159,7 +161,7 @@ class RunCache:
                     else:
                         rows.extend(self.args[p] for p in positions)
                 packed, bad = self.hasher.key_array(rows, self.star)
-                self._note_keyed(where, packed, bad)
+                self._keyed.append((where, packed, bad))
             if bad.any():  # inputs that can't be hashed faithfully aren't cached
                 values = [value for value, skip in zip(values, bad.tolist()) if not skip]
                 packed = take_keys(packed, ~bad)
@@ -170,14 +172,6 @@ class RunCache:
         self._buffer = []
         self._buffered_rows = 0
         self._buffered_work_s = 0.0
-
-    def _note_keyed(self, where: np.ndarray, packed: np.ndarray, bad: np.ndarray) -> None:
-        """Keep a first run's keys by position, for the memo and the cache's record of where they went."""
-        if self._keyed is None:
-            n = len(self.args)
-            self._keyed = (np.empty((n, KEY_BYTES), dtype=np.uint8), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))
-        put_keys(self._keyed[0], where, packed)
-        self._keyed[1][where], self._keyed[2][where] = bad, True
 
     def _note_written(self, positions: np.ndarray, packed: np.ndarray, written: list[tuple[int, int]],
                       stored: int) -> None:
@@ -194,26 +188,39 @@ class RunCache:
     def _remember_layout(self) -> None:
         """A run that stored every row tells the cache where: re-running it then matches nothing."""
         layout, self._layout = self._layout, False
-        if not isinstance(layout, WriteLog) or self._keyed is None or not layout.written:
+        if not isinstance(layout, WriteLog) or not layout.written:
             return
-        if layout.complete() and self._keyed[2].all() and not self._keyed[1].any():  # each row stored once
+        if layout.complete() and not any(bad.any() for _, _, bad in self._keyed):  # each row stored once
             try:
-                self.cache.stored_all(self._keyed[0], layout)
+                self.cache.stored_all(layout)
             except sqlite3.Error:  # only a shortcut for the next lookup: that lookup matches keys instead
                 pass
 
     def report(self) -> None:
         self._remember_layout()
-        if self._keyed is not None and self.frame is not None:  # a first run: its keys serve the next run of the cell
-            KEY_MEMO.remember(self.hasher.fingerprint, self.args, *self._keyed, anchors=[self.frame])
+        if self._keyed and self.frame is not None:  # a first run: its keys serve the next run of the cell
+            # Put in row order when that run asks, not now: the end of a run waits for nothing else.
+            # (Only the keys go with it, not this run: the memo must not keep the frame alive.)
+            KEY_MEMO.remember_later(self.hasher.fingerprint, self.args,
+                                    functools.partial(_in_row_order, len(self.args), self._keyed), anchors=[self.frame])
+            self._keyed = []
             self._remembered = True
-            self._keyed = None
         if self.problems:
             warnings.warn(
                 f"{len(self.problems)} result(s) were not cached ({self.problems[0][1]}); "
                 "they are in the returned frame but will be computed again on the next run",
                 stacklevel=4,
             )
+
+
+def _in_row_order(n: int, keyed: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A first run's keys by position ``(packed, bad, known)``, from what its flushes keyed: ``(positions, packed, bad)``."""
+    packed, bad, known = np.empty((n, KEY_BYTES), dtype=np.uint8), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    for where, piece, piece_bad in keyed:
+        put_keys(packed, where, piece)
+        bad[where], known[where] = piece_bad, True
+    return packed, bad, known
 
 
 def result_options(options: MapOptions) -> dict[str, Any]:

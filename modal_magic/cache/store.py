@@ -287,17 +287,17 @@ class RowCache:
             warnings.warn(f"modal_magic couldn't trim its cache at {self.path}: {e}", CacheWarning, stacklevel=2)
         return rejected
 
-    def stored_all(self, keys: np.ndarray, log: WriteLog) -> None:
-        """A run stored every row of ``keys`` once, as ``log`` says where: remember it as a lookup's
+    def stored_all(self, log: WriteLog) -> None:
+        """A run stored every one of its rows once, as ``log`` says where: remember it as a lookup's
         :class:`Found`, so re-running it matches nothing."""
-        part = int(np.ascontiguousarray(keys[:1, :4]).view(">u4")[0, 0])
         ours = [chunk_id for chunk_id, _ in log.written]
         with self._lock:
-            ids = [chunk_id for (chunk_id,) in self._db().execute("SELECT id FROM chunks WHERE part = ? ORDER BY id",
-                                                                  (part,))]
+            db = self._db()
+            (part,) = db.execute("SELECT part FROM chunks WHERE id = ?", (ours[0],)).fetchone() or (None,)
+            ids = [chunk_id for (chunk_id,) in db.execute("SELECT id FROM chunks WHERE part = ? ORDER BY id", (part,))]
             # Only while these chunks are the function's newest: another writer's later copy would win a lookup
             if ids and ids[-1] == max(ours) and set(ours) <= set(ids):
-                self._found = Found.of_writes(keys, log, ids)
+                self._found = Found.of_writes(log, ids)
 
     def clear(self) -> None:
         """Delete every cached result and give the space back to the file system."""
