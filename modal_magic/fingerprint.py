@@ -30,10 +30,13 @@ from typing import Any, Callable, Mapping
 from .code_origin import is_library_module, top_package, version_of
 from .value_digest import SCALARS, all_scalars, is_handle, pickle_digest, scalars_digest, stable_repr, type_path
 
-__all__ = ["function_fingerprint"]
+__all__ = ["function_fingerprint", "register_identity"]
 
 #: bump when the hashing below changes, so old fingerprints can't match new ones
 FINGERPRINT_VERSION = 1
+
+#: classes whose instances say for themselves what decides their results (see register_identity)
+_IDENTITIES: dict[type, Callable[[Any], Any]] = {}
 
 # A class's bookkeeping that says nothing about behaviour.
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__",
@@ -201,6 +204,10 @@ class FunctionHasher:
             self.emit("descriptor", f"{type_path(owner)}.{getattr(obj, '__name__', '?')}")
             if kind is types.MethodWrapperType:
                 self.value(obj.__self__)
+        elif kind in _IDENTITIES:
+            if self._first_visit(obj):
+                self.emit("identity", type_path(kind))
+                self.value(_IDENTITIES[kind](obj))
         elif is_handle(obj):
             # A random generator, a lock, a client or session, a file: its state changes as the
             # program runs (or differs per process) without changing what the function computes.
@@ -346,6 +353,31 @@ class FunctionHasher:
         self.emit("object", type_path(cls))
         self.emit("version", version_of(cls.__module__))
         self.emit("pickled", pickle_digest(obj))
+
+
+def register_identity(cls: type, identity: Callable[[Any], Any]) -> None:
+    """Fingerprint instances of ``cls`` (exactly that class) by ``identity(instance)`` alone.
+
+    For a function object of modal_magic's own whose results are decided by a few values it holds
+    (an LLM run's request: template, model, parameters), not by modal_magic's code or version: a
+    new version of the library then keeps the results it cached, which is the point for answers
+    that cost money. ``identity`` returns plain data (and classes, such as a schema, which are
+    walked as usual); the class owning it must change that data when what decides a result changes.
+
+    Examples
+    --------
+    >>> class Doubler:
+    ...     def __init__(self, factor, label):
+    ...         self.factor, self.label = factor, label
+    ...     def __call__(self, x):
+    ...         return x * self.factor
+    >>> register_identity(Doubler, lambda d: ("doubler", d.factor))
+    >>> same = [function_fingerprint(Doubler(2, label), star=False, result_options={}) for label in "ab"]
+    >>> same[0] == same[1], same[0] == function_fingerprint(Doubler(3, "a"), star=False, result_options={})
+    (True, False)
+    >>> del _IDENTITIES[Doubler]
+    """
+    _IDENTITIES[cls] = identity
 
 
 def _is_module(obj: Any) -> bool:

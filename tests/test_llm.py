@@ -1209,3 +1209,27 @@ def test_the_llm_notebook_classifies_reviews_against_any_openai_compatible_endpo
     assert first_error.startswith("'BudgetExceeded: budget_usd=0.0005: $0.0")
     requests = openai_server.requests
     assert 300 + 40 < len(requests) < 300 + 40 + 300
+
+
+def test_an_answers_cache_key_is_its_request_not_modal_magics_code_limits_or_where_it_runs(monkeypatch):
+    # Upgrading modal_magic (new code, a new version) must not make paid answers look new; a new key,
+    # rpm, budget or backend mustn't either; the prompt, model and schema must.
+    from modal_magic.llm.function import LLMRowFunction
+    from modal_magic.llm.row.limits import Limits, Meter, Request
+    from modal_magic.llm.row.session import Session
+
+    def fingerprint(request: Request, limits: Limits, on_modal: bool) -> str:
+        session = Session(request, limits, Meter(True), api_key="sk-one", base_url=None)
+        row = LLMRowFunction(request, session, limits, on_modal=on_modal)
+        return function_fingerprint(row, star=True, result_options={"where": "local"})
+
+    request = Request(template="Say {text}", fields=("text",), model="gpt-4o-mini", into="answer", price=(0.15, 0.6))
+    first = fingerprint(request, Limits(), on_modal=False)
+    assert fingerprint(request, Limits(rpm=60, tpm=1000, budget_usd=0.5), on_modal=True) == first
+    monkeypatch.setattr(LLMRowFunction, "a_new_method", lambda self: 1, raising=False)
+    monkeypatch.setattr(llm_row.session.Session, "complete", lambda self, values: None)
+    assert fingerprint(request, Limits(), on_modal=False) == first, "modal_magic's own code is in the key"
+    for changed in ({"template": "Shout {text}"}, {"model": "gpt-4o"}, {"max_tokens": 5}, {"system": "Be terse"},
+                    {"temperature": 0.0}):
+        other = Request(**{**request.__dict__, **changed})
+        assert fingerprint(other, Limits(), on_modal=False) != first, changed

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Runtime
+from ..fingerprint import register_identity
 from . import row as row_runtime
 from .allotments import LLMAccount
 from .row.ledger import new_ledger
@@ -35,7 +36,11 @@ if TYPE_CHECKING:
     from ..options import MapOptions
     from .row.limits import Request
 
-__all__ = ["LLMRowFunction"]
+__all__ = ["ANSWER_FORMAT", "LLMRowFunction"]
+
+#: bump when how an answer is asked for or read changes (the request body built from a Request,
+#: the columns taken from the response): cached answers of another format are then asked again
+ANSWER_FORMAT = 1
 
 
 @dataclass
@@ -196,3 +201,16 @@ class LLMRowFunction:
 
     def __repr__(self) -> str:
         return f"<LLMRowFunction model={self.request.model!r} into={self.request.into!r}>"
+
+
+def _answer_identity(row: LLMRowFunction) -> tuple[Any, ...]:
+    """What decides a row's answer, for the cache: the request's fields and the answer format.
+
+    Not modal_magic's code or version (upgrading keeps the answers paid for), nor the API key, the
+    limits or where the rows run (a new key, ``rpm`` or ``budget_usd`` reuses them).
+    """
+    request = row.request
+    return ("llm-answer", ANSWER_FORMAT, tuple((f.name, getattr(request, f.name)) for f in dataclasses.fields(request)))
+
+
+register_identity(LLMRowFunction, _answer_identity)
