@@ -8,6 +8,7 @@ read, a full disk says so, and rows that share a key never share a mutable resul
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import sqlite3
@@ -16,6 +17,8 @@ import subprocess
 import time
 import warnings
 from hashlib import blake2b
+from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import pytest
@@ -153,14 +156,22 @@ def test_a_cache_that_cannot_be_written_is_still_read(tmp_path, monkeypatch):
     cache.close()
 
 
-def test_a_full_disk_says_so(tmp_path):
-    mount = tmp_path / "tiny"
+@contextlib.contextmanager
+def _tiny_disk(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``mount`` while the block runs (the test is skipped where that can't be done)."""
     mount.mkdir(mode=0o700)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"can't mount a tmpfs here: {done.stderr.strip()}")
     try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_says_so(tmp_path):
+    with _tiny_disk(tmp_path / "tiny", "1m") as mount:
         with RowCache(mount / "cache") as cache:
             keys = cache.row_keys("fp", list(range(50)))
             problems = cache.put_many([(k, os.urandom(40_000)) for k in keys])
@@ -169,27 +180,17 @@ def test_a_full_disk_says_so(tmp_path):
             assert "no transaction is active" not in problems[0][1]
             small = cache.row_keys("fp2", [1])
             cache.put_many([(small[0], 1)])  # and it still works for what fits
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_disk_too_full_to_make_the_cache_says_so_and_the_run_goes_on(tmp_path, monkeypatch):
-    mount = tmp_path / "tinier"
-    mount.mkdir(mode=0o700)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"can't mount a tmpfs here: {done.stderr.strip()}")
-    monkeypatch.setenv("MODAL_MAGIC_CACHE_DIR", str(mount / "cache"))
     monkeypatch.setattr(database_module, "_warned", set())
-    try:
+    with _tiny_disk(tmp_path / "tinier", "64k") as mount:
+        monkeypatch.setenv("MODAL_MAGIC_CACHE_DIR", str(mount / "cache"))
         with pytest.warns(CacheWarning, match=r"result cache is off: the disk holding .*tinier/cache is full .*"
                                               r"free some space or point MODAL_MAGIC_CACHE_DIR elsewhere"):
             out = pd.DataFrame({"x": [1, 2]}).modal.map(lambda x: x * 2, column="x", backend="sequential",
                                                         progress=False)
         assert out["result"].tolist() == [2, 4]
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_rows_with_equal_inputs_get_their_own_result_objects_from_the_cache():

@@ -580,31 +580,10 @@ def test_with_processes_the_workers_share_one_budget_and_no_row_is_lost(openai_s
 
 def test_a_worker_killed_mid_run_cant_take_the_run_past_its_budget(openai_server):
     """Issue 13: a worker process that died was replaced with a fresh share of the budget."""
-    import signal
-    import threading
-
-    import psutil
-
     openai_server.latency_s = 0.3
     df = pd.DataFrame({"text": [f"[[long=2000]] {i}" for i in range(40)]})
     killed: list[int] = []
-
-    def kill_a_worker_in_flight() -> None:
-        deadline = time.monotonic() + 60
-        while len(openai_server.requests) < 6 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        for child in psutil.Process(os.getpid()).children(recursive=True):
-            try:
-                talking = any(c.raddr and c.raddr.port == openai_server.port for c in child.net_connections())
-            except psutil.Error:
-                continue
-            if talking:
-                os.kill(child.pid, signal.SIGKILL)
-                killed.append(child.pid)
-                return
-
-    killer = threading.Thread(target=kill_a_worker_in_flight)
-    killer.start()
+    killer = _kill_a_child_talking_to(openai_server, after_requests=6, killed=killed)
     # $0.0012 a request at most (2,000 output tokens), so $0.012 pays for nine. One request at a
     # time per worker: when the sixth arrives, each has sent three. A replacement starting a fresh
     # half of the budget (four requests) would take the run to eleven.
@@ -917,31 +896,10 @@ def test_on_modal_the_budget_is_a_hard_cap_with_large_prompts(openai_server, mod
 def test_a_modal_container_killed_mid_batch_cant_take_the_run_past_its_budget(openai_server, modal_server,
                                                                              monkeypatch):
     """A container that dies loses its batches: each settles at its whole allotment, and no fresh share starts."""
-    import signal
-    import threading
-
-    import psutil
-
     openai_server.latency_s = 0.3
     df = pd.DataFrame({"text": [f"[[long=2000]] {i}" for i in range(30)]})
     killed: list[int] = []
-
-    def kill_a_container_in_flight() -> None:
-        deadline = time.monotonic() + 60
-        while len(openai_server.requests) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        for child in psutil.Process(os.getpid()).children(recursive=True):
-            try:
-                talking = any(c.raddr and c.raddr.port == openai_server.port for c in child.net_connections())
-            except psutil.Error:
-                continue
-            if talking:
-                os.kill(child.pid, signal.SIGKILL)
-                killed.append(child.pid)
-                return
-
-    killer = threading.Thread(target=kill_a_container_in_flight)
-    killer.start()
+    killer = _kill_a_child_talking_to(openai_server, after_requests=3, killed=killed)
     # $0.0012 a request at most (2,000 output tokens), so $0.012 pays for nine.
     out = df.modal.llm("Say {text}", max_tokens=2000, budget_usd=0.012, progress=False,
                        **on_modal(openai_server, modal_server, monkeypatch))
@@ -1233,3 +1191,30 @@ def test_an_answers_cache_key_is_its_request_not_modal_magics_code_limits_or_whe
                     {"temperature": 0.0}):
         other = Request(**{**request.__dict__, **changed})
         assert fingerprint(other, Limits(), on_modal=False) != first, changed
+
+
+def _kill_a_child_talking_to(openai_server, after_requests: int, killed: list[int]):
+    """A started thread that SIGKILLs a child process (a worker, a container) with a connection
+    open to ``openai_server`` once it has had ``after_requests`` requests; its pid goes in ``killed``."""
+    import signal
+    import threading
+
+    import psutil
+
+    def kill() -> None:
+        deadline = time.monotonic() + 60
+        while len(openai_server.requests) < after_requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for child in psutil.Process(os.getpid()).children(recursive=True):
+            try:
+                talking = any(c.raddr and c.raddr.port == openai_server.port for c in child.net_connections())
+            except psutil.Error:
+                continue
+            if talking:
+                os.kill(child.pid, signal.SIGKILL)
+                killed.append(child.pid)
+                return
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    return killer
