@@ -103,7 +103,7 @@ def connect_read_write(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode = WAL")
         # Checkpoint (copy the log into the file) every WAL_CHECKPOINT_BYTES, not every 4 MiB.
         page_size = db.execute("PRAGMA page_size").fetchone()[0]
-        db.execute(f"PRAGMA wal_autocheckpoint = {max(1000, WAL_CHECKPOINT_BYTES // page_size)}")
+        db.execute(f"PRAGMA wal_autocheckpoint = {max(64, WAL_CHECKPOINT_BYTES // page_size)}")
         # WAL + NORMAL: a killed process loses nothing committed; a power cut may lose the last commits,
         # never the database.
         db.execute("PRAGMA synchronous = NORMAL")
