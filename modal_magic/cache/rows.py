@@ -161,7 +161,8 @@ class RunCache:
                     else:
                         rows.extend(self.args[p] for p in positions)
                 packed, bad = self.hasher.key_array(rows, self.star)
-                self._keyed.append((where, packed, bad))
+                # (positions as int32 where they fit: the memo holds them until a re-run asks)
+                self._keyed.append((where.astype(np.int32) if len(self.args) < 2**31 else where, packed, bad))
             if bad.any():  # inputs that can't be hashed faithfully aren't cached
                 values = [value for value, skip in zip(values, bad.tolist()) if not skip]
                 packed = take_keys(packed, ~bad)
