@@ -2,15 +2,15 @@
 
 Re-running a cell maps the same column's objects through the same function, and hashing them (a
 UTF-8 encoding and an XXH3 call a string, ~0.3 µs a row) was most of a fully cached re-run's time.
-:class:`KeyMemo` keeps the last run's row objects, their ``id``\\ s and keys. A later run of the
-same function (same fingerprint) compares the objects, position by position in one C loop, and hashes only the positions whose
-object isn't the one keyed there last time.
+:class:`KeyMemo` keeps the last run's row objects and their keys. A later run of the same
+function (same fingerprint) compares the objects position by position (``is``, in one C loop) and
+hashes only the positions whose object isn't the one keyed there last time.
 
-Why this is safe: the memo holds strong references to the rows it keyed, so no other object can
-be given one of their addresses while it lives, and an equal id at a position is the very same
-object. It is used only when every row is of an immutable type (``str``, ``bytes``, numbers,
-``bool``, ``None``): the same object then has the same value, hence the same key. A list row
-could change in place and keep its id, so the keys of a column with one are never reused.
+Why this is safe: the memo holds strong references to the rows it keyed, so a row that ``is`` the
+object keyed at its position is that very object, alive all along. The memo is used only when
+every row is of an immutable type (``str``, ``bytes``, numbers, ``bool``, ``None``): the same
+object then has the same value, hence the same key. A list row could change in place and stay the
+same object, so the keys of a column with one are never reused.
 
 It never keeps a frame's data alive: it is dropped as soon as every frame it was made from (the
 frame mapped, and the frame returned) is garbage. One memo per kernel: the last run that keyed rows.
