@@ -56,7 +56,8 @@ class LLMAccount:
         self.budget = budget
         self.tries = 1  # Modal's tries of a lost input: each may run the batch's rows, and bill them
         self._booked: dict[int, tuple[float, float]] = {}  # batch id -> (booked, one try's allotment)
-        self._worsts: dict[int, float] = {}  # this run's rows' worst cases, by position: asked again and again
+        # the worst cases of rows not yet booked, by position: a batch waiting for room is asked again and again
+        self._worsts: dict[int, float] = {}
 
     def start(self, tries: int) -> LLMAccount:
         """A run (or a retry of failed rows) starts: keep what was spent, look again.
@@ -111,6 +112,7 @@ class LLMAccount:
         allotment = 0.0
         for position, values in zip(batch.positions, rows):
             allotment += self._worst_usd(int(position), values)
+            del self._worsts[int(position)]  # booked: kept no longer (a lost row sent again is worked out anew)
         booked = allotment * self.tries
         self.budget.book(booked)
         self._booked[batch.id] = (booked, allotment)
