@@ -308,7 +308,7 @@ def test_rerun_stop_save_and_reopen_without_a_kernel(lab, page):
     rerun = cells.nth(1)
     assert "UsageError" not in _output_text(rerun) and "already has a column" not in _output_text(rerun)
     line = rerun.locator(".modal-magic-summary-line").text_content()
-    assert re.fullmatch(r"Done with failures: 12 rows in [\d.]+s \([\d,.]+ rows/s\) \| 0 succeeded, 1 failed "
+    assert re.fullmatch(r"Done with failures: 12 rows in [\d.]+s \(1 ran, [\d,.]+ rows/s\) \| 0 succeeded, 1 failed "
                         r"\(1 ValueError\), 11 cached: --no-cache runs them again", line), line
     assert _bar_style(rerun.locator(".modal-magic-bar")) == "warning"
     _save(rerun.locator(".jp-OutputArea-output", has=page.locator(".modal-magic-progress")), "widget_rerun.png")

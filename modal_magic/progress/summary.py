@@ -132,7 +132,7 @@ def summary_line(state: State, summary: RunSummary) -> str:
     Examples
     --------
     >>> summary_line("success", RunSummary(5, 2, 1, 2, 1.0, {"ValueError": 1}))
-    'Done with failures: 5 rows in 1.0s (3.0 rows/s) | 2 succeeded, 1 failed (1 ValueError), 2 cached: cache=False runs them again'
+    'Done with failures: 5 rows in 1.0s (3 ran, 3.0 rows/s) | 2 succeeded, 1 failed (1 ValueError), 2 cached: cache=False runs them again'
     """
     failed = f"{summary.failed:,} failed"
     if summary.errors_by_type:
@@ -140,6 +140,8 @@ def summary_line(state: State, summary: RunSummary) -> str:
         failed += " (" + ", ".join(f"{count:,} {name}" for name, count in by_type) + ")"
     if summary.ran:
         rate = f"{format_rate(summary.rows_per_s)} rows/s"
+        if summary.cached:  # the rate is of the rows that ran: say how many, or it reads as the whole run's
+            rate = f"{summary.ran:,} ran, {rate}"
     else:
         rate = "all cached" if summary.cached == summary.total and summary.total else "no row ran"
     counts = f"{summary.succeeded:,} succeeded, {failed}"
