@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import threading
 
@@ -68,3 +69,12 @@ def loaded_shell():
     # Its exit hook would reset the namespace and gc.collect() at interpreter exit, once per test.
     atexit.unregister(shell.atexit_operations)
     InteractiveShell.clear_instance()
+
+
+@pytest.fixture
+def sigint_raises():
+    """Python's Ctrl-C handler, installed here: a shell that starts the suite in the background
+    (``make test &``) ignores SIGINT, and Python then installs no handler of its own."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -46,14 +46,6 @@ def row(value: str) -> int:
     return int(index)
 
 
-@pytest.fixture
-def sigint_raises():
-    """Python's Ctrl-C handler, installed here (a shell running the suite in the background ignores SIGINT)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 def _plan(rng: random.Random, stop: bool) -> list[str]:
     kinds = [rng.choice(KINDS) for _ in range(rng.randint(1, 30))]
     if stop:

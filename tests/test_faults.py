@@ -30,15 +30,6 @@ from modal_magic.backends import pool, processes
 from modal_magic.options import MapOptions, OptionsError, process_ceiling
 
 
-@pytest.fixture
-def sigint_raises():
-    """Python's Ctrl-C handler, installed here: a shell that starts the suite in the background
-    (``make test &``) ignores SIGINT, and Python then installs no handler of its own."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 def die_on_13(x):
     if x == 13:
         os._exit(3)

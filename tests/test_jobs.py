@@ -195,7 +195,7 @@ def test_retry_failed_runs_in_the_background_too():
         pd.DataFrame({"x": [1]}).modal.retry_failed(wait=False)
 
 
-def test_stop_while_result_waits_stops_the_waiting_not_the_job():
+def test_stop_while_result_waits_stops_the_waiting_not_the_job(sigint_raises):
     import os
     import signal
 

@@ -172,7 +172,7 @@ def slow(x):
 
 
 @pytest.mark.parametrize("keep_warm", [0, 60])
-def test_interrupt_stops_the_run_and_keeps_finished_rows(modal_server, keep_warm):
+def test_interrupt_stops_the_run_and_keeps_finished_rows(modal_server, keep_warm, sigint_raises):
     import signal
     import threading
 
