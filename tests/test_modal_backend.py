@@ -185,6 +185,9 @@ def test_interrupt_stops_the_run_and_keeps_finished_rows(modal_server, keep_warm
         deadline = time.monotonic() + 60
         while modal_server.outputs_sent < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
+        # The server has sent two rows; give the kernel a moment to take them in (on a loaded machine
+        # a Stop right away could land before it had read any), while 30-odd rows are still to run.
+        time.sleep(1.0)
         signalled.append(time.monotonic())
         os.kill(os.getpid(), signal.SIGINT)
 
