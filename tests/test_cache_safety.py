@@ -206,3 +206,14 @@ def test_rows_with_equal_inputs_get_their_own_result_objects_from_the_cache():
     assert again == first == [[1], [1], [2], [1]]
     again[0].append("mine")
     assert again[1] == [1] and again[3] == [1], "appending to one row's list changed another's"
+
+
+def test_a_write_interrupted_inside_its_transaction_doesnt_stop_later_writes(tmp_path):
+    # A Stop landing between BEGIN and the try that rolls back left the connection in a transaction:
+    # every later write of the kernel failed ("cannot start a transaction within a transaction").
+    with RowCache(tmp_path / "cache") as cache:
+        keys = cache.row_keys("fp", [1, 2])
+        assert cache.put_many([(keys[0], "one")]) == []
+        cache._db().execute("BEGIN IMMEDIATE")  # as the interrupted write left it
+        assert cache.put_many([(keys[1], "two")]) == []
+        assert cache.get_many(keys) == {0: "one", 1: "two"}

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .database import BUSY_TIMEOUT_S, DB_NAME
+from .database import BUSY_TIMEOUT_S, DB_NAME, begin
 from .keys import KEY_BYTES
 
 __all__ = ["BatchRecord", "BatchRecords"]
@@ -106,7 +106,7 @@ class BatchRecords:
         row of the batch was handed over, the record is marked collected.
         """
         with _closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")
+            begin(db)
             row = db.execute("SELECT keys, done FROM llm_batches WHERE file_id = ?", (file_id,)).fetchone()
             if row is None:
                 db.execute("COMMIT")

@@ -109,7 +109,7 @@ def connect_read_write(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute(f"PRAGMA journal_size_limit = {64 * 1024**2}")
         if _identity(db) == (0, 0):
-            db.execute("BEGIN IMMEDIATE")
+            begin(db)
             try:
                 if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
                     for statement in SCHEMA.split(";"):
@@ -195,6 +195,17 @@ def move_aside(path: Path, error: BaseException) -> Path:
     warnings.warn(f"modal_magic's cache at {path} was unreadable ({error}); it was moved to {target} and a new "
                   "one started (delete that file once you don't need its results)", CacheWarning, stacklevel=5)
     return target
+
+
+def begin(db: sqlite3.Connection, *, immediate: bool = True) -> None:
+    """Start a transaction (``IMMEDIATE``: take the write lock now), first rolling back one left open.
+
+    A Stop (``KeyboardInterrupt``) can land between a ``BEGIN`` and the ``try`` whose ``except``
+    would roll it back; the connection then stays inside that transaction, and every later write
+    of the process would fail with "cannot start a transaction within a transaction".
+    """
+    rollback(db)
+    db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def rollback(db: sqlite3.Connection) -> None:

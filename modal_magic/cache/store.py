@@ -44,7 +44,7 @@ import numpy as np
 from typing import Any, Sequence
 
 from .chunks import CHUNK_FORMAT, chunk_mac, join_keys, pack, part_number, unpack
-from .database import DB_NAME, move_aside, open_database, rollback, write_failure
+from .database import DB_NAME, begin, move_aside, open_database, rollback, write_failure
 from .keys import KEY_BYTES, row_keys, take_keys
 from .location import CacheWarning, default_cache_dir, load_key
 from .match import Found, InOrder, KeyMatcher, WriteLog
@@ -264,7 +264,7 @@ class RowCache:
         try:
             with self._lock:
                 db = self._db()
-                db.execute("BEGIN IMMEDIATE")
+                begin(db)
                 try:
                     ids = [db.execute("INSERT INTO chunks (part, atime, fmt, n, checksum, keys, value) "
                                       "VALUES (?, ?, ?, ?, ?, ?, ?)", record).lastrowid for record in records]
@@ -340,7 +340,7 @@ class RowCache:
         stale_atime: list[int] = []
         broken: list[int] = []
         loaded: dict[int, list[Any]] = {}
-        db.execute("BEGIN")
+        begin(db, immediate=False)
         try:
             stored = []
             for part in parts:
@@ -390,7 +390,7 @@ class RowCache:
             return
         db = self._db()
         try:
-            db.execute("BEGIN IMMEDIATE")
+            begin(db)
         except sqlite3.OperationalError:
             return
         try:
@@ -425,7 +425,7 @@ class RowCache:
                     break
             if not victims:
                 return
-            db.execute("BEGIN IMMEDIATE")
+            begin(db)
             try:
                 _delete_chunks(db, victims)
                 db.execute("COMMIT")
