@@ -106,7 +106,7 @@ class KeyMemo:
             self.remember(fingerprint, rows, packed, bad, anchors=anchors)
             return packed, bad
         known_packed, known_bad, known = entry.arrays()
-        # `is`, not ids: the memo holds its rows, so an object at a position is the one keyed there or another
+        # `is` (see the module): the memo holds its rows, so the same object at a position is the one it keyed
         if all(map(operator.is_, rows, entry.rows)) and known.all():
             for frame in anchors:
                 self.anchor(frame)

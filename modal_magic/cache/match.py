@@ -143,15 +143,20 @@ def _gather(flat: list[Any], places: np.ndarray, copies: np.ndarray, in_order: b
     return values
 
 
+def _view(data: Any) -> memoryview:
+    """``data`` (an array, or bytes) as the flat bytes a digest reads."""
+    return memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
+
+
 def _digest(data: Any) -> bytes:
-    return xxhash.xxh3_128_digest(memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B"))
+    return xxhash.xxh3_128_digest(_view(data))
 
 
 def _digest_in_order(keys: np.ndarray, order: np.ndarray, step: int = 1 << 16) -> bytes:
     """:func:`_digest` of ``keys[order]``, taken a slice at a time: no copy of all the keys at once."""
     digest = xxhash.xxh3_128()
     for start in range(0, len(order), step):
-        digest.update(memoryview(take_keys(keys, order[start : start + step])).cast("B"))
+        digest.update(_view(take_keys(keys, order[start : start + step])))
     return digest.digest()
 
 
@@ -193,8 +198,8 @@ class Found:
         order they were written, must be the keys the chunks hold."""
         digest = log.digest.digest()
         return cls([chunk_id for chunk_id, _ in log.written], [n for _, n in log.written], None, log.places,
-                   np.zeros(0, dtype=np.intp), len(log.places), chunk_ids, digest, digest, order=None if log.in_order else log.order(),
-                   in_order=log.in_order)
+                   np.zeros(0, dtype=np.intp), len(log.places), chunk_ids, digest, digest,
+                   order=None if log.in_order else log.order(), in_order=log.in_order)
 
     def fits(self, asked: np.ndarray, chunks: list[tuple[int, bytes]]) -> bool:
         """Whether this is where the hits of a lookup of ``asked`` in the function's ``chunks`` are."""
@@ -287,7 +292,7 @@ class WriteLog:
         self.in_order = self.in_order and bool((positions == places).all())
         self.places[positions] = places
         self.stored += len(positions)
-        self.digest.update(memoryview(np.ascontiguousarray(keys)).cast("B"))
+        self.digest.update(_view(keys))
         self.written.extend(written)
         self._positions.append(np.asarray(positions, dtype=self.places.dtype))
 

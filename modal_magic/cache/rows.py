@@ -216,7 +216,8 @@ class RunCache:
 
 def _in_row_order(n: int, keyed: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A first run's keys by position ``(packed, bad, known)``, from what its flushes keyed: ``(positions, packed, bad)``."""
+    """A first run's keys by position ``(packed, bad, known)``, from what its flushes keyed
+    (``(positions, packed, bad)`` each)."""
     packed, bad, known = np.empty((n, KEY_BYTES), dtype=np.uint8), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     for where, piece, piece_bad in keyed:
         put_keys(packed, where, piece)
